@@ -1,0 +1,225 @@
+"""Typed schema of every config key, registered with Hydra's ConfigStore.
+
+Each field carries its default and a one-line meaning. Because the schema is the base of
+conf/config.yaml, a misspelt key (`trainer.lrr=1`) or a wrong type (`trainer.lr=abc`) fails at
+start-up, before any model is loaded. Cross-field rules that types cannot express live in
+`validate(cfg)`, also called at start-up.
+"""
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says which keys and why."""
+
+
+class Choice(str, Enum):
+    """A string-valued enum: compares equal to its string, prints as its value."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Estimator(Choice):
+    grpo = "grpo"  # group mean / std
+    dr_grpo = "dr_grpo"  # group mean only (Dr. GRPO)
+    rloo = "rloo"  # leave-one-out group mean
+    reinforce_baseline = "reinforce_baseline"  # group mean, then whitening over the batch (REINFORCE++-baseline)
+    gae = "gae"  # PPO: a learned value model and generalised advantage estimation
+
+
+class LossAgg(Choice):
+    token_mean = "token_mean"  # every completion token of the mini-batch weighs the same
+    seq_mean_token_mean = "seq_mean_token_mean"  # mean over each sequence's tokens, then over sequences
+    seq_mean_token_sum_norm = "seq_mean_token_sum_norm"  # token sum / max_new_tokens, mean over sequences (Dr. GRPO)
+
+
+class KLEstimator(Choice):
+    k1 = "k1"  # logp - ref_logp
+    k2 = "k2"  # (logp - ref_logp)^2 / 2
+    k3 = "k3"  # exp(ref_logp - logp) - (ref_logp - logp) - 1, unbiased and >= 0
+
+
+class DataSource(Choice):
+    files = "files"  # data.train_files in LMM-R1's row format
+    synthetic = "synthetic"  # generated on the fly (tiny preset, tests)
+
+
+class Synthetic(Choice):
+    arithmetic = "arithmetic"  # text-only: "What is 12 + 7?"
+    shapes = "shapes"  # image of shapes: "How many circles are there?"
+    geometry = "geometry"  # image of a rectangle on a unit grid: "What is its area?"
+
+
+class Dtype(Choice):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+
+class Engine(Choice):
+    hf = "hf"  # transformers generate: CPU, tests, debugging
+
+
+class WandbMode(Choice):
+    offline = "offline"  # write to the run dir; `wandb sync` later
+    online = "online"
+    disabled = "disabled"
+
+
+@dataclass
+class TinyModelConfig:
+    """Sizes of the random-init Qwen2.5-VL used by model=tiny (real classes, tiny widths)."""
+
+    vocab_size: int = 512  # byte-level BPE vocabulary trained locally, Qwen's special tokens included
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    vision_depth: int = 2
+    vision_hidden_size: int = 32
+    vision_num_heads: int = 2
+
+
+@dataclass
+class ModelConfig:
+    name: str = "qwen2_5_vl_3b"  # which model/ preset this is
+    path: Optional[str] = "Qwen/Qwen2.5-VL-3B-Instruct"  # local dir, or hub id looked up in the local hub cache; null = random-init tiny model
+    dtype: Dtype = Dtype.bfloat16  # parameter dtype for training and generation
+    attn_implementation: str = "sdpa"  # transformers attention backend: sdpa | eager | flash_attention_2
+    gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+    freeze_vision: bool = False  # keep the vision tower and merger fixed
+    min_pixels: int = 3136  # images are resized so that min_pixels <= H*W <= max_pixels (multiples of 28)
+    max_pixels: int = 1003520
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass
+class TrainerConfig:
+    seed: int = 42  # every RNG (data order, sampling, init) is derived from (seed, step, index)
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda
+    lr: float = 1e-6  # actor learning rate
+    critic_lr: float = 9e-6  # value model learning rate (estimator=gae only)
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03  # linear warmup over this fraction of optimizer steps
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    grad_clip: float = 1.0  # max global grad norm (0 = no clipping)
+    episodes: int = 1  # passes over the prompt set (when max_steps <= 0)
+    max_steps: int = -1  # RL steps (rollout + update); <= 0 means derived from episodes
+    mini_batch_size: int = 256  # samples (completions) per optimizer step
+    micro_batch_size: int = 2  # samples per forward/backward (gradient accumulation inside a mini-batch)
+    logp_chunk_size: int = 1024  # tokens per lm_head chunk when computing log-probs
+    save_every: int = 20  # save a checkpoint every N steps (0 = only the final one)
+
+
+@dataclass
+class RolloutConfig:
+    engine: Engine = Engine.hf  # generation engine
+    prompts_per_step: int = 256  # prompts sampled per RL step
+    group_size: int = 16  # completions per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = disabled
+    max_new_tokens: int = 4096  # completion budget; longer completions are truncated
+    micro_batch_size: int = 64  # sequences per generate call
+
+
+@dataclass
+class AlgoConfig:
+    estimator: Estimator = Estimator.grpo
+    whiten_advantages: Optional[bool] = None  # null = the estimator's own rule (on for reinforce_baseline and gae)
+    ppo_epochs: int = 1  # passes over each rollout batch
+    clip_low: float = 0.2  # ratio clipped to [1 - clip_low, 1 + clip_high]
+    clip_high: float = 0.2  # > clip_low = clip-higher (DAPO)
+    dual_clip: Optional[float] = None  # c > 1: bound the loss of negative-advantage tokens by c * |A|
+    loss_agg: LossAgg = LossAgg.token_mean
+    kl_coef: float = 0.001  # 0 = no reference model is loaded
+    kl_estimator: KLEstimator = KLEstimator.k3
+    kl_in_reward: bool = False  # true: -kl_coef * KL per token is added to the reward; false: to the loss
+    gamma: float = 1.0  # discount (gae)
+    lam: float = 1.0  # GAE lambda
+    value_clip: float = 0.2  # value-loss clipping around the rollout-time values (gae)
+    eps: float = 1e-6  # added to std before dividing
+
+
+@dataclass
+class RewardConfig:
+    weights: Dict[str, float] = field(default_factory=dict)  # reward name -> weight (set by the stage); names from rewards.REWARDS or module:function
+    timeout_s: float = 2.0  # wall-clock limit of one verification
+
+
+@dataclass
+class DataConfig:
+    source: DataSource = DataSource.files
+    train_files: List[str] = field(default_factory=list)  # jsonl/json files in LMM-R1's row format
+    synthetic: Synthetic = Synthetic.arithmetic  # generator used when source=synthetic
+    num_synthetic: int = 256  # synthetic rows generated
+    image_size: int = 112  # synthetic image side in pixels
+    system_prompt: Optional[str] = None  # prepended when a row has no system message; null = LMM-R1's math prompt
+    max_prompt_len: int = 4096  # prompt tokens after image-token expansion; longer rows are bad rows
+    max_samples: int = -1  # use at most this many rows (-1 = all)
+    on_error: str = "raise"  # raise: stop at the first bad row, naming file and line | skip: skip, count and report
+    shuffle: bool = True
+
+
+@dataclass
+class LogConfig:
+    wandb: WandbMode = WandbMode.offline
+    project: str = "lmm-r1"
+    samples_every: int = 1  # write samples.jsonl every N steps (0 = never)
+    samples_per_step: int = 4  # completions written each time
+    progress: bool = True  # tqdm progress bar on the console
+
+
+@dataclass
+class StageConfig:
+    name: str = "fre_text"  # fre_text | fre_multi | mgt_geo | mgt_percereason | mgt_sokoban
+
+
+@dataclass
+class Config:
+    stage: StageConfig = field(default_factory=StageConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+ConfigStore.instance().store(name="schema", node=Config)
+
+
+def validate(cfg: Any) -> None:
+    """Rules across keys that the types cannot state; raises ConfigError naming the keys."""
+    errors = []
+    r, t, a = cfg.rollout, cfg.trainer, cfg.algo
+    if r.group_size < 2 and a.estimator != Estimator.gae:
+        errors.append(f"rollout.group_size={r.group_size}: group baselines need at least 2 completions per prompt")
+    samples = r.prompts_per_step * r.group_size
+    if samples % t.mini_batch_size:
+        errors.append(
+            f"trainer.mini_batch_size={t.mini_batch_size} must divide rollout.prompts_per_step * rollout.group_size = {samples}"
+        )
+    if t.micro_batch_size > t.mini_batch_size:
+        errors.append(f"trainer.micro_batch_size={t.micro_batch_size} > trainer.mini_batch_size={t.mini_batch_size}")
+    if not 0 <= a.clip_low < 1 or a.clip_high < 0:
+        errors.append(f"algo.clip_low={a.clip_low} must be in [0, 1) and algo.clip_high={a.clip_high} >= 0")
+    if a.dual_clip is not None and a.dual_clip <= 1:
+        errors.append(f"algo.dual_clip={a.dual_clip} must be > 1 (or null)")
+    if a.kl_coef < 0:
+        errors.append(f"algo.kl_coef={a.kl_coef} must be >= 0")
+    if cfg.data.on_error not in ("raise", "skip"):
+        errors.append(f"data.on_error={cfg.data.on_error}: expected raise or skip")
+    if not cfg.reward.weights:
+        errors.append("reward.weights is empty: name at least one reward")
+    if cfg.data.source == DataSource.files and not cfg.data.train_files:
+        errors.append("data.train_files is empty: give LMM-R1-format jsonl files, or use data.source=synthetic (debug=tiny does)")
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))

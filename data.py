@@ -1,0 +1,344 @@
+"""Data: LMM-R1's row format, synthetic datasets for the tiny preset, prompt encoding, batching.
+
+A row is one JSON object per line with `message` (a chat list, or a JSON string of one, as LMM-R1
+stores it) and `answer`; images are `{"type": "image", "image": "file:///abs.png" | "rel/path.png"}`
+with relative paths resolved against the data file. Every bad row is an error naming file and line,
+or, with data.on_error=skip, a skip that is counted by reason and reported. Nothing is dropped silently.
+"""
+
+import json
+import math
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import torch
+from PIL import Image, ImageDraw
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+# LMM-R1's system prompt for its math data (examples/data/test_message.jsonl).
+LMM_R1_SYSTEM_PROMPT = (
+    "Solve the question. The user asks a question, and you solves it. You first thinks about the reasoning "
+    "process in the mind and then provides the user with the answer. The answer is in latex format and wrapped "
+    "in $...$. The final answer must be wrapped using the \\boxed{} command. The reasoning process and answer are "
+    "enclosed within <think> </think> and <answer> </answer> tags, respectively, i.e., <think> Since $1+1=2$, so "
+    "the answer is $2$. </think><answer> The answer is $\\boxed{2}$ </answer>, which means assistant's output "
+    "should start with <think> and end with </answer>.\n"
+)
+
+
+class BadRow(ValueError):
+    """A row that cannot be used; the message names where it is and why."""
+
+
+@dataclass
+class Sample:
+    """One validated prompt row."""
+
+    messages: List[Dict[str, Any]]  # chat messages; image items hold an absolute path or a PIL image
+    answer: str  # gold answer
+    meta: Dict[str, Any] = field(default_factory=dict)  # other fields of the row (question, datasource, level, ...)
+    where: str = ""  # "file:line" (or "synthetic:index") for error messages
+
+
+@dataclass
+class Prompt:
+    """A sample encoded for the model."""
+
+    input_ids: List[int]  # chat-templated prompt, each <|image_pad|> expanded to its image's token count
+    pixel_values: Optional[torch.Tensor]  # (n_patches, 3 * temporal_patch * patch * patch), all images of the prompt
+    image_grid_thw: Optional[torch.Tensor]  # (n_images, 3)
+    text: str  # the chat-templated prompt before expansion, for logs
+    sample: Sample
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading LMM-R1 rows
+# ---------------------------------------------------------------------------------------------
+
+
+def image_items(messages) -> List[Dict[str, Any]]:
+    return [c for m in messages if isinstance(m.get("content"), list) for c in m["content"] if c.get("type") == "image"]
+
+
+def parse_row(obj: Any, base_dir: str, where: str) -> Sample:
+    """Validate one decoded JSON row; image paths become absolute. Raises BadRow."""
+    if not isinstance(obj, dict):
+        raise BadRow(f"{where}: row is {type(obj).__name__}, expected a JSON object")
+    if "message" not in obj:
+        raise BadRow(f"{where}: no 'message' field")
+    messages = obj["message"]
+    if isinstance(messages, str):
+        try:
+            messages = json.loads(messages)
+        except json.JSONDecodeError as e:
+            raise BadRow(f"{where}: 'message' is a string but not valid JSON ({e})") from None
+    if not isinstance(messages, list) or not messages:
+        raise BadRow(f"{where}: 'message' must be a non-empty list of chat messages")
+    for m in messages:
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise BadRow(f"{where}: each message needs 'role' and 'content'")
+        if isinstance(m["content"], list):
+            for c in m["content"]:
+                if not isinstance(c, dict) or c.get("type") not in ("text", "image"):
+                    raise BadRow(f"{where}: content items must be {{'type': 'text'|'image', ...}}, got {c!r:.80}")
+        elif not isinstance(m["content"], str):
+            raise BadRow(f"{where}: message content must be a string or a list")
+    answer = obj.get("answer")
+    if answer is None or (isinstance(answer, str) and not answer.strip()):
+        raise BadRow(f"{where}: missing or empty 'answer'")
+    for item in image_items(messages):
+        ref = item.get("image")
+        if not isinstance(ref, str) or not ref:
+            raise BadRow(f"{where}: image item without a path")
+        path = ref[len("file://") :] if ref.startswith("file://") else ref
+        path = path if os.path.isabs(path) else os.path.join(base_dir, path)
+        if not os.path.isfile(path):
+            raise BadRow(f"{where}: image not found: {path}")
+        item["image"] = path
+    meta = {k: v for k, v in obj.items() if k not in ("message", "answer")}
+    return Sample(messages=messages, answer=str(answer), meta=meta, where=where)
+
+
+def read_rows(path: str) -> Iterator[Tuple[str, Any]]:
+    """(where, decoded object or BadRow) for each row of a .jsonl (or .json list) file."""
+    if path.endswith(".json"):
+        with open(path) as f:
+            rows = json.load(f)
+        if not isinstance(rows, list):
+            raise BadRow(f"{path}: a .json data file must hold a list of rows")
+        for i, obj in enumerate(rows):
+            yield f"{path}[{i}]", obj
+        return
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{lineno}", json.loads(line)
+            except json.JSONDecodeError as e:
+                yield f"{path}:{lineno}", BadRow(f"{path}:{lineno}: invalid JSON ({e.msg})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic data for the tiny preset (verifiable, deterministic from the seed)
+# ---------------------------------------------------------------------------------------------
+
+
+def _user(text: str, image=None) -> Dict[str, Any]:
+    content = ([{"type": "image", "image": image}] if image is not None else []) + [{"type": "text", "text": text}]
+    return {"role": "user", "content": content}
+
+
+def arithmetic_sample(rng: random.Random) -> Tuple[Dict[str, Any], str]:
+    a, b = rng.randint(0, 20), rng.randint(0, 20)
+    op, value = rng.choice([("+", a + b), ("-", a - b), ("\\times", a * b)])
+    return _user(f"What is ${a} {op} {b}$?"), str(value)
+
+
+def shapes_sample(rng: random.Random, size: int) -> Tuple[Dict[str, Any], str]:
+    """Circles and squares on a white canvas; the question asks how many of one kind there are."""
+    img = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(img)
+    counts = {"circles": rng.randint(0, 4), "squares": rng.randint(0, 4)}
+    r = max(size // 16, 3)
+    for kind, n in counts.items():
+        for _ in range(n):
+            x, y = rng.randint(r, size - r - 1), rng.randint(r, size - r - 1)
+            color = rng.choice(["red", "blue", "green", "black"])
+            (draw.ellipse if kind == "circles" else draw.rectangle)([x - r, y - r, x + r, y + r], outline=color, width=2)
+    kind = rng.choice(sorted(counts))
+    return _user(f"How many {kind} are in the image?", img), str(counts[kind])
+
+
+def geometry_sample(rng: random.Random, size: int) -> Tuple[Dict[str, Any], str]:
+    """A rectangle drawn on a grid of unit squares; the question asks for its area or perimeter."""
+    cells = 8
+    step = size // cells
+    img = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(img)
+    for k in range(cells + 1):
+        draw.line([(k * step, 0), (k * step, size)], fill="lightgray")
+        draw.line([(0, k * step), (size, k * step)], fill="lightgray")
+    w, h = rng.randint(1, cells - 1), rng.randint(1, cells - 1)
+    x0, y0 = rng.randint(0, cells - w), rng.randint(0, cells - h)
+    draw.rectangle([x0 * step, y0 * step, (x0 + w) * step, (y0 + h) * step], outline="blue", width=2)
+    if rng.random() < 0.5:
+        return _user("Each grid square has side 1. What is the area of the blue rectangle?", img), str(w * h)
+    return _user("Each grid square has side 1. What is the perimeter of the blue rectangle?", img), str(2 * (w + h))
+
+
+def synthetic_samples(kind: str, n: int, seed: int, image_size: int, system_prompt: str) -> List[Sample]:
+    out = []
+    for i in range(n):
+        rng = random.Random(f"{seed}-{kind}-{i}")  # one stream per (seed, kind, index)
+        if kind == "arithmetic":
+            user, answer = arithmetic_sample(rng)
+        elif kind == "shapes":
+            user, answer = shapes_sample(rng, image_size)
+        elif kind == "geometry":
+            user, answer = geometry_sample(rng, image_size)
+        else:
+            raise ValueError(f"unknown synthetic dataset {kind!r}")
+        messages = [{"role": "system", "content": system_prompt}, user]
+        out.append(Sample(messages=messages, answer=answer, meta={"datasource": f"synthetic_{kind}"}, where=f"synthetic:{i}"))
+    return out
+
+
+def synthetic_question_texts() -> List[str]:
+    """Every question template of the synthetic sets (what the tiny tokenizer is trained on)."""
+    texts = []
+    for i in range(50):
+        rng = random.Random(i)
+        for sample in (arithmetic_sample(rng), shapes_sample(rng, 56), geometry_sample(rng, 56)):
+            user, answer = sample
+            texts += [c["text"] for c in user["content"] if c["type"] == "text"] + [answer]
+    return texts
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding prompts
+# ---------------------------------------------------------------------------------------------
+
+
+def with_system_prompt(messages, system_prompt: Optional[str]):
+    if system_prompt is None or messages[0].get("role") == "system":
+        return messages
+    return [{"role": "system", "content": system_prompt}] + messages
+
+
+def chat_text(messages, tokenizer) -> str:
+    """The chat-templated prompt (one <|image_pad|> per image), ending with the assistant header."""
+    # The template only needs to know an item is an image; keep image objects out of it.
+    view = [
+        {**m, "content": [{"type": c["type"], "text": c.get("text", "")} for c in m["content"]]}
+        if isinstance(m["content"], list)
+        else m
+        for m in messages
+    ]
+    return tokenizer.apply_chat_template(view, tokenize=False, add_generation_prompt=True)
+
+
+def load_image(ref) -> Image.Image:
+    if isinstance(ref, Image.Image):
+        return ref.convert("RGB")
+    with Image.open(ref) as img:
+        return img.convert("RGB")
+
+
+def image_token_count(size: Tuple[int, int], image_processor) -> int:
+    """Tokens one image of (width, height) becomes after Qwen's resize and 2x2 patch merge."""
+    w, h = size
+    p, m = image_processor.patch_size, image_processor.merge_size
+    rh, rw = smart_resize(h, w, factor=p * m, min_pixels=image_processor.size["shortest_edge"], max_pixels=image_processor.size["longest_edge"])
+    return (rh // p) * (rw // p) // (m * m)
+
+
+def image_size_of(ref) -> Tuple[int, int]:
+    if isinstance(ref, Image.Image):
+        return ref.size
+    with Image.open(ref) as img:  # reads the header only
+        return img.size
+
+
+def prompt_length(sample: Sample, tokenizer, image_processor) -> int:
+    """Prompt tokens after image-token expansion, computed without decoding any pixels."""
+    n_text = len(tokenizer(chat_text(sample.messages, tokenizer), add_special_tokens=False).input_ids)
+    images = image_items(sample.messages)
+    if images and image_processor is None:
+        raise BadRow(f"{sample.where}: row has images but the model is text-only")
+    return n_text + sum(image_token_count(image_size_of(it["image"]), image_processor) - 1 for it in images)
+
+
+def encode_prompt(sample: Sample, tokenizer, image_processor) -> Prompt:
+    text = chat_text(sample.messages, tokenizer)
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    images = [load_image(it["image"]) for it in image_items(sample.messages)]
+    if not images:
+        return Prompt(input_ids=ids, pixel_values=None, image_grid_thw=None, text=text, sample=sample)
+    out = image_processor(images=images, return_tensors="pt")
+    grid = out["image_grid_thw"]  # (n_images, 3)
+    counts = (grid.prod(-1) // image_processor.merge_size**2).tolist()
+    pad_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    expanded, k = [], 0
+    for t in ids:
+        if t == pad_id:
+            expanded += [pad_id] * counts[k]
+            k += 1
+        else:
+            expanded.append(t)
+    if k != len(images):
+        raise BadRow(f"{sample.where}: {len(images)} images but {k} image placeholders in the templated prompt")
+    return Prompt(input_ids=expanded, pixel_values=out["pixel_values"], image_grid_thw=grid, text=text, sample=sample)
+
+
+# ---------------------------------------------------------------------------------------------
+# The dataset of a run
+# ---------------------------------------------------------------------------------------------
+
+
+def load_dataset(dcfg, seed: int, tokenizer, image_processor) -> Tuple[List[Sample], Counter]:
+    """Validated samples for the `data` config, and the count of skipped rows by reason.
+
+    Every row is checked here, before training: parseable, has an answer, images readable, prompt
+    (after image-token expansion) within data.max_prompt_len. Multimodal prompts are never truncated.
+    """
+    system_prompt = dcfg.system_prompt if dcfg.system_prompt is not None else LMM_R1_SYSTEM_PROMPT
+    skipped: Counter = Counter()
+    if dcfg.source == "synthetic":
+        synthetic = synthetic_samples(str(dcfg.synthetic), dcfg.num_synthetic, seed, dcfg.image_size, system_prompt)
+        candidates = [(s.where, s, "") for s in synthetic]
+    else:
+        candidates = []
+        for path in dcfg.train_files:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"data.train_files: {path} does not exist")
+            base_dir = os.path.dirname(os.path.abspath(path))
+            candidates += [(where, obj, base_dir) for where, obj in read_rows(path)]
+    samples = []
+    for where, obj, base_dir in candidates:
+        if 0 <= dcfg.max_samples <= len(samples):
+            break
+        try:
+            if isinstance(obj, BadRow):
+                raise obj
+            sample = obj if isinstance(obj, Sample) else parse_row(obj, base_dir, where)
+            sample.messages = with_system_prompt(sample.messages, dcfg.system_prompt)
+            n = prompt_length(sample, tokenizer, image_processor)
+            if n > dcfg.max_prompt_len:
+                raise BadRow(f"{where}: prompt is {n} tokens after image expansion > data.max_prompt_len={dcfg.max_prompt_len}")
+            samples.append(sample)
+        except (BadRow, OSError) as e:
+            if dcfg.on_error != "skip":
+                raise BadRow(f"{e}\n(set data.on_error=skip to skip and count bad rows instead)") from None
+            skipped[reason_of(e)] += 1
+    if not samples:
+        raise BadRow(f"no usable rows (skipped: {dict(skipped)})")
+    return samples, skipped
+
+
+def reason_of(err: Exception) -> str:
+    """A short, countable reason: the message without its location."""
+    text = str(err).split(": ", 1)[-1]
+    return text.split(" (")[0][:60]
+
+
+def prompt_batches(n: int, prompts_per_step: int, seed: int, shuffle: bool) -> Iterator[List[int]]:
+    """Row indices for each step: epochs of a permutation seeded by (seed, epoch); the tail of an
+    epoch that does not fill a step is carried into the next epoch rather than dropped."""
+    epoch, pending = 0, []
+    while True:
+        order = list(range(n))
+        if shuffle:
+            random.Random(f"{seed}-epoch-{epoch}").shuffle(order)
+        pending += order
+        epoch += 1
+        while len(pending) >= prompts_per_step:
+            batch, pending = pending[:prompts_per_step], pending[prompts_per_step:]
+            yield batch
+
+
+def steps_per_epoch(n: int, prompts_per_step: int) -> int:
+    return max(1, math.ceil(n / prompts_per_step))

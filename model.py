@@ -1,0 +1,388 @@
+"""Models: loading the policy, reference and value model, the embedded tiny preset, token log-probs,
+checkpoints.
+
+The tiny preset is the real `Qwen2_5_VLForConditionalGeneration` with a small config and random
+weights, a byte-level BPE tokenizer trained here with Qwen's special tokens and chat template, and
+Qwen's PIL image processor (no torchvision). Nothing is downloaded: real weights come from a local
+directory or the local hub cache, and a missing model fails fast with a message saying what to do.
+"""
+
+import copy
+import os
+import re
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2ForCausalLM,
+)
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+# Qwen2/2.5-VL's added tokens, in Qwen's order. The tiny tokenizer carries the same strings so that
+# the chat template, the stop tokens and the image placeholders behave exactly as with the real model.
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+# Tokens a completion must never contain: a sampled <|image_pad|> would make the training forward
+# expect image features that do not exist. Generation suppresses them and the trainer's log-probs
+# mask them the same way, so sampler and trainer define the same distribution.
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+STOP_TOKENS = ["<|im_end|>", "<|endoftext|>"]
+
+# Qwen2-VL's chat template (the one shipped with Qwen2.5-VL-Instruct), used when a tokenizer has none.
+QWEN_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+# ---------------------------------------------------------------------------------------------
+# Locating weights
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_model_path(path: Optional[str]) -> Optional[str]:
+    """A local directory for `path` (a directory, or a hub id already in the local hub cache).
+
+    None means the random-init tiny model. Never downloads: a missing model raises FileNotFoundError
+    with the commands that fetch the weights and the command that runs the tiny preset instead.
+    """
+    if path is None:
+        return None
+    if os.path.isdir(path):
+        return path
+    if HUB_ID.match(path) and not os.path.exists(path):
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            return snapshot_download(path, local_files_only=True)
+        except LocalEntryNotFoundError:
+            pass
+        local = os.path.join("models", path.split("/")[1])
+        raise FileNotFoundError(
+            f"model.path={path}: the weights are not on this machine (looked in the local hub cache; "
+            "nothing is downloaded at run time).\n"
+            f"  Get them:  huggingface-cli download {path} --local-dir {local}\n"
+            f"  then run:  python train.py model.path={local} ...\n"
+            "  Or try the embedded tiny model on CPU:  python train.py debug=tiny"
+        )
+    raise FileNotFoundError(
+        f"model.path={path}: no such directory. MGT stages start from the FRE-Text run's final "
+        "checkpoint: run `python train.py stage=fre_text` first, or point model.path at a checkpoint.\n"
+        "  Or try the embedded tiny model on CPU:  python train.py debug=tiny"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The embedded tiny preset
+# ---------------------------------------------------------------------------------------------
+
+
+def tokenizer_corpus() -> List[str]:
+    """Text the tiny BPE is trained on: the prompts and answer formats the synthetic data uses."""
+    from data import LMM_R1_SYSTEM_PROMPT, synthetic_question_texts
+
+    lines = [LMM_R1_SYSTEM_PROMPT, "<think> Since $1+1=2$, so the answer is $2$. </think><answer> $\\boxed{2}$ </answer>"]
+    lines += synthetic_question_texts()
+    lines += [f"{a} + {b} = {a + b}, {a} - {b} = {a - b}, {a} \\times {b} = {a * b}" for a in range(20) for b in range(20)]
+    return lines
+
+
+def build_tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on `tokenizer_corpus()`; deterministic, offline, Qwen's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=QWEN_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(tokenizer_corpus(), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=QWEN_SPECIAL_TOKENS[1:],
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
+
+
+def build_tiny_model(tokenizer, tiny, seed: int) -> Qwen2_5_VLForConditionalGeneration:
+    """A real Qwen2.5-VL with tiny widths and random weights, deterministic from `seed`."""
+    head_dim = tiny.hidden_size // tiny.num_attention_heads
+    half = head_dim // 2  # mrope splits the rotary half-dim into (temporal, height, width) sections
+    mrope_section = [half - 2 * (half // 3), half // 3, half // 3]
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=tiny.hidden_size,
+            intermediate_size=tiny.intermediate_size,
+            num_hidden_layers=tiny.num_hidden_layers,
+            num_attention_heads=tiny.num_attention_heads,
+            num_key_value_heads=tiny.num_key_value_heads,
+            max_position_embeddings=32768,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope_section},
+            bos_token_id=ids("<|endoftext|>"),
+            eos_token_id=ids("<|im_end|>"),
+            pad_token_id=ids("<|endoftext|>"),
+        ),
+        vision_config=dict(
+            depth=tiny.vision_depth,
+            hidden_size=tiny.vision_hidden_size,
+            intermediate_size=2 * tiny.vision_hidden_size,
+            num_heads=tiny.vision_num_heads,
+            out_hidden_size=tiny.hidden_size,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[tiny.vision_depth - 1],
+        ),
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Qwen2_5_VLForConditionalGeneration(config)
+
+
+def build_image_processor(min_pixels: int, max_pixels: int) -> Qwen2VLImageProcessorPil:
+    """Qwen's PIL image processor: same resize/patching as the torchvision one, no torchvision needed."""
+    return Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading policy, reference and value model
+# ---------------------------------------------------------------------------------------------
+
+
+def load_policy(mcfg, seed: int, device: torch.device):
+    """(model, tokenizer, image_processor) for `mcfg` (the `model` config section).
+
+    Qwen2.5-VL checkpoints load as Qwen2_5_VLForConditionalGeneration, text-only Qwen2 ones as
+    Qwen2ForCausalLM (image_processor is then None). model.path=null builds the tiny preset.
+    """
+    dtype = getattr(torch, str(mcfg.dtype))
+    path = resolve_model_path(mcfg.path)
+    if path is None:
+        tokenizer = build_tiny_tokenizer(mcfg.tiny.vocab_size)
+        model = build_tiny_model(tokenizer, mcfg.tiny, seed).to(dtype)
+        model.config._attn_implementation = str(mcfg.attn_implementation)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if tokenizer.chat_template is None:
+            tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+        model_type = AutoConfig.from_pretrained(path).model_type
+        cls = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "qwen2": Qwen2ForCausalLM}.get(model_type)
+        if cls is None:
+            raise ValueError(f"model.path={path}: model_type {model_type!r} is not supported (qwen2_5_vl, qwen2)")
+        model = cls.from_pretrained(path, dtype=dtype, attn_implementation=str(mcfg.attn_implementation))
+    processor = build_image_processor(mcfg.min_pixels, mcfg.max_pixels) if is_multimodal(model) else None
+    model.to(device)
+    if mcfg.freeze_vision and is_multimodal(model):
+        model.model.visual.requires_grad_(False)
+    if mcfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, tokenizer, processor
+
+
+def is_multimodal(model) -> bool:
+    return isinstance(model, Qwen2_5_VLForConditionalGeneration)
+
+
+def frozen_copy(model):
+    """The reference model: a frozen copy of the policy as it starts."""
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+class Critic(nn.Module):
+    """Value model for PPO/GAE: the policy's transformer (a copy) with a scalar head instead of lm_head."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.backbone = copy.deepcopy(policy.model)
+        hidden = policy.config.get_text_config().hidden_size
+        p = next(policy.parameters())
+        # Zero init: every state starts with value 0, so the first advantages equal the returns.
+        self.value_head = nn.Linear(hidden, 1, device=p.device, dtype=p.dtype)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward passes over (prompt + completion) sequences
+# ---------------------------------------------------------------------------------------------
+
+
+def collate(items, pad_id: int, image_token_id: Optional[int], device):
+    """Right-padded model inputs for a list of (prompt, completion_ids) pairs.
+
+    Returns a dict with input_ids / attention_mask / mm_token_type_ids (B, L), pixel_values
+    (n_patches, C*T*P*P) and image_grid_thw (n_images, 3) of all images in order, and the
+    completion layout: completion_ids / completion_mask (B, Tc) and prompt_lens (B,).
+    """
+    seqs = [list(p.input_ids) + list(c) for p, c in items]
+    L = max(map(len, seqs))
+    Tc = max(max(len(c) for _, c in items), 1)
+    B = len(items)
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, L), dtype=torch.long)
+    completion_ids = torch.full((B, Tc), pad_id, dtype=torch.long)
+    completion_mask = torch.zeros((B, Tc), dtype=torch.bool)
+    for i, ((p, c), s) in enumerate(zip(items, seqs)):
+        input_ids[i, : len(s)] = torch.tensor(s)
+        attention_mask[i, : len(s)] = 1
+        completion_ids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+        completion_mask[i, : len(c)] = True
+    batch = {
+        "input_ids": input_ids.to(device),
+        "attention_mask": attention_mask.to(device),
+        "completion_ids": completion_ids.to(device),
+        "completion_mask": completion_mask.to(device),
+        "prompt_lens": torch.tensor([len(p.input_ids) for p, _ in items], device=device),
+    }
+    images = [p for p, _ in items if p.image_grid_thw is not None]
+    if image_token_id is not None:
+        batch["mm_token_type_ids"] = (batch["input_ids"] == image_token_id).int()
+    if images:
+        batch["pixel_values"] = torch.cat([p.pixel_values for p in images]).to(device)
+        batch["image_grid_thw"] = torch.cat([p.image_grid_thw for p in images]).to(device)
+    return batch
+
+
+def hidden_states(backbone, batch) -> torch.Tensor:
+    """Last hidden states (B, L, H) of the transformer body (Qwen2_5_VLModel or Qwen2Model).
+
+    With mm_token_type_ids given, Qwen2.5-VL computes its 3D mrope positions per sequence from the
+    image grids (images advance positions by the merged grid, not by token count).
+    """
+    keys = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
+    inputs = {k: batch[k] for k in keys if k in batch}
+    if "image_grid_thw" not in inputs:
+        inputs.pop("mm_token_type_ids", None)
+    return backbone(**inputs, use_cache=False).last_hidden_state
+
+
+def completion_positions(batch) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) into the (B, L) sequence of the hidden states that predict each completion token,
+    flattened over completion_mask in (B, Tc) row-major order: token j of sample i is predicted at
+    position prompt_len_i - 1 + j."""
+    mask = batch["completion_mask"]
+    rows, j = mask.nonzero(as_tuple=True)
+    return rows, batch["prompt_lens"][rows] - 1 + j
+
+
+def _token_logp(h, targets, lm_head_weight, temperature: float, banned_ids, with_entropy: bool):
+    # h: (n, H), targets: (n,) -> logp (n,), entropy (n,) or None. fp32 logits live for one chunk only.
+    logits = F.linear(h, lm_head_weight).float() / temperature  # (n, V)
+    if banned_ids is not None:
+        logits[:, banned_ids] = float("-inf")
+    lse = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(1, targets[:, None]).squeeze(1) - lse
+    entropy = None
+    if with_entropy:
+        p = torch.softmax(logits, dim=-1)
+        entropy = lse - (p * logits.masked_fill(p == 0, 0)).sum(-1)
+    return logp, entropy
+
+
+def sequence_logps(model, batch, temperature: float, chunk_size: int, banned_ids=None, with_entropy=False):
+    """Log-probs (B, Tc) of the completion tokens under `model`, logits divided by the sampling
+    temperature; optionally also the entropy (B, Tc). Padding positions hold 0.
+
+    lm_head runs over completion positions only, `chunk_size` tokens at a time; under autograd each
+    chunk is checkpointed, so the fp32 (tokens, vocab) logits never exist for the whole micro-batch.
+    """
+    h = hidden_states(model.model, batch)  # (B, L, H)
+    rows, cols = completion_positions(batch)
+    h = h[rows, cols]  # (N, H)
+    targets = batch["completion_ids"][batch["completion_mask"]]  # (N,)
+    weight = model.lm_head.weight
+    logps, ents = [], []
+    for s in range(0, h.shape[0], chunk_size):
+        args = (h[s : s + chunk_size], targets[s : s + chunk_size], weight, temperature, banned_ids, with_entropy)
+        if torch.is_grad_enabled():
+            lp, ent = checkpoint(_token_logp, *args, use_reentrant=False)
+        else:
+            lp, ent = _token_logp(*args)
+        logps.append(lp)
+        ents.append(ent)
+    mask = batch["completion_mask"]
+    logp = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(mask, torch.cat(logps))
+    if not with_entropy:
+        return logp
+    entropy = torch.zeros_like(logp).masked_scatter(mask, torch.cat(ents))
+    return logp, entropy
+
+
+def sequence_values(critic: Critic, batch) -> torch.Tensor:
+    """Values (B, Tc) of the states in which each completion token is chosen; padding holds 0."""
+    h = hidden_states(critic.backbone, batch)
+    rows, cols = completion_positions(batch)
+    v = critic.value_head(h[rows, cols]).squeeze(-1).float()  # (N,)
+    mask = batch["completion_mask"]
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(mask, v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(path: str, model, tokenizer, image_processor, critic: Optional[Critic] = None) -> None:
+    """A directory `from_pretrained` loads: safetensors weights, config, tokenizer, image processor."""
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    if image_processor is not None:
+        image_processor.save_pretrained(path)
+    if critic is not None:
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().contiguous().cpu() for k, v in critic.state_dict().items()}
+        save_file(state, os.path.join(path, "critic.safetensors"))

@@ -1,0 +1,52 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+import config as _config  # noqa: E402,F401  (registers the schema)
+from model import build_image_processor, build_tiny_model, build_tiny_tokenizer  # noqa: E402
+
+TINY_DEFAULTS = ["debug=tiny", "log.wandb=disabled", "log.progress=false"]
+
+
+def compose_cfg(overrides):
+    """The config `python train.py <overrides>` would run with (Hydra's compose API)."""
+    with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def run_train(args, cwd, env_extra=None, timeout=600):
+    """`python train.py args...` in a subprocess, offline, from `cwd`."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": os.path.join(ROOT, "tests")}
+    env.update(env_extra or {})
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    return compose_cfg(TINY_DEFAULTS)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_cfg):
+    return build_tiny_tokenizer(tiny_cfg.model.tiny.vocab_size)
+
+
+@pytest.fixture(scope="session")
+def image_processor(tiny_cfg):
+    return build_image_processor(tiny_cfg.model.min_pixels, tiny_cfg.model.max_pixels)
+
+
+@pytest.fixture()
+def tiny_model(tokenizer, tiny_cfg):
+    torch.manual_seed(0)
+    return build_tiny_model(tokenizer, tiny_cfg.model.tiny, seed=0).eval()

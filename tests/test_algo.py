@@ -1,0 +1,221 @@
+"""The algorithm's pure functions against hand-computed values."""
+
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from config import AlgoConfig
+from train import (
+    aggregate,
+    compute_advantages,
+    cumulative_returns,
+    gae_advantages,
+    kl_penalty,
+    lr_factor,
+    policy_loss,
+    token_advantages,
+    token_rewards,
+    value_loss,
+    whiten,
+)
+
+
+def close(t, expected):
+    torch.testing.assert_close(t.float(), torch.tensor(expected, dtype=torch.float32), rtol=1e-5, atol=1e-6)
+
+
+def algo(**kw):
+    return OmegaConf.merge(OmegaConf.structured(AlgoConfig), kw)
+
+
+# ---- advantages ----
+
+
+def test_grpo_is_group_mean_over_unbiased_std():
+    adv = compute_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 0.0]), group_size=3, estimator="grpo", eps=0.0)
+    # group [1, 0, 0]: mean 1/3, unbiased std sqrt(1/3); group [1, 2, 0]: mean 1, unbiased std 1
+    s1 = math.sqrt(1 / 3)
+    expected = [2 / 3 / s1, -1 / 3 / s1, -1 / 3 / s1, 0.0, 1.0, -1.0]
+    assert adv.tolist() == pytest.approx(expected, rel=1e-6)
+
+
+def test_dr_grpo_and_reinforce_baseline_only_center():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    for est in ("dr_grpo", "reinforce_baseline"):
+        assert compute_advantages(r, 4, est).tolist() == pytest.approx([0.5, -0.5, -0.5, 0.5])
+
+
+def test_rloo_uses_leave_one_out_mean():
+    # 1 - mean(0, 0, 1) = 2/3 ; 0 - mean(0, 1, 1) = -2/3
+    assert compute_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), 4, "rloo").tolist() == pytest.approx([2 / 3, -2 / 3, -2 / 3, 2 / 3])
+
+
+@pytest.mark.parametrize("est", ["grpo", "dr_grpo", "rloo", "reinforce_baseline"])
+def test_zero_variance_group_gets_zero_advantage(est):
+    adv = compute_advantages(torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0]), 3, est)
+    assert adv.abs().max().item() == 0.0
+
+
+def test_unknown_group_estimator_is_an_error():
+    with pytest.raises(ValueError, match="gae"):
+        compute_advantages(torch.zeros(4), 2, "gae")
+
+
+# ---- KL ----
+
+
+def test_kl_estimators_match_hand_values():
+    logp, ref = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)])
+    lr = math.log(2.0)
+    assert kl_penalty(logp, ref, "k1").item() == pytest.approx(lr)
+    assert kl_penalty(logp, ref, "k2").item() == pytest.approx(0.5 * lr**2)
+    assert kl_penalty(logp, ref, "k3").item() == pytest.approx(0.5 - 1 + lr)
+    # k3 is >= 0 and 0 only where the two agree
+    assert kl_penalty(ref, logp, "k3").item() == pytest.approx(2 - 1 - lr)
+    assert kl_penalty(logp, logp, "k3").item() == 0.0
+
+
+# ---- policy loss ----
+
+
+def test_ratio_one_gives_minus_mean_advantage():
+    A = torch.tensor([[1.0, -2.0, 3.0], [0.5, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=torch.bool)
+    logp = torch.randn(2, 3)
+    loss, clipped = policy_loss(logp, logp.clone(), A, 0.2, 0.2)
+    assert aggregate(loss, mask, "token_mean", int(mask.sum()), 2, 3).item() == pytest.approx(-(1 - 2 + 3 + 0.5) / 4)
+    assert not clipped.any()
+
+
+def test_clipping_at_both_edges():
+    ratio = torch.tensor([1.5, 0.5, 0.5, 1.5])
+    A = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    logp = torch.log(ratio).requires_grad_(True)
+    loss, clipped = policy_loss(logp, torch.zeros(4), A, clip_low=0.2, clip_high=0.2)
+    # A>0 ratio above 1+eps: clipped to 1.2; A>0 ratio below: unclipped; A<0 ratio below 1-eps: clipped to 0.8;
+    # A<0 ratio above: unclipped (pessimistic bound)
+    assert loss.tolist() == pytest.approx([-1.2, -0.5, 0.8, 1.5])
+    assert clipped.tolist() == [True, False, True, False]
+    loss.sum().backward()
+    assert logp.grad[0] == 0 and logp.grad[2] == 0  # clipped tokens get no gradient
+    assert logp.grad[1] != 0 and logp.grad[3] != 0
+
+
+def test_clip_higher_and_dual_clip():
+    A = torch.tensor([1.0, -1.0])
+    loss, _ = policy_loss(torch.log(torch.tensor([1.5, 5.0])), torch.zeros(2), A, clip_low=0.2, clip_high=0.28, dual_clip=3.0)
+    assert loss.tolist() == pytest.approx([-1.28, 3.0])  # ratio 5 with A<0 bounded by dual_clip * |A|
+
+
+def test_aggregation_does_not_depend_on_micro_batch_split():
+    torch.manual_seed(0)
+    values = torch.randn(6, 5)
+    mask = torch.rand(6, 5) > 0.3
+    mask[:, 0] = True
+    n_tok, n_seq = int(mask.sum()), 6
+    for mode in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"):
+        whole = aggregate(values, mask, mode, n_tok, n_seq, 8)
+        split = sum(aggregate(values[i : i + 2], mask[i : i + 2], mode, n_tok, n_seq, 8) for i in (0, 2, 4))
+        assert split.item() == pytest.approx(whole.item(), rel=1e-6)
+
+
+def test_aggregation_hand_values():
+    v = torch.tensor([[1.0, 3.0, 0.0], [4.0, 0.0, 0.0]])
+    m = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    assert aggregate(v, m, "token_mean", 3, 2, 10).item() == pytest.approx(8 / 3)
+    assert aggregate(v, m, "seq_mean_token_mean", 3, 2, 10).item() == pytest.approx((2 + 4) / 2)
+    assert aggregate(v, m, "seq_mean_token_sum_norm", 3, 2, 10).item() == pytest.approx(8 / 20)
+
+
+def test_value_loss_clips_around_old_values():
+    v, old, ret = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0]), torch.tensor([1.0, 1.0])
+    # token 0: unclipped error 0, clipped value 0.2 -> error 0.8 -> max = 0.5 * 0.64
+    assert value_loss(v, old, ret, clip=0.2).tolist() == pytest.approx([0.32, 0.5])
+
+
+# ---- returns, GAE, whitening ----
+
+
+def test_token_rewards_put_reward_on_last_token_and_kl_everywhere():
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=torch.bool)
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.4, 9.0, 9.0]])
+    r = token_rewards(torch.tensor([1.0, 2.0]), mask, kl, kl_coef=0.5)
+    close(r, [[-0.05, -0.1, 1 - 0.15], [2 - 0.2, 0.0, 0.0]])
+
+
+def test_cumulative_returns():
+    r = torch.tensor([[1.0, 2.0, 4.0]])
+    m = torch.ones(1, 3, dtype=torch.bool)
+    assert cumulative_returns(r, m, 1.0).tolist() == [[7.0, 6.0, 4.0]]
+    assert cumulative_returns(r, m, 0.5).tolist() == [[1 + 0.5 * 2 + 0.25 * 4, 2 + 0.5 * 4, 4.0]]
+
+
+def test_gae_hand_values():
+    r, v = torch.tensor([[0.0, 1.0]]), torch.tensor([[0.5, 0.8]])
+    m = torch.ones(1, 2, dtype=torch.bool)
+    adv, ret = gae_advantages(r, v, m, gamma=1.0, lam=1.0)
+    # delta_1 = 1 - 0.8 = 0.2, delta_0 = 0 + 0.8 - 0.5 = 0.3
+    close(adv, [[0.5, 0.2]])
+    close(ret, [[1.0, 1.0]])
+    adv, _ = gae_advantages(r, v, m, gamma=1.0, lam=0.5)
+    close(adv, [[0.3 + 0.5 * 0.2, 0.2]])
+
+
+def test_gae_ignores_padding():
+    r, v = torch.tensor([[1.0, 5.0]]), torch.tensor([[0.25, 7.0]])
+    m = torch.tensor([[1, 0]], dtype=torch.bool)
+    adv, ret = gae_advantages(r, v, m, 1.0, 1.0)
+    assert adv[0, 0].item() == pytest.approx(0.75) and ret[0, 0].item() == pytest.approx(1.0)
+
+
+def test_whiten_over_real_tokens_only():
+    x = torch.tensor([[1.0, 2.0, 100.0], [3.0, 0.0, 0.0]])
+    m = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    w = whiten(x, m)
+    real = w[m]
+    assert real.mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert real.pow(2).mean().item() == pytest.approx(1.0, rel=1e-5)
+    assert w[~m].abs().max().item() == 0.0
+
+
+def test_token_advantages_broadcast_for_group_estimators():
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    adv, ret = token_advantages(algo(estimator="dr_grpo"), torch.tensor([1.0, 0.0]), mask, group_size=2)
+    close(adv, [[0.5, 0.5, 0.0], [-0.5, -0.5, -0.5]])
+    assert ret is None
+
+
+def test_kl_in_reward_enters_reward_to_go():
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    kl = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
+    a = algo(estimator="dr_grpo", kl_in_reward=True, kl_coef=0.1)
+    adv, _ = token_advantages(a, torch.tensor([1.0, 0.0]), mask, 2, kl=kl)
+    # sample 0: seq advantage 0.5 at the last token, KL penalties -0.1 and -0.2 summed from each token on
+    close(adv, [[0.5 - 0.3, 0.5 - 0.2], [-0.5, -0.5]])
+    a.kl_in_reward = False  # KL in the loss: the advantages do not see it
+    adv, _ = token_advantages(a, torch.tensor([1.0, 0.0]), mask, 2, kl=kl)
+    close(adv, [[0.5, 0.5], [-0.5, -0.5]])
+
+
+def test_reinforce_baseline_and_gae_whiten_by_default():
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    rewards = torch.tensor([1.0, 0.0, 3.0, 0.0])
+    adv, _ = token_advantages(algo(estimator="reinforce_baseline"), rewards, mask, 2)
+    assert adv[mask].mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert adv[mask].std(unbiased=False).item() == pytest.approx(1.0, rel=1e-4)
+    adv_off, _ = token_advantages(algo(estimator="reinforce_baseline", whiten_advantages=False), rewards, mask, 2)
+    assert adv_off[:, 0].tolist() == pytest.approx([0.5, -0.5, 1.5, -1.5])
+    values = torch.zeros(4, 3)
+    adv, ret = token_advantages(algo(estimator="gae"), rewards, mask, 2, values=values)
+    assert ret[:, 0].tolist() == pytest.approx(rewards.tolist())  # gamma = lam = 1: return = final reward
+    assert adv[mask].mean().item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_lr_schedule_warms_up_then_decays_to_min_ratio():
+    total = 100
+    f = [lr_factor(k, total, 0.1, 0.1) for k in range(total)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[9:], f[10:]))
+    assert f[-1] == pytest.approx(0.1, abs=1e-3)

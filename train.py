@@ -1,0 +1,476 @@
+"""LMM-R1 rule-based RL: rollout -> reward -> advantage -> policy update -> sync, as one loop.
+
+    python train.py stage=mgt_geo trainer.lr=1e-6            # a stage of the paper
+    python train.py debug=tiny                                # the embedded tiny model on CPU
+    python train.py -m stage=fre_text,mgt_geo debug=tiny      # a sweep
+
+The pure algorithm functions (advantages, losses, KL) come first; main(cfg) below reads top-down.
+Shapes: N = samples in a rollout (prompts_per_step * group_size), B = samples in a micro-batch,
+T = completion tokens (right-padded; `completion_mask` marks real tokens).
+"""
+
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+from typing import Dict, List, Optional, Tuple
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import config  # noqa: F401  (registers the schema with Hydra's ConfigStore)
+from config import ConfigError, validate
+from data import BadRow, encode_prompt, load_dataset, prompt_batches, steps_per_epoch
+from model import (
+    VISION_TOKENS,
+    Critic,
+    collate,
+    frozen_copy,
+    load_policy,
+    resolve_model_path,
+    save_checkpoint,
+    sequence_logps,
+    sequence_values,
+)
+from rewards import resolve, score
+from rollout import HFEngine
+
+# ---------------------------------------------------------------------------------------------
+# Algorithm: advantages
+# ---------------------------------------------------------------------------------------------
+
+
+def compute_advantages(rewards: torch.Tensor, group_size: int, estimator: str, eps: float = 1e-6) -> torch.Tensor:
+    """Per-sequence advantages (N,) from rewards (N,) laid out as consecutive groups of `group_size`.
+
+    grpo:               (r - mean_g) / (std_g + eps)   (unbiased std, as GRPO/TRL/OpenRLHF)
+    dr_grpo:            r - mean_g                     (no std: Dr. GRPO)
+    rloo:               r - mean of the other G-1 of the group = (r - mean_g) * G / (G - 1)
+    reinforce_baseline: r - mean_g                     (whitened over the batch afterwards)
+    A group whose rewards are all equal gets advantage 0 under every estimator.
+    """
+    r = rewards.float().view(-1, group_size)  # (P, G)
+    centered = r - r.mean(dim=1, keepdim=True)
+    if estimator == "grpo":
+        adv = centered / (r.std(dim=1, keepdim=True) + eps)
+    elif estimator in ("dr_grpo", "reinforce_baseline"):
+        adv = centered
+    elif estimator == "rloo":
+        adv = centered * group_size / (group_size - 1)
+    else:
+        raise ValueError(f"compute_advantages: no group estimator {estimator!r}")
+    return adv.view(-1)
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from sampled tokens (Schulman's k1/k2/k3)."""
+    log_ratio = logp.float() - ref_logp.float()
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio  # exp(ref - logp) - 1 - (ref - logp) >= 0
+    raise ValueError(f"unknown KL estimator {estimator!r}")
+
+
+def token_rewards(seq_rewards: torch.Tensor, mask: torch.Tensor, kl: Optional[torch.Tensor], kl_coef: float) -> torch.Tensor:
+    """(B, T) rewards: the sequence reward on its last completion token, minus kl_coef * KL on every token."""
+    last = mask.long().cumsum(1).argmax(1)  # index of the last real token of each row
+    r = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    r[torch.arange(len(last), device=mask.device), last] = seq_rewards.float()
+    if kl is not None and kl_coef > 0:
+        r = r - kl_coef * kl * mask
+    return r
+
+
+def cumulative_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """(B, T) discounted reward-to-go sum_{t' >= t} gamma^(t'-t) r_t' over real tokens."""
+    rewards = rewards * mask
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros(rewards.shape[0], device=rewards.device)
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running
+        returns[:, t] = running
+    return returns
+
+
+def gae_advantages(rewards, values, mask, gamma: float, lam: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over (B, T) token rewards and values; returns (advantages, returns)."""
+    rewards, values = rewards * mask, values * mask
+    adv = torch.zeros_like(rewards)
+    running = torch.zeros(rewards.shape[0], device=rewards.device)
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        adv[:, t] = running
+    return adv, adv + values
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the real tokens of the whole batch (REINFORCE++ / PPO normalisation)."""
+    n = mask.sum()
+    mean = (x * mask).sum() / n
+    var = (((x - mean) * mask) ** 2).sum() / n
+    return (x - mean) * torch.rsqrt(var.clamp_min(eps)) * mask
+
+
+def token_advantages(algo, rewards, mask, group_size, kl=None, values=None):
+    """Token advantages (N, T) (and returns for the value model when estimator=gae).
+
+    Group estimators baseline the sequence reward first; with algo.kl_in_reward the per-token KL
+    penalty then enters the reward-to-go, as in LMM-R1's recipes (OpenRLHF's compute_reward).
+    """
+    kl_coef = algo.kl_coef if algo.kl_in_reward else 0.0
+    if algo.estimator == "gae":
+        adv, returns = gae_advantages(token_rewards(rewards, mask, kl, kl_coef), values, mask, algo.gamma, algo.lam)
+    else:
+        seq_adv = compute_advantages(rewards, group_size, str(algo.estimator), algo.eps)
+        adv, returns = cumulative_returns(token_rewards(seq_adv, mask, kl, kl_coef), mask, 1.0), None
+    whiten_on = algo.whiten_advantages
+    if whiten_on is None:
+        whiten_on = algo.estimator in ("reinforce_baseline", "gae")
+    if whiten_on:
+        adv = whiten(adv, mask)
+    return adv * mask, returns
+
+
+# ---------------------------------------------------------------------------------------------
+# Algorithm: losses
+# ---------------------------------------------------------------------------------------------
+
+
+def policy_loss(logp, old_logp, advantages, clip_low: float, clip_high: float, dual_clip: Optional[float] = None):
+    """Per-token clipped policy-gradient loss (B, T) and a (B, T) bool of tokens whose ratio was clipped.
+
+    loss = max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high)); with dual_clip = c > 1,
+    tokens with A < 0 are further bounded by c * |A| (dual-clip PPO).
+    """
+    ratio = torch.exp(logp - old_logp)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
+    loss = torch.maximum(unclipped, clipped)
+    if dual_clip is not None:
+        loss = torch.where(advantages < 0, torch.minimum(loss, -advantages * dual_clip), loss)
+    return loss, clipped > unclipped
+
+
+def value_loss(values, old_values, returns, clip: float):
+    """Per-token clipped value loss (B, T): 0.5 * max((V - R)^2, (clip(V, V_old +- clip) - R)^2)."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    return 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
+
+
+def aggregate(token_values, mask, mode: str, num_tokens: int, num_seqs: int, max_len: int) -> torch.Tensor:
+    """Reduce (B, T) per-token values of one micro-batch to its share of the mini-batch loss.
+
+    The normalisers are global (the whole mini-batch, every micro-batch), so summing the shares of
+    all micro-batches gives the same loss however the mini-batch is split.
+    token_mean:              sum over tokens / num_tokens
+    seq_mean_token_mean:     sum over sequences of (token mean) / num_seqs
+    seq_mean_token_sum_norm: sum over tokens / (num_seqs * max_len)   (Dr. GRPO's constant normaliser)
+    """
+    masked = token_values * mask
+    if mode == "token_mean":
+        return masked.sum() / num_tokens
+    if mode == "seq_mean_token_mean":
+        return (masked.sum(1) / mask.sum(1).clamp_min(1)).sum() / num_seqs
+    if mode == "seq_mean_token_sum_norm":
+        return masked.sum() / (num_seqs * max_len)
+    raise ValueError(f"unknown loss aggregation {mode!r}")
+
+
+def lr_factor(step: int, total: int, warmup_ratio: float, min_ratio: float) -> float:
+    """Linear warmup over warmup_ratio * total optimizer steps, then cosine from 1 to min_ratio."""
+    warmup = math.ceil(warmup_ratio * total)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def derive_seed(seed: int, *keys) -> int:
+    """A seed for one (step, index, purpose): runs are reproducible and independent of call order."""
+    return int(hashlib.sha256(repr((seed,) + keys).encode()).hexdigest()[:8], 16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Run
+# ---------------------------------------------------------------------------------------------
+
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def chunks(xs: List[int], n: int) -> List[List[int]]:
+    return [xs[i : i + n] for i in range(0, len(xs), n)]
+
+
+def pad_rows(rows: List[torch.Tensor], T: int) -> torch.Tensor:
+    """Right-pad 1-D tensors to a (B, T) tensor with zeros."""
+    out = torch.zeros(len(rows), T, dtype=rows[0].dtype, device=rows[0].device)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r[:T]
+    return out
+
+
+def write_run_info(run_dir: str, cfg: DictConfig) -> None:
+    """The resolved config and the code version (git SHA and uncommitted diff) beside the results."""
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+        f.write(OmegaConf.to_yaml(cfg, resolve=True))
+    repo = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True).stdout
+        diff = subprocess.run(["git", "diff", "HEAD"], cwd=repo, capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        sha, diff = "not a git checkout\n", ""
+    with open(os.path.join(run_dir, "git.txt"), "w") as f:
+        f.write(f"sha: {sha}\n{diff}")
+
+
+def plot_rewards(path: str, history: List[Dict[str, float]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [m["step"] for m in history]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key in sorted(k for k in history[-1] if k.startswith("reward/") and not k.endswith("_errors")):
+        ax.plot(steps, [m.get(key, float("nan")) for m in history], label=key, lw=2 if key == "reward/mean" else 1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def link_latest(stage: str, run_dir: str) -> None:
+    """outputs/<stage>/latest -> this run, so the next stage finds the checkpoint (MGT after FRE-Text)."""
+    link = os.path.join("outputs", stage, "latest")
+    os.makedirs(os.path.dirname(link), exist_ok=True)
+    tmp = f"{link}.tmp{os.getpid()}"
+    os.symlink(os.path.abspath(run_dir), tmp)
+    os.replace(tmp, link)
+
+
+def autocast_ctx(device: torch.device, dtype: str):
+    """bf16 compute with fp32 weights: an lr of 1e-6 would round to nothing in bf16 weights."""
+    if dtype == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
+    """Train with the composed config `cfg`, writing everything into `run_dir`; returns the last metrics."""
+    validate(cfg)
+    for name in cfg.reward.weights:
+        resolve(name)  # unknown reward names fail now, not after the model has loaded
+    resolve_model_path(cfg.model.path)  # a missing model fails now, with how to get it
+    t, r, a = cfg.trainer, cfg.rollout, cfg.algo
+    device = pick_device(t.device)
+    write_run_info(run_dir, cfg)
+
+    # ---- set-up: models, data, engine, optimizer ----
+    policy, tokenizer, image_processor = load_policy(cfg.model, t.seed, device)
+    policy.float()  # fp32 master weights; compute runs in model.dtype under autocast
+    samples, skipped = load_dataset(cfg.data, t.seed, tokenizer, image_processor)
+    print(f"[data] {len(samples)} prompts" + (f", skipped {sum(skipped.values())}: {dict(skipped)}" if skipped else ""))
+    reference = frozen_copy(policy) if a.kl_coef > 0 else None
+    critic = Critic(policy) if a.estimator == "gae" else None
+    engine = HFEngine(policy, tokenizer, r)
+    banned_ids = torch.tensor(tokenizer.convert_tokens_to_ids(VISION_TOKENS), device=device)
+    image_token_id = getattr(policy.config, "image_token_id", None)
+    autocast = autocast_ctx(device, str(cfg.model.dtype))
+
+    n_samples = r.prompts_per_step * r.group_size
+    total_steps = t.max_steps if t.max_steps > 0 else t.episodes * steps_per_epoch(len(samples), r.prompts_per_step)
+    updates_per_step = a.ppo_epochs * (n_samples // t.mini_batch_size)
+    total_updates = total_steps * updates_per_step
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda k: lr_factor(k, total_updates, t.warmup_ratio, t.min_lr_ratio)
+    )
+    if critic is not None:
+        critic_opt = torch.optim.AdamW(critic.parameters(), lr=t.critic_lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+        critic_sched = torch.optim.lr_scheduler.LambdaLR(
+            critic_opt, lambda k: lr_factor(k, total_updates, t.warmup_ratio, t.min_lr_ratio)
+        )
+    # With one on-policy update per rollout the trainer's log-probs before the update equal the
+    # sampling policy's, so old_logp = logp.detach() and the extra forward pass is skipped.
+    need_old_logp = updates_per_step > 1 or (a.kl_in_reward and a.kl_coef > 0)
+
+    wandb_run = None
+    if cfg.log.wandb != "disabled":
+        import wandb
+
+        wandb_run = wandb.init(
+            project=cfg.log.project,
+            name=os.path.basename(os.path.normpath(run_dir)),
+            dir=run_dir,
+            mode=str(cfg.log.wandb),
+            config=OmegaConf.to_container(cfg, resolve=True),
+            reinit="finish_previous",
+        )
+
+    from tqdm import tqdm
+
+    batches = prompt_batches(len(samples), r.prompts_per_step, t.seed, cfg.data.shuffle)
+    history: List[Dict[str, float]] = []
+    bar = tqdm(range(total_steps), desc=str(cfg.stage.name), disable=not cfg.log.progress, dynamic_ncols=True)
+    for step in bar:
+        t0 = time.time()
+        # ---- rollout ----
+        prompts = [encode_prompt(samples[i], tokenizer, image_processor) for i in next(batches)]
+        with autocast:
+            rollout = engine.generate(prompts, r.group_size, derive_seed(t.seed, step, "rollout"))
+        t_rollout = time.time() - t0
+        items = [(prompts[p], c) for p, c in zip(rollout.prompt_index, rollout.completion_ids)]
+        lengths = torch.tensor([len(c) for c in rollout.completion_ids])
+
+        # ---- reward & advantage ----
+        rows = [{"answer": prompts[p].sample.answer, **prompts[p].sample.meta} for p in rollout.prompt_index]
+        total, parts, reward_errors = score(rollout.texts, rows, dict(cfg.reward.weights), cfg.reward.timeout_s)
+        rewards = torch.tensor(total, device=device)  # (N,)
+
+        T = int(lengths.max())
+        old_logp = ref_logp = old_values = None
+        with torch.no_grad(), autocast:
+            per_sample = defaultdict(list)
+            for idx in chunks(list(range(n_samples)), t.micro_batch_size):
+                batch = collate([items[i] for i in idx], tokenizer.pad_token_id, image_token_id, device)
+                if need_old_logp:
+                    per_sample["old_logp"] += list(sequence_logps(policy, batch, r.temperature, t.logp_chunk_size, banned_ids))
+                if reference is not None:
+                    per_sample["ref_logp"] += list(sequence_logps(reference, batch, r.temperature, t.logp_chunk_size, banned_ids))
+                if critic is not None:
+                    per_sample["values"] += list(sequence_values(critic, batch))
+            pad = {k: pad_rows(v, T) for k, v in per_sample.items()}
+            old_logp, ref_logp, old_values = pad.get("old_logp"), pad.get("ref_logp"), pad.get("values")
+        mask = (torch.arange(T)[None, :] < lengths[:, None]).to(device)  # (N, T)
+        kl_rollout = None
+        if a.kl_in_reward and ref_logp is not None:
+            kl_rollout = kl_penalty(old_logp, ref_logp, str(a.kl_estimator)) * mask
+        advantages, returns = token_advantages(a, rewards, mask, r.group_size, kl_rollout, old_values)
+
+        # ---- policy update ----
+        t1 = time.time()
+        policy.train()
+        stats = defaultdict(float)
+        for epoch in range(a.ppo_epochs):
+            order = torch.randperm(n_samples, generator=torch.Generator().manual_seed(derive_seed(t.seed, step, epoch))).tolist()
+            for mini in chunks(order, t.mini_batch_size):
+                num_tokens, num_seqs = int(lengths[mini].sum()), len(mini)
+                for idx in chunks(mini, t.micro_batch_size):
+                    batch = collate([items[i] for i in idx], tokenizer.pad_token_id, image_token_id, device)
+                    m = batch["completion_mask"]  # (B, Tb)
+                    Tb = m.shape[1]
+
+                    def agg(x):
+                        return aggregate(x, m, str(a.loss_agg), num_tokens, num_seqs, r.max_new_tokens)
+
+                    with autocast:
+                        logp, entropy = sequence_logps(policy, batch, r.temperature, t.logp_chunk_size, banned_ids, with_entropy=True)
+                    old = old_logp[idx, :Tb] if old_logp is not None else logp.detach()
+                    tok_loss, clipped = policy_loss(logp, old, advantages[idx, :Tb], a.clip_low, a.clip_high, a.dual_clip)
+                    loss = agg(tok_loss)
+                    stats["loss/policy"] += loss.item()
+                    if ref_logp is not None:
+                        kl = kl_penalty(logp, ref_logp[idx, :Tb], str(a.kl_estimator))
+                        stats["loss/kl"] += agg(kl).item()
+                        if not a.kl_in_reward:
+                            loss = loss + a.kl_coef * agg(kl)
+                    loss.backward()
+                    stats["loss/clip_frac"] += (clipped & m).sum().item() / num_tokens
+                    stats["loss/entropy"] += (entropy * m).sum().item() / num_tokens
+                    if critic is not None:
+                        with autocast:
+                            values = sequence_values(critic, batch)
+                        v_loss = agg(value_loss(values, old_values[idx, :Tb], returns[idx, :Tb], a.value_clip))
+                        v_loss.backward()
+                        stats["loss/value"] += v_loss.item()
+                if t.grad_clip > 0:
+                    stats["loss/grad_norm"] += torch.nn.utils.clip_grad_norm_(params, t.grad_clip).item()
+                    if critic is not None:
+                        torch.nn.utils.clip_grad_norm_(critic.parameters(), t.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                if critic is not None:
+                    critic_opt.step()
+                    critic_sched.step()
+                    critic_opt.zero_grad(set_to_none=True)
+
+        # ---- sync weights ----
+        engine.sync_weights(policy)
+
+        # ---- log / save ----
+        metrics = {"step": step + 1}
+        metrics["reward/mean"] = rewards.mean().item()
+        metrics["reward/std"] = rewards.std().item() if n_samples > 1 else 0.0
+        for name, values in parts.items():
+            metrics[f"reward/{name}"] = sum(values) / len(values)
+            metrics[f"reward/{name}_errors"] = reward_errors.get(name, 0)
+        metrics.update({k: v / updates_per_step for k, v in stats.items()})
+        if kl_rollout is not None:
+            metrics["loss/kl"] = (kl_rollout.sum() / mask.sum()).item()
+        metrics["loss/lr"] = scheduler.get_last_lr()[0]
+        metrics["rollout/response_len"] = lengths.float().mean().item()
+        metrics["rollout/response_len_max"] = int(lengths.max())
+        metrics["rollout/truncated_frac"] = sum(rollout.truncated) / n_samples
+        metrics["rollout/prompt_len"] = sum(len(p.input_ids) for p in prompts) / len(prompts)
+        metrics["perf/rollout_s"] = t_rollout
+        metrics["perf/update_s"] = time.time() - t1
+        metrics["perf/step_s"] = time.time() - t0
+        metrics["perf/tokens_per_s"] = int(lengths.sum()) / metrics["perf/step_s"]
+        history.append(metrics)
+        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if cfg.log.samples_every > 0 and step % cfg.log.samples_every == 0:
+            with open(os.path.join(run_dir, "samples.jsonl"), "a") as f:
+                for i in range(min(cfg.log.samples_per_step, n_samples)):
+                    p = prompts[rollout.prompt_index[i]]
+                    row = {"step": step + 1, "prompt": p.text, "completion": rollout.texts[i], "answer": p.sample.answer}
+                    row.update({"reward": total[i], **{f"reward/{k}": v[i] for k, v in parts.items()}})
+                    f.write(json.dumps(row) + "\n")
+        if wandb_run is not None:
+            wandb_run.log(metrics, step=step + 1)
+        bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", len=f"{metrics['rollout/response_len']:.0f}")
+        last = step + 1 == total_steps
+        if last or (t.save_every > 0 and (step + 1) % t.save_every == 0):
+            name = "final" if last else f"step_{step + 1}"
+            save_checkpoint(os.path.join(run_dir, "checkpoints", name), policy, tokenizer, image_processor, critic)
+        if last or step % 10 == 0:
+            plot_rewards(os.path.join(run_dir, "reward_curve.png"), history)
+
+    link_latest(str(cfg.stage.name), run_dir)
+    if wandb_run is not None:
+        wandb_run.finish()
+    return history[-1]
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        run(cfg, HydraConfig.get().runtime.output_dir)
+    except (ConfigError, BadRow, FileNotFoundError) as e:  # config and data errors: the message is the help
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
