@@ -30,7 +30,12 @@ LMM_R1_SYSTEM_PROMPT = (
 
 
 class BadRow(ValueError):
-    """A row that cannot be used; the message names where it is and why."""
+    """A row that cannot be used. `reason` is a fixed phrase (skips are counted by it); the message
+    adds where the row is (file:line) and the row's particulars."""
+
+    def __init__(self, where: str, reason: str, detail: str = ""):
+        self.reason = reason
+        super().__init__(f"{where}: {reason}" + (f" ({detail})" if detail else ""))
 
 
 @dataclass
@@ -66,37 +71,37 @@ def image_items(messages) -> List[Dict[str, Any]]:
 def parse_row(obj: Any, base_dir: str, where: str) -> Sample:
     """Validate one decoded JSON row; image paths become absolute. Raises BadRow."""
     if not isinstance(obj, dict):
-        raise BadRow(f"{where}: row is {type(obj).__name__}, expected a JSON object")
+        raise BadRow(where, "row is not a JSON object", type(obj).__name__)
     if "message" not in obj:
-        raise BadRow(f"{where}: no 'message' field")
+        raise BadRow(where, "no 'message' field")
     messages = obj["message"]
     if isinstance(messages, str):
         try:
             messages = json.loads(messages)
         except json.JSONDecodeError as e:
-            raise BadRow(f"{where}: 'message' is a string but not valid JSON ({e})") from None
+            raise BadRow(where, "'message' is a string but not valid JSON", str(e)) from None
     if not isinstance(messages, list) or not messages:
-        raise BadRow(f"{where}: 'message' must be a non-empty list of chat messages")
+        raise BadRow(where, "'message' must be a non-empty list of chat messages")
     for m in messages:
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise BadRow(f"{where}: each message needs 'role' and 'content'")
+            raise BadRow(where, "each message needs 'role' and 'content'")
         if isinstance(m["content"], list):
             for c in m["content"]:
                 if not isinstance(c, dict) or c.get("type") not in ("text", "image"):
-                    raise BadRow(f"{where}: content items must be {{'type': 'text'|'image', ...}}, got {c!r:.80}")
+                    raise BadRow(where, "content items must be {'type': 'text'|'image', ...}", f"got {c!r:.80}")
         elif not isinstance(m["content"], str):
-            raise BadRow(f"{where}: message content must be a string or a list")
+            raise BadRow(where, "message content must be a string or a list")
     answer = obj.get("answer")
     if answer is None or (isinstance(answer, str) and not answer.strip()):
-        raise BadRow(f"{where}: missing or empty 'answer'")
+        raise BadRow(where, "missing or empty 'answer'")
     for item in image_items(messages):
         ref = item.get("image")
         if not isinstance(ref, str) or not ref:
-            raise BadRow(f"{where}: image item without a path")
+            raise BadRow(where, "image item without a path")
         path = ref[len("file://") :] if ref.startswith("file://") else ref
         path = path if os.path.isabs(path) else os.path.join(base_dir, path)
         if not os.path.isfile(path):
-            raise BadRow(f"{where}: image not found: {path}")
+            raise BadRow(where, "image not found", path)
         item["image"] = path
     meta = {k: v for k, v in obj.items() if k not in ("message", "answer")}
     return Sample(messages=messages, answer=str(answer), meta=meta, where=where)
@@ -108,7 +113,7 @@ def read_rows(path: str) -> Iterator[Tuple[str, Any]]:
         with open(path) as f:
             rows = json.load(f)
         if not isinstance(rows, list):
-            raise BadRow(f"{path}: a .json data file must hold a list of rows")
+            raise BadRow(path, "a .json data file must hold a list of rows")
         for i, obj in enumerate(rows):
             yield f"{path}[{i}]", obj
         return
@@ -119,7 +124,7 @@ def read_rows(path: str) -> Iterator[Tuple[str, Any]]:
             try:
                 yield f"{path}:{lineno}", json.loads(line)
             except json.JSONDecodeError as e:
-                yield f"{path}:{lineno}", BadRow(f"{path}:{lineno}: invalid JSON ({e.msg})")
+                yield f"{path}:{lineno}", BadRow(f"{path}:{lineno}", "invalid JSON", e.msg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,7 +253,7 @@ def prompt_length(sample: Sample, tokenizer, image_processor) -> int:
     n_text = len(tokenizer(chat_text(sample.messages, tokenizer), add_special_tokens=False).input_ids)
     images = image_items(sample.messages)
     if images and image_processor is None:
-        raise BadRow(f"{sample.where}: row has images but the model is text-only")
+        raise BadRow(sample.where, "row has images but the model is text-only")
     return n_text + sum(image_token_count(image_size_of(it["image"]), image_processor) - 1 for it in images)
 
 
@@ -270,7 +275,7 @@ def encode_prompt(sample: Sample, tokenizer, image_processor) -> Prompt:
         else:
             expanded.append(t)
     if k != len(images):
-        raise BadRow(f"{sample.where}: {len(images)} images but {k} image placeholders in the templated prompt")
+        raise BadRow(sample.where, "image count differs from image placeholders in the templated prompt", f"{len(images)} vs {k}")
     return Prompt(input_ids=expanded, pixel_values=out["pixel_values"], image_grid_thw=grid, text=text, sample=sample)
 
 
@@ -302,27 +307,29 @@ def load_dataset(dcfg, seed: int, tokenizer, image_processor) -> Tuple[List[Samp
         if 0 <= dcfg.max_samples <= len(samples):
             break
         try:
-            if isinstance(obj, BadRow):
-                raise obj
-            sample = obj if isinstance(obj, Sample) else parse_row(obj, base_dir, where)
-            sample.messages = with_system_prompt(sample.messages, dcfg.system_prompt)
-            n = prompt_length(sample, tokenizer, image_processor)
-            if n > dcfg.max_prompt_len:
-                raise BadRow(f"{where}: prompt is {n} tokens after image expansion > data.max_prompt_len={dcfg.max_prompt_len}")
-            samples.append(sample)
-        except (BadRow, OSError) as e:
+            samples.append(checked_sample(obj, base_dir, where, dcfg, tokenizer, image_processor))
+        except BadRow as err:
             if dcfg.on_error != "skip":
-                raise BadRow(f"{e}\n(set data.on_error=skip to skip and count bad rows instead)") from None
-            skipped[reason_of(e)] += 1
+                raise BadRow(str(err), "set data.on_error=skip to skip and count bad rows instead") from None
+            skipped[err.reason] += 1
     if not samples:
-        raise BadRow(f"no usable rows (skipped: {dict(skipped)})")
+        raise BadRow("data", "no usable rows", f"skipped: {dict(skipped)}")
     return samples, skipped
 
 
-def reason_of(err: Exception) -> str:
-    """A short, countable reason: the message without its location."""
-    text = str(err).split(": ", 1)[-1]
-    return text.split(" (")[0][:60]
+def checked_sample(obj, base_dir: str, where: str, dcfg, tokenizer, image_processor) -> Sample:
+    """A usable Sample from a decoded row (or a synthetic Sample), or BadRow saying why not."""
+    if isinstance(obj, BadRow):
+        raise obj
+    sample = obj if isinstance(obj, Sample) else parse_row(obj, base_dir, where)
+    sample.messages = with_system_prompt(sample.messages, dcfg.system_prompt)
+    try:
+        n = prompt_length(sample, tokenizer, image_processor)
+    except OSError as e:  # an image file that exists but cannot be decoded
+        raise BadRow(where, "unreadable image", str(e)) from None
+    if n > dcfg.max_prompt_len:
+        raise BadRow(where, "prompt longer than data.max_prompt_len after image expansion", f"{n} > {dcfg.max_prompt_len}")
+    return sample
 
 
 def prompt_batches(n: int, prompts_per_step: int, seed: int, shuffle: bool) -> Iterator[List[int]]:

@@ -325,9 +325,10 @@ def _token_logp(h, targets, lm_head_weight, temperature: float, banned_ids, with
     lse = torch.logsumexp(logits, dim=-1)
     logp = logits.gather(1, targets[:, None]).squeeze(1) - lse
     entropy = None
-    if with_entropy:
-        p = torch.softmax(logits, dim=-1)
-        entropy = lse - (p * logits.masked_fill(p == 0, 0)).sum(-1)
+    if with_entropy:  # a metric, not a loss term: no graph
+        with torch.no_grad():
+            p = torch.softmax(logits, dim=-1)
+            entropy = lse - (p * logits.masked_fill(p == 0, 0)).sum(-1)
     return logp, entropy
 
 

@@ -37,6 +37,20 @@ def left_pad(seqs: List[List[int]], pad_id: int):
     return ids, mask
 
 
+def generation_inputs(model, prompts, pad_id: int, device) -> dict:
+    """Left-padded `generate` inputs for a list of prompts (images of all prompts in order)."""
+    input_ids, attention_mask = left_pad([p.input_ids for p in prompts], pad_id)
+    inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+    if is_multimodal(model):
+        # Qwen2.5-VL computes its 3D mrope positions from these (text 0, image 1), skipping the padding.
+        inputs["mm_token_type_ids"] = (inputs["input_ids"] == model.config.image_token_id).int()
+        images = [p for p in prompts if p.image_grid_thw is not None]
+        if images:
+            inputs["pixel_values"] = torch.cat([p.pixel_values for p in images]).to(device)
+            inputs["image_grid_thw"] = torch.cat([p.image_grid_thw for p in images]).to(device)
+    return inputs
+
+
 class HFEngine:
     def __init__(self, model, tokenizer, rcfg):
         self.model, self.tokenizer, self.cfg = model, tokenizer, rcfg
@@ -68,7 +82,6 @@ class HFEngine:
     def generate(self, prompts, group_size: int, seed: int) -> Rollout:
         expanded = [i for i in range(len(prompts)) for _ in range(group_size)]  # grouped: p0 x G, p1 x G, ...
         device = next(self.model.parameters()).device
-        image_token_id = getattr(self.model.config, "image_token_id", None)
         was_training = self.model.training
         self.model.eval()
         gen_cfg = self.generation_config()
@@ -76,16 +89,9 @@ class HFEngine:
         torch.manual_seed(seed)  # sampling RNG derived from (seed, step) by the caller
         for s in range(0, len(expanded), self.cfg.micro_batch_size):
             chunk = [prompts[i] for i in expanded[s : s + self.cfg.micro_batch_size]]
-            input_ids, attention_mask = left_pad([p.input_ids for p in chunk], self.pad_id)
-            inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
-            if is_multimodal(self.model):
-                inputs["mm_token_type_ids"] = (inputs["input_ids"] == image_token_id).int()
-                images = [p for p in chunk if p.image_grid_thw is not None]
-                if images:
-                    inputs["pixel_values"] = torch.cat([p.pixel_values for p in images]).to(device)
-                    inputs["image_grid_thw"] = torch.cat([p.image_grid_thw for p in images]).to(device)
+            inputs = generation_inputs(self.model, chunk, self.pad_id, device)
             out = self.model.generate(**inputs, generation_config=gen_cfg)  # (b, L + T)
-            completions += [self.trim(row) for row in out[:, input_ids.shape[1] :].tolist()]
+            completions += [self.trim(row) for row in out[:, inputs["input_ids"].shape[1] :].tolist()]
         self.model.train(was_training)
         texts = [self.tokenizer.decode(c[:-1] if self.stopped(c) else c, skip_special_tokens=False) for c in completions]
         return Rollout(

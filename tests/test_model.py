@@ -1,0 +1,206 @@
+"""The tiny preset (real classes, local tokenizer, PIL processor), log-probs and checkpoints."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM
+
+from data import Sample, encode_prompt, synthetic_samples
+from model import (
+    QWEN_SPECIAL_TOKENS,
+    VISION_TOKENS,
+    Critic,
+    build_tiny_model,
+    build_tiny_tokenizer,
+    collate,
+    load_policy,
+    resolve_model_path,
+    save_checkpoint,
+    sequence_logps,
+    sequence_values,
+)
+from rollout import generation_inputs
+
+
+def mixed_prompts(tokenizer, image_processor):
+    """Two image prompts (different sizes) and two text-only prompts."""
+    img = synthetic_samples("shapes", 2, seed=1, image_size=112, system_prompt="sys")
+    img[1].messages[1]["content"][0]["image"] = Image.new("RGB", (84, 56), "red")
+    txt = synthetic_samples("arithmetic", 2, seed=1, image_size=112, system_prompt="sys")
+    return [encode_prompt(s, tokenizer, image_processor) for s in (img[0], txt[0], img[1], txt[1])]
+
+
+# ---- tokenizer, model, processor ----
+
+
+def test_tokenizer_is_deterministic_and_has_qwen_special_tokens(tokenizer):
+    again = build_tiny_tokenizer(len(tokenizer) if len(tokenizer) <= 512 else 512)
+    assert again.get_vocab() == tokenizer.get_vocab()
+    for tok in QWEN_SPECIAL_TOKENS:
+        ids = tokenizer(tok, add_special_tokens=False).input_ids
+        assert len(ids) == 1 and tokenizer.convert_ids_to_tokens(ids[0]) == tok
+    text = "Ünïcode ∑ 12+7=19 <think> x </think>"
+    assert tokenizer.decode(tokenizer(text).input_ids) == text  # byte-level: any text round-trips
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
+
+
+def test_chat_template_is_qwens(tokenizer):
+    messages = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q"}]},
+    ]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == (
+        "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Q<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    no_system = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert no_system.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
+
+
+def test_tiny_model_is_real_qwen2_5_vl_and_deterministic(tokenizer, tiny_cfg):
+    a = build_tiny_model(tokenizer, tiny_cfg.model.tiny, seed=3)
+    b = build_tiny_model(tokenizer, tiny_cfg.model.tiny, seed=3)
+    c = build_tiny_model(tokenizer, tiny_cfg.model.tiny, seed=4)
+    assert isinstance(a, Qwen2_5_VLForConditionalGeneration)
+    assert a.config.image_token_id == tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert any(not torch.equal(sa[k], sc[k]) for k in sa)
+    assert sum(p.numel() for p in a.parameters()) < 1_000_000
+
+
+def test_image_processor_resizes_within_pixel_budget(image_processor):
+    out = image_processor(images=[Image.new("RGB", (112, 112)), Image.new("RGB", (640, 480))], return_tensors="pt")
+    grid = out["image_grid_thw"]
+    assert grid[0].tolist() == [1, 8, 8]  # 112 / 14 patches per side
+    h, w = grid[1, 1].item() * 14, grid[1, 2].item() * 14
+    assert h * w <= image_processor.size["longest_edge"] and h % 28 == 0 and w % 28 == 0
+    assert out["pixel_values"].shape[0] == int(grid.prod(-1).sum())
+
+
+# ---- log-probs ----
+
+
+def reference_logps(model, prompt, completion, temperature, banned=None):
+    """Log-probs of one sequence alone, from the full logits (the slow, obvious way)."""
+    batch = collate([(prompt, completion)], 0, model.config.image_token_id, "cpu")
+    keys = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
+    logits = model(**{k: batch[k] for k in keys if k in batch}).logits[0].float() / temperature
+    if banned is not None:
+        logits[:, banned] = float("-inf")
+    P = len(prompt.input_ids)
+    logp = F.log_softmax(logits[P - 1 : P - 1 + len(completion)], -1)
+    return logp.gather(1, torch.tensor(completion)[:, None]).squeeze(1)
+
+
+def test_batched_chunked_logps_equal_one_sequence_at_a_time(tiny_model, tokenizer, image_processor):
+    prompts = mixed_prompts(tokenizer, image_processor)
+    g = torch.Generator().manual_seed(0)
+    completions = [torch.randint(20, len(tokenizer), (n,), generator=g).tolist() for n in (5, 9, 1, 7)]
+    items = list(zip(prompts, completions))
+    batch = collate(items, tokenizer.pad_token_id, tiny_model.config.image_token_id, "cpu")
+    banned = torch.tensor(tokenizer.convert_tokens_to_ids(VISION_TOKENS))
+    with torch.no_grad():
+        logp = sequence_logps(tiny_model, batch, temperature=0.7, chunk_size=3, banned_ids=banned)
+        for i, (p, c) in enumerate(items):
+            ref = reference_logps(tiny_model, p, c, 0.7, banned)
+            torch.testing.assert_close(logp[i, : len(c)], ref, atol=1e-5, rtol=0)
+            assert (logp[i, len(c) :] == 0).all()
+
+
+def test_chunked_logps_gradient_equals_unchunked(tiny_model, tokenizer, image_processor):
+    prompts = mixed_prompts(tokenizer, image_processor)[:2]
+    items = [(prompts[0], [30, 31, 32, 33]), (prompts[1], [40, 41])]
+    batch = collate(items, tokenizer.pad_token_id, tiny_model.config.image_token_id, "cpu")
+    grads = []
+    for chunk in (2, 1024):
+        tiny_model.zero_grad()
+        logp, entropy = sequence_logps(tiny_model, batch, 1.0, chunk, with_entropy=True)
+        logp.sum().backward()
+        grads.append(tiny_model.lm_head.weight.grad.clone())
+        assert not entropy.requires_grad and (entropy[batch["completion_mask"]] > 0).all()
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
+def test_trainer_logps_match_sampling_distribution(tiny_model, tokenizer, image_processor):
+    """Generation (left-padded, KV cache, suppressed vision tokens, temperature) and the trainer's
+    right-padded forward must define the same distribution, or the importance ratio is off."""
+    prompts = mixed_prompts(tokenizer, image_processor)
+    banned = tokenizer.convert_tokens_to_ids(VISION_TOKENS)
+    inputs = generation_inputs(tiny_model, prompts, tokenizer.pad_token_id, "cpu")
+    torch.manual_seed(0)
+    out = tiny_model.generate(
+        **inputs, do_sample=True, temperature=0.8, top_k=0, top_p=1.0, max_new_tokens=6,
+        suppress_tokens=banned, output_scores=True, return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id,
+    )
+    L = inputs["input_ids"].shape[1]
+    completions = out.sequences[:, L:]  # (4, 6)
+    assert completions.shape == (4, 6) and not (completions == tokenizer.eos_token_id).any()  # no early stop with this seed
+    scores = torch.stack(out.scores, 1).float()  # (4, 6, V), already / temperature with banned = -inf
+    gen_logp = F.log_softmax(scores, -1).gather(2, completions[..., None]).squeeze(-1)
+    batch = collate(list(zip(prompts, completions.tolist())), tokenizer.pad_token_id, tiny_model.config.image_token_id, "cpu")
+    with torch.no_grad():
+        logp = sequence_logps(tiny_model, batch, 0.8, 5, torch.tensor(banned))
+    torch.testing.assert_close(logp, gen_logp, atol=1e-4, rtol=0)
+
+
+def test_critic_values_start_at_zero_and_train(tiny_model, tokenizer, image_processor):
+    critic = Critic(tiny_model)
+    prompts = mixed_prompts(tokenizer, image_processor)[:2]
+    batch = collate([(prompts[0], [30, 31]), (prompts[1], [40])], tokenizer.pad_token_id, tiny_model.config.image_token_id, "cpu")
+    values = sequence_values(critic, batch)
+    assert values.shape == (2, 2) and values.abs().max().item() == 0.0
+    values.sum().backward()
+    assert critic.value_head.weight.grad.abs().sum() > 0
+    assert not hasattr(critic.backbone, "lm_head")
+
+
+# ---- loading and checkpoints ----
+
+
+def test_checkpoint_reloads_with_from_pretrained(tmp_path, tiny_model, tokenizer, image_processor):
+    save_checkpoint(str(tmp_path / "ckpt"), tiny_model, tokenizer, image_processor)
+    assert os.path.exists(tmp_path / "ckpt" / "model.safetensors")
+    loaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "ckpt").eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "ckpt")
+    assert tok.get_vocab() == tokenizer.get_vocab() and tok.chat_template == tokenizer.chat_template
+    ids = torch.tensor([tokenizer("What is $1 + 2$?").input_ids])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, tiny_model(input_ids=ids).logits)
+
+
+def test_load_policy_from_checkpoint_and_text_only_qwen2(tmp_path, tiny_model, tokenizer, image_processor, tiny_cfg):
+    save_checkpoint(str(tmp_path / "vl"), tiny_model, tokenizer, image_processor)
+    mcfg = tiny_cfg.model.copy()
+    mcfg.path = str(tmp_path / "vl")
+    model, tok, proc = load_policy(mcfg, seed=0, device=torch.device("cpu"))
+    assert isinstance(model, Qwen2_5_VLForConditionalGeneration) and proc is not None
+    text_model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                              num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    save_checkpoint(str(tmp_path / "text"), text_model, tokenizer, None)
+    mcfg.path = str(tmp_path / "text")
+    model, tok, proc = load_policy(mcfg, seed=0, device=torch.device("cpu"))
+    assert isinstance(model, Qwen2ForCausalLM) and proc is None
+
+
+def test_missing_weights_fail_fast_with_instructions(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model_path(None) is None
+    assert resolve_model_path(str(tmp_path)) == str(tmp_path)
+    with pytest.raises(FileNotFoundError) as e:
+        resolve_model_path("no-such-org/no-such-model-xyz")
+    assert "huggingface-cli download no-such-org/no-such-model-xyz" in str(e.value) and "debug=tiny" in str(e.value)
+    with pytest.raises(FileNotFoundError, match="stage=fre_text"):
+        resolve_model_path("outputs/fre_text/latest/checkpoints/final")
+
+
+def test_freeze_vision(tiny_cfg):
+    mcfg = tiny_cfg.model.copy()
+    mcfg.freeze_vision = True
+    model, _, _ = load_policy(mcfg, seed=0, device=torch.device("cpu"))
+    assert not any(p.requires_grad for p in model.model.visual.parameters())
+    assert all(p.requires_grad for p in model.model.language_model.parameters())
