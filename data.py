@@ -237,7 +237,9 @@ def image_token_count(size: Tuple[int, int], image_processor) -> int:
     """Tokens one image of (width, height) becomes after Qwen's resize and 2x2 patch merge."""
     w, h = size
     p, m = image_processor.patch_size, image_processor.merge_size
-    rh, rw = smart_resize(h, w, factor=p * m, min_pixels=image_processor.size["shortest_edge"], max_pixels=image_processor.size["longest_edge"])
+    rh, rw = smart_resize(
+        h, w, factor=p * m, min_pixels=image_processor.size["shortest_edge"], max_pixels=image_processor.size["longest_edge"]
+    )
     return (rh // p) * (rw // p) // (m * m)
 
 

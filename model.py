@@ -274,7 +274,7 @@ def collate(items, pad_id: int, image_token_id: Optional[int], device):
     attention_mask = torch.zeros((B, L), dtype=torch.long)
     completion_ids = torch.full((B, Tc), pad_id, dtype=torch.long)
     completion_mask = torch.zeros((B, Tc), dtype=torch.bool)
-    for i, ((p, c), s) in enumerate(zip(items, seqs)):
+    for i, ((_, c), s) in enumerate(zip(items, seqs)):
         input_ids[i, : len(s)] = torch.tensor(s)
         attention_mask[i, : len(s)] = 1
         completion_ids[i, : len(c)] = torch.tensor(c, dtype=torch.long)

@@ -66,7 +66,11 @@ def math_reward(completion: str, answer: str, timeout_s: float = 2.0) -> float:
         return 0.0
     seconds = max(1, math.ceil(timeout_s))
     gold = parse(as_latex(answer), parsing_timeout=seconds)
-    pred = parse(pred_text, extraction_config=[LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()], parsing_timeout=seconds)
+    pred = parse(
+        pred_text,
+        extraction_config=[LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()],
+        parsing_timeout=seconds,
+    )
     if not gold or not pred:
         return 0.0
     return float(verify(gold, pred, timeout_seconds=seconds))

@@ -18,11 +18,13 @@ import sys
 import time
 from collections import defaultdict
 from contextlib import nullcontext
+from functools import partial
 from typing import Dict, List, Optional, Tuple
 
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
 import config  # noqa: F401  (registers the schema with Hydra's ConfigStore)
 from config import ConfigError, validate
@@ -206,7 +208,6 @@ def derive_seed(seed: int, *keys) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -273,6 +274,44 @@ def autocast_ctx(device: torch.device, dtype: str):
     return nullcontext()
 
 
+def adamw_with_schedule(params, lr: float, t, total_updates: int):
+    """AdamW with linear warmup then cosine decay to lr * min_lr_ratio, stepped once per update."""
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: lr_factor(k, total_updates, t.warmup_ratio, t.min_lr_ratio))
+    return optimizer, schedule
+
+
+def optimizer_step(params, optimizer, schedule, grad_clip: float) -> float:
+    """Clip, step, advance the schedule, clear grads; returns the grad norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf")).item()
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+@torch.no_grad()
+def rollout_forward(models, items, T: int, micro_batch_size: int, collate_fn) -> Dict[str, torch.Tensor]:
+    """One no-grad pass of each model in `models` (name -> fn(batch) -> (B, Tb)) over all samples;
+    returns name -> (N, T), right-padded with zeros."""
+    rows = defaultdict(list)
+    for idx in chunks(list(range(len(items))), micro_batch_size):
+        batch = collate_fn([items[i] for i in idx])
+        for name, fn in models.items():
+            rows[name] += list(fn(batch))
+    return {name: pad_rows(v, T) for name, v in rows.items()}
+
+
+def write_samples(path: str, step: int, prompts, rollout, total, parts, k: int) -> None:
+    """The first k completions of the step, with prompt, answer and reward parts, as JSON lines."""
+    with open(path, "a") as f:
+        for i in range(min(k, len(rollout.texts))):
+            p = prompts[rollout.prompt_index[i]]
+            row = {"step": step, "prompt": p.text, "completion": rollout.texts[i], "answer": p.sample.answer, "reward": total[i]}
+            row.update({f"reward/{name}": v[i] for name, v in parts.items()})
+            f.write(json.dumps(row) + "\n")
+
+
 def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
     """Train with the composed config `cfg`, writing everything into `run_dir`; returns the last metrics."""
     validate(cfg)
@@ -283,7 +322,7 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
     device = pick_device(t.device)
     write_run_info(run_dir, cfg)
 
-    # ---- set-up: models, data, engine, optimizer ----
+    # ---- set-up: models, data, engine, optimizers ----
     policy, tokenizer, image_processor = load_policy(cfg.model, t.seed, device)
     policy.float()  # fp32 master weights; compute runs in model.dtype under autocast
     samples, skipped = load_dataset(cfg.data, t.seed, tokenizer, image_processor)
@@ -291,27 +330,34 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
     reference = frozen_copy(policy) if a.kl_coef > 0 else None
     critic = Critic(policy) if a.estimator == "gae" else None
     engine = HFEngine(policy, tokenizer, r)
+    autocast = autocast_ctx(device, str(cfg.model.dtype))
     banned_ids = torch.tensor(tokenizer.convert_tokens_to_ids(VISION_TOKENS), device=device)
     image_token_id = getattr(policy.config, "image_token_id", None)
-    autocast = autocast_ctx(device, str(cfg.model.dtype))
+
+    def make_batch(pairs):
+        return collate(pairs, tokenizer.pad_token_id, image_token_id, device)
+
+    def logps(model, batch, **kw):
+        return sequence_logps(model, batch, r.temperature, t.logp_chunk_size, banned_ids, **kw)
 
     n_samples = r.prompts_per_step * r.group_size
     total_steps = t.max_steps if t.max_steps > 0 else t.episodes * steps_per_epoch(len(samples), r.prompts_per_step)
     updates_per_step = a.ppo_epochs * (n_samples // t.mini_batch_size)
-    total_updates = total_steps * updates_per_step
     params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda k: lr_factor(k, total_updates, t.warmup_ratio, t.min_lr_ratio)
-    )
+    optimizer, schedule = adamw_with_schedule(params, t.lr, t, total_steps * updates_per_step)
     if critic is not None:
-        critic_opt = torch.optim.AdamW(critic.parameters(), lr=t.critic_lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
-        critic_sched = torch.optim.lr_scheduler.LambdaLR(
-            critic_opt, lambda k: lr_factor(k, total_updates, t.warmup_ratio, t.min_lr_ratio)
+        critic_opt, critic_schedule = adamw_with_schedule(
+            list(critic.parameters()), t.critic_lr, t, total_steps * updates_per_step
         )
-    # With one on-policy update per rollout the trainer's log-probs before the update equal the
-    # sampling policy's, so old_logp = logp.detach() and the extra forward pass is skipped.
-    need_old_logp = updates_per_step > 1 or (a.kl_in_reward and a.kl_coef > 0)
+    # Before the first update the trainer's log-probs are the sampling policy's: with one update per
+    # rollout old_logp = logp.detach() and that forward pass is skipped.
+    pre_models = {}
+    if updates_per_step > 1 or (a.kl_in_reward and reference is not None):
+        pre_models["old_logp"] = lambda b: logps(policy, b)
+    if reference is not None:
+        pre_models["ref_logp"] = lambda b: logps(reference, b)
+    if critic is not None:
+        pre_models["values"] = lambda b: sequence_values(critic, b)
 
     wandb_run = None
     if cfg.log.wandb != "disabled":
@@ -326,8 +372,6 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
             reinit="finish_previous",
         )
 
-    from tqdm import tqdm
-
     batches = prompt_batches(len(samples), r.prompts_per_step, t.seed, cfg.data.shuffle)
     history: List[Dict[str, float]] = []
     bar = tqdm(range(total_steps), desc=str(cfg.stage.name), disable=not cfg.log.progress, dynamic_ncols=True)
@@ -339,32 +383,21 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
             rollout = engine.generate(prompts, r.group_size, derive_seed(t.seed, step, "rollout"))
         t_rollout = time.time() - t0
         items = [(prompts[p], c) for p, c in zip(rollout.prompt_index, rollout.completion_ids)]
-        lengths = torch.tensor([len(c) for c in rollout.completion_ids])
+        lengths = torch.tensor([len(c) for c in rollout.completion_ids])  # (N,)
+        T = int(lengths.max())
+        mask = (torch.arange(T)[None, :] < lengths[:, None]).to(device)  # (N, T)
 
         # ---- reward & advantage ----
         rows = [{"answer": prompts[p].sample.answer, **prompts[p].sample.meta} for p in rollout.prompt_index]
         total, parts, reward_errors = score(rollout.texts, rows, dict(cfg.reward.weights), cfg.reward.timeout_s)
         rewards = torch.tensor(total, device=device)  # (N,)
-
-        T = int(lengths.max())
-        old_logp = ref_logp = old_values = None
-        with torch.no_grad(), autocast:
-            per_sample = defaultdict(list)
-            for idx in chunks(list(range(n_samples)), t.micro_batch_size):
-                batch = collate([items[i] for i in idx], tokenizer.pad_token_id, image_token_id, device)
-                if need_old_logp:
-                    per_sample["old_logp"] += list(sequence_logps(policy, batch, r.temperature, t.logp_chunk_size, banned_ids))
-                if reference is not None:
-                    per_sample["ref_logp"] += list(sequence_logps(reference, batch, r.temperature, t.logp_chunk_size, banned_ids))
-                if critic is not None:
-                    per_sample["values"] += list(sequence_values(critic, batch))
-            pad = {k: pad_rows(v, T) for k, v in per_sample.items()}
-            old_logp, ref_logp, old_values = pad.get("old_logp"), pad.get("ref_logp"), pad.get("values")
-        mask = (torch.arange(T)[None, :] < lengths[:, None]).to(device)  # (N, T)
-        kl_rollout = None
+        with autocast:
+            pre = rollout_forward(pre_models, items, T, t.micro_batch_size, make_batch)
+        old_logp, ref_logp, old_values = pre.get("old_logp"), pre.get("ref_logp"), pre.get("values")
+        kl_reward = None
         if a.kl_in_reward and ref_logp is not None:
-            kl_rollout = kl_penalty(old_logp, ref_logp, str(a.kl_estimator)) * mask
-        advantages, returns = token_advantages(a, rewards, mask, r.group_size, kl_rollout, old_values)
+            kl_reward = kl_penalty(old_logp, ref_logp, str(a.kl_estimator)) * mask  # (N, T)
+        advantages, returns = token_advantages(a, rewards, mask, r.group_size, kl_reward, old_values)
 
         # ---- policy update ----
         t1 = time.time()
@@ -375,24 +408,29 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
             for mini in chunks(order, t.mini_batch_size):
                 num_tokens, num_seqs = int(lengths[mini].sum()), len(mini)
                 for idx in chunks(mini, t.micro_batch_size):
-                    batch = collate([items[i] for i in idx], tokenizer.pad_token_id, image_token_id, device)
+                    batch = make_batch([items[i] for i in idx])
                     m = batch["completion_mask"]  # (B, Tb)
                     Tb = m.shape[1]
-
-                    def agg(x):
-                        return aggregate(x, m, str(a.loss_agg), num_tokens, num_seqs, r.max_new_tokens)
-
+                    # this micro-batch's share of the mini-batch mean of any (B, Tb) per-token value
+                    agg = partial(
+                        aggregate,
+                        mask=m,
+                        mode=str(a.loss_agg),
+                        num_tokens=num_tokens,
+                        num_seqs=num_seqs,
+                        max_len=r.max_new_tokens,
+                    )
                     with autocast:
-                        logp, entropy = sequence_logps(policy, batch, r.temperature, t.logp_chunk_size, banned_ids, with_entropy=True)
+                        logp, entropy = logps(policy, batch, with_entropy=True)  # (B, Tb)
                     old = old_logp[idx, :Tb] if old_logp is not None else logp.detach()
-                    tok_loss, clipped = policy_loss(logp, old, advantages[idx, :Tb], a.clip_low, a.clip_high, a.dual_clip)
-                    loss = agg(tok_loss)
+                    token_loss, clipped = policy_loss(logp, old, advantages[idx, :Tb], a.clip_low, a.clip_high, a.dual_clip)
+                    loss = agg(token_loss)
                     stats["loss/policy"] += loss.item()
                     if ref_logp is not None:
-                        kl = kl_penalty(logp, ref_logp[idx, :Tb], str(a.kl_estimator))
-                        stats["loss/kl"] += agg(kl).item()
+                        kl = agg(kl_penalty(logp, ref_logp[idx, :Tb], str(a.kl_estimator)))
+                        stats["loss/kl"] += kl.item()
                         if not a.kl_in_reward:
-                            loss = loss + a.kl_coef * agg(kl)
+                            loss = loss + a.kl_coef * kl
                     loss.backward()
                     stats["loss/clip_frac"] += (clipped & m).sum().item() / num_tokens
                     stats["loss/entropy"] += (entropy * m).sum().item() / num_tokens
@@ -402,34 +440,28 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
                         v_loss = agg(value_loss(values, old_values[idx, :Tb], returns[idx, :Tb], a.value_clip))
                         v_loss.backward()
                         stats["loss/value"] += v_loss.item()
-                if t.grad_clip > 0:
-                    stats["loss/grad_norm"] += torch.nn.utils.clip_grad_norm_(params, t.grad_clip).item()
-                    if critic is not None:
-                        torch.nn.utils.clip_grad_norm_(critic.parameters(), t.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                stats["loss/grad_norm"] += optimizer_step(params, optimizer, schedule, t.grad_clip)
                 if critic is not None:
-                    critic_opt.step()
-                    critic_sched.step()
-                    critic_opt.zero_grad(set_to_none=True)
+                    optimizer_step(list(critic.parameters()), critic_opt, critic_schedule, t.grad_clip)
 
         # ---- sync weights ----
         engine.sync_weights(policy)
 
         # ---- log / save ----
-        metrics = {"step": step + 1}
-        metrics["reward/mean"] = rewards.mean().item()
-        metrics["reward/std"] = rewards.std().item() if n_samples > 1 else 0.0
+        metrics = {
+            "step": step + 1,
+            "reward/mean": rewards.mean().item(),
+            "reward/std": rewards.std().item() if n_samples > 1 else 0.0,
+        }
         for name, values in parts.items():
             metrics[f"reward/{name}"] = sum(values) / len(values)
             metrics[f"reward/{name}_errors"] = reward_errors.get(name, 0)
         metrics.update({k: v / updates_per_step for k, v in stats.items()})
-        if kl_rollout is not None:
-            metrics["loss/kl"] = (kl_rollout.sum() / mask.sum()).item()
-        metrics["loss/lr"] = scheduler.get_last_lr()[0]
+        if kl_reward is not None:
+            metrics["loss/kl"] = (kl_reward.sum() / mask.sum()).item()  # the KL the rewards were charged
+        metrics["loss/lr"] = schedule.get_last_lr()[0]
         metrics["rollout/response_len"] = lengths.float().mean().item()
-        metrics["rollout/response_len_max"] = int(lengths.max())
+        metrics["rollout/response_len_max"] = T
         metrics["rollout/truncated_frac"] = sum(rollout.truncated) / n_samples
         metrics["rollout/prompt_len"] = sum(len(p.input_ids) for p in prompts) / len(prompts)
         metrics["perf/rollout_s"] = t_rollout
@@ -440,12 +472,9 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
         with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(metrics) + "\n")
         if cfg.log.samples_every > 0 and step % cfg.log.samples_every == 0:
-            with open(os.path.join(run_dir, "samples.jsonl"), "a") as f:
-                for i in range(min(cfg.log.samples_per_step, n_samples)):
-                    p = prompts[rollout.prompt_index[i]]
-                    row = {"step": step + 1, "prompt": p.text, "completion": rollout.texts[i], "answer": p.sample.answer}
-                    row.update({"reward": total[i], **{f"reward/{k}": v[i] for k, v in parts.items()}})
-                    f.write(json.dumps(row) + "\n")
+            write_samples(
+                os.path.join(run_dir, "samples.jsonl"), step + 1, prompts, rollout, total, parts, cfg.log.samples_per_step
+            )
         if wandb_run is not None:
             wandb_run.log(metrics, step=step + 1)
         bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", len=f"{metrics['rollout/response_len']:.0f}")

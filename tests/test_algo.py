@@ -49,7 +49,9 @@ def test_dr_grpo_and_reinforce_baseline_only_center():
 
 def test_rloo_uses_leave_one_out_mean():
     # 1 - mean(0, 0, 1) = 2/3 ; 0 - mean(0, 1, 1) = -2/3
-    assert compute_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), 4, "rloo").tolist() == pytest.approx([2 / 3, -2 / 3, -2 / 3, 2 / 3])
+    assert compute_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), 4, "rloo").tolist() == pytest.approx(
+        [2 / 3, -2 / 3, -2 / 3, 2 / 3]
+    )
 
 
 @pytest.mark.parametrize("est", ["grpo", "dr_grpo", "rloo", "reinforce_baseline"])

@@ -85,7 +85,7 @@ def test_encoded_prompt_expands_image_tokens_to_the_merged_grid(image_dir, token
     [
         ("{not json", "invalid JSON"),
         ({"answer": "1"}, "no 'message'"),
-        ({"message": "[{\"role\": ", "answer": "1"}, "not valid JSON"),
+        ({"message": '[{"role": ', "answer": "1"}, "not valid JSON"),
         ({"message": [{"role": "user", "content": "q"}]}, "missing or empty 'answer'"),
         ({"message": [{"role": "user", "content": "q"}], "answer": " "}, "missing or empty 'answer'"),
         ({"message": [{"role": "user", "content": [{"type": "image", "image": "nope.png"}]}], "answer": "1"}, "image not found"),

@@ -12,9 +12,16 @@ from conftest import TINY_DEFAULTS, compose_cfg
 # The random tiny model sits near 0.2 (digit tokens are common in its arithmetic-trained BPE).
 TOY = ["+reward.weights={toy_rewards\\:digit_fraction: 1.0}", "~reward.weights.format", "~reward.weights.math"]
 FAST = [
-    "trainer.lr=1e-2", "trainer.warmup_ratio=0", "trainer.critic_lr=1e-2", "trainer.max_steps=25",
-    "rollout.prompts_per_step=8", "rollout.group_size=8", "rollout.max_new_tokens=8",
-    "trainer.mini_batch_size=64", "trainer.micro_batch_size=32", "algo.kl_coef=0",
+    "trainer.lr=1e-2",
+    "trainer.warmup_ratio=0",
+    "trainer.critic_lr=1e-2",
+    "trainer.max_steps=25",
+    "rollout.prompts_per_step=8",
+    "rollout.group_size=8",
+    "rollout.max_new_tokens=8",
+    "trainer.mini_batch_size=64",
+    "trainer.micro_batch_size=32",
+    "algo.kl_coef=0",
 ]
 
 

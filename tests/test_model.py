@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM
 
-from data import Sample, encode_prompt, synthetic_samples
+from data import encode_prompt, synthetic_samples
 from model import (
     QWEN_SPECIAL_TOKENS,
     VISION_TOKENS,
@@ -134,8 +134,16 @@ def test_trainer_logps_match_sampling_distribution(tiny_model, tokenizer, image_
     inputs = generation_inputs(tiny_model, prompts, tokenizer.pad_token_id, "cpu")
     torch.manual_seed(0)
     out = tiny_model.generate(
-        **inputs, do_sample=True, temperature=0.8, top_k=0, top_p=1.0, max_new_tokens=6,
-        suppress_tokens=banned, output_scores=True, return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id,
+        **inputs,
+        do_sample=True,
+        temperature=0.8,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=6,
+        suppress_tokens=banned,
+        output_scores=True,
+        return_dict_in_generate=True,
+        pad_token_id=tokenizer.pad_token_id,
     )
     L = inputs["input_ids"].shape[1]
     completions = out.sequences[:, L:]  # (4, 6)
@@ -179,8 +187,16 @@ def test_load_policy_from_checkpoint_and_text_only_qwen2(tmp_path, tiny_model, t
     mcfg.path = str(tmp_path / "vl")
     model, tok, proc = load_policy(mcfg, seed=0, device=torch.device("cpu"))
     assert isinstance(model, Qwen2_5_VLForConditionalGeneration) and proc is not None
-    text_model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                              num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    text_model = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
     save_checkpoint(str(tmp_path / "text"), text_model, tokenizer, None)
     mcfg.path = str(tmp_path / "text")
     model, tok, proc = load_policy(mcfg, seed=0, device=torch.device("cpu"))

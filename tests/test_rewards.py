@@ -62,7 +62,9 @@ def test_score_weights_parts_and_counts_failures(capsys):
     total, parts, errors = score(completions, samples, {"format": 0.5, "math": 1.0}, timeout_s=2.0)
     assert parts == {"format": [1.0, 0.0, 1.0], "math": [1.0, 0.0, 0.0]}
     assert total == [1.5, 0.0, 0.5] and errors == {}
-    total, parts, errors = score(completions, samples, {"test_rewards:broken_verifier": 1.0, "test_rewards:length_reward": 2.0}, 2.0)
+    total, parts, errors = score(
+        completions, samples, {"test_rewards:broken_verifier": 1.0, "test_rewards:length_reward": 2.0}, 2.0
+    )
     assert errors == {"test_rewards:broken_verifier": 3}
     assert parts["test_rewards:broken_verifier"] == [0.0, 0.0, 0.0]
     assert total == pytest.approx([2 * len(c) / 10 for c in completions])
