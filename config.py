@@ -26,7 +26,7 @@ class Choice(str, Enum):
 
 class Estimator(Choice):
     grpo = "grpo"  # group mean / std
-    dr_grpo = "dr_grpo"  # group mean only (Dr. GRPO)
+    dr_grpo = "dr_grpo"  # group mean only (Dr. GRPO; pair with loss_agg=seq_mean_token_sum_norm)
     rloo = "rloo"  # leave-one-out group mean
     reinforce_baseline = "reinforce_baseline"  # group mean, then whitening over the batch (REINFORCE++-baseline)
     gae = "gae"  # PPO: a learned value model and generalised advantage estimation

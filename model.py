@@ -26,6 +26,8 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from data import LMM_R1_SYSTEM_PROMPT, synthetic_question_texts
+
 # Qwen2/2.5-VL's added tokens, in Qwen's order. The tiny tokenizer carries the same strings so that
 # the chat template, the stop tokens and the image placeholders behave exactly as with the real model.
 QWEN_SPECIAL_TOKENS = [
@@ -118,8 +120,6 @@ def resolve_model_path(path: Optional[str]) -> Optional[str]:
 
 def tokenizer_corpus() -> List[str]:
     """Text the tiny BPE is trained on: the prompts and answer formats the synthetic data uses."""
-    from data import LMM_R1_SYSTEM_PROMPT, synthetic_question_texts
-
     lines = [LMM_R1_SYSTEM_PROMPT, "<think> Since $1+1=2$, so the answer is $2$. </think><answer> $\\boxed{2}$ </answer>"]
     lines += synthetic_question_texts()
     lines += [f"{a} + {b} = {a + b}, {a} - {b} = {a - b}, {a} \\times {b} = {a * b}" for a in range(20) for b in range(20)]
@@ -151,9 +151,11 @@ def build_tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
 
 def build_tiny_model(tokenizer, tiny, seed: int) -> Qwen2_5_VLForConditionalGeneration:
     """A real Qwen2.5-VL with tiny widths and random weights, deterministic from `seed`."""
-    head_dim = tiny.hidden_size // tiny.num_attention_heads
-    half = head_dim // 2  # mrope splits the rotary half-dim into (temporal, height, width) sections
-    mrope_section = [half - 2 * (half // 3), half // 3, half // 3]
+    half = tiny.hidden_size // tiny.num_attention_heads // 2
+    # mrope splits the rotary half-dim into (temporal, height, width) sections in Qwen's proportions
+    # (Qwen2.5-VL-3B: [16, 24, 24] of 64)
+    spatial = 3 * half // 8
+    mrope_section = [half - 2 * spatial, spatial, spatial]
     ids = tokenizer.convert_tokens_to_ids
     config = Qwen2_5_VLConfig(
         text_config=dict(
@@ -212,7 +214,7 @@ def load_policy(mcfg, seed: int, device: torch.device):
     if path is None:
         tokenizer = build_tiny_tokenizer(mcfg.tiny.vocab_size)
         model = build_tiny_model(tokenizer, mcfg.tiny, seed).to(dtype)
-        model.config._attn_implementation = str(mcfg.attn_implementation)
+        model.set_attn_implementation(str(mcfg.attn_implementation))
     else:
         tokenizer = AutoTokenizer.from_pretrained(path)
         if tokenizer.chat_template is None:

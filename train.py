@@ -303,9 +303,10 @@ def rollout_forward(models, items, T: int, micro_batch_size: int, collate_fn) ->
 
 
 def write_samples(path: str, step: int, prompts, rollout, total, parts, k: int) -> None:
-    """The first k completions of the step, with prompt, answer and reward parts, as JSON lines."""
+    """k completions of the step spread over its prompts, with prompt, answer and reward parts, as JSON lines."""
+    n = len(rollout.texts)
     with open(path, "a") as f:
-        for i in range(min(k, len(rollout.texts))):
+        for i in range(0, n, max(1, n // k))[:k]:
             p = prompts[rollout.prompt_index[i]]
             row = {"step": step, "prompt": p.text, "completion": rollout.texts[i], "answer": p.sample.answer, "reward": total[i]}
             row.update({f"reward/{name}": v[i] for name, v in parts.items()})
