@@ -264,9 +264,8 @@ class Critic(nn.Module):
 def collate(items, pad_id: int, image_token_id: Optional[int], device):
     """Right-padded model inputs for a list of (prompt, completion_ids) pairs.
 
-    Returns a dict with input_ids / attention_mask / mm_token_type_ids (B, L), pixel_values
-    (n_patches, C*T*P*P) and image_grid_thw (n_images, 3) of all images in order, and the
-    completion layout: completion_ids / completion_mask (B, Tc) and prompt_lens (B,).
+    Returns a dict with input_ids / attention_mask (B, L), the `vision_inputs`, and the completion
+    layout: completion_ids / completion_mask (B, Tc) and prompt_lens (B,).
     """
     seqs = [list(p.input_ids) + list(c) for p, c in items]
     L = max(map(len, seqs))
@@ -288,26 +287,31 @@ def collate(items, pad_id: int, image_token_id: Optional[int], device):
         "completion_mask": completion_mask.to(device),
         "prompt_lens": torch.tensor([len(p.input_ids) for p, _ in items], device=device),
     }
-    images = [p for p, _ in items if p.image_grid_thw is not None]
-    if image_token_id is not None:
-        batch["mm_token_type_ids"] = (batch["input_ids"] == image_token_id).int()
+    return batch | vision_inputs([p for p, _ in items], batch["input_ids"], image_token_id, device)
+
+
+def vision_inputs(prompts, input_ids: torch.Tensor, image_token_id: Optional[int], device) -> dict:
+    """The image side of a batch of `prompts` laid out as `input_ids` (B, L): mm_token_type_ids
+    (B, L) (1 on image tokens; Qwen2.5-VL derives its 3D mrope positions from it and the grids),
+    pixel_values and image_grid_thw of all images in prompt order. Empty for a text-only model."""
+    if image_token_id is None:
+        return {}
+    out = {"mm_token_type_ids": (input_ids == image_token_id).int()}
+    images = [p for p in prompts if p.image_grid_thw is not None]
     if images:
-        batch["pixel_values"] = torch.cat([p.pixel_values for p in images]).to(device)
-        batch["image_grid_thw"] = torch.cat([p.image_grid_thw for p in images]).to(device)
-    return batch
+        out["pixel_values"] = torch.cat([p.pixel_values for p in images]).to(device)
+        out["image_grid_thw"] = torch.cat([p.image_grid_thw for p in images]).to(device)
+    return out
 
 
 def hidden_states(backbone, batch) -> torch.Tensor:
     """Last hidden states (B, L, H) of the transformer body (Qwen2_5_VLModel or Qwen2Model).
 
-    With mm_token_type_ids given, Qwen2.5-VL computes its 3D mrope positions per sequence from the
-    image grids (images advance positions by the merged grid, not by token count).
+    With image grids given, Qwen2.5-VL computes its 3D mrope positions per sequence (images advance
+    positions by the merged grid, not by token count); text-only rows count 0, 1, 2, ...
     """
     keys = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
-    inputs = {k: batch[k] for k in keys if k in batch}
-    if "image_grid_thw" not in inputs:
-        inputs.pop("mm_token_type_ids", None)
-    return backbone(**inputs, use_cache=False).last_hidden_state
+    return backbone(**{k: batch[k] for k in keys if k in batch}, use_cache=False).last_hidden_state
 
 
 def completion_positions(batch) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,7 @@ from typing import List
 import torch
 from transformers import GenerationConfig
 
-from model import STOP_TOKENS, VISION_TOKENS, is_multimodal
+from model import STOP_TOKENS, VISION_TOKENS, is_multimodal, vision_inputs
 
 
 @dataclass
@@ -41,14 +41,8 @@ def generation_inputs(model, prompts, pad_id: int, device) -> dict:
     """Left-padded `generate` inputs for a list of prompts (images of all prompts in order)."""
     input_ids, attention_mask = left_pad([p.input_ids for p in prompts], pad_id)
     inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
-    if is_multimodal(model):
-        # Qwen2.5-VL computes its 3D mrope positions from these (text 0, image 1), skipping the padding.
-        inputs["mm_token_type_ids"] = (inputs["input_ids"] == model.config.image_token_id).int()
-        images = [p for p in prompts if p.image_grid_thw is not None]
-        if images:
-            inputs["pixel_values"] = torch.cat([p.pixel_values for p in images]).to(device)
-            inputs["image_grid_thw"] = torch.cat([p.image_grid_thw for p in images]).to(device)
-    return inputs
+    image_token_id = model.config.image_token_id if is_multimodal(model) else None
+    return inputs | vision_inputs(prompts, inputs["input_ids"], image_token_id, device)  # padding is type 0
 
 
 class HFEngine:
