@@ -105,7 +105,6 @@ class TrainerConfig:
     seed: int = 42  # every RNG (data order, sampling, init) is derived from (seed, step, index)
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
     lr: float = 1e-6  # actor learning rate
-    critic_lr: float = 9e-6  # value model learning rate (estimator=gae only)
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03  # linear warmup over this fraction of optimizer steps
@@ -146,6 +145,7 @@ class AlgoConfig:
     gamma: float = 1.0  # discount (gae)
     lam: float = 1.0  # GAE lambda
     value_clip: float = 0.2  # value-loss clipping around the rollout-time values (gae)
+    critic_lr: float = 9e-6  # value model learning rate (gae; same warmup and cosine as the actor)
     eps: float = 1e-6  # added to std before dividing
 
 

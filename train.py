@@ -348,7 +348,7 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
     optimizer, schedule = adamw_with_schedule(params, t.lr, t, total_steps * updates_per_step)
     if critic is not None:
         critic_opt, critic_schedule = adamw_with_schedule(
-            list(critic.parameters()), t.critic_lr, t, total_steps * updates_per_step
+            list(critic.parameters()), a.critic_lr, t, total_steps * updates_per_step
         )
     # Before the first update the trainer's log-probs are the sampling policy's: with one update per
     # rollout old_logp = logp.detach() and that forward pass is skipped.

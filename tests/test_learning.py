@@ -14,7 +14,7 @@ TOY = ["+reward.weights={toy_rewards\\:digit_fraction: 1.0}", "~reward.weights.f
 FAST = [
     "trainer.lr=1e-2",
     "trainer.warmup_ratio=0",
-    "trainer.critic_lr=1e-2",
+    "algo.critic_lr=1e-2",
     "trainer.max_steps=25",
     "rollout.prompts_per_step=8",
     "rollout.group_size=8",
