@@ -88,9 +88,8 @@ class TinyModelConfig:
 @dataclass
 class ModelConfig:
     name: str = "qwen2_5_vl_3b"  # which model/ preset this is
-    path: Optional[str] = (
-        "Qwen/Qwen2.5-VL-3B-Instruct"  # local dir, or hub id looked up in the local hub cache; null = random-init tiny model
-    )
+    # local dir, or hub id looked up in the local hub cache; null = the random-init tiny model
+    path: Optional[str] = "Qwen/Qwen2.5-VL-3B-Instruct"
     dtype: Dtype = Dtype.bfloat16  # parameter dtype for training and generation
     attn_implementation: str = "sdpa"  # transformers attention backend: sdpa | eager | flash_attention_2
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
@@ -151,9 +150,8 @@ class AlgoConfig:
 
 @dataclass
 class RewardConfig:
-    weights: Dict[str, float] = field(
-        default_factory=dict
-    )  # reward name -> weight (set by the stage); names from rewards.REWARDS or module:function
+    # reward name -> weight (set by the stage); names from rewards.REWARDS or module:function
+    weights: Dict[str, float] = field(default_factory=dict)
     timeout_s: float = 2.0  # wall-clock limit of one verification
 
 

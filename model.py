@@ -237,6 +237,11 @@ def is_multimodal(model) -> bool:
     return isinstance(model, Qwen2_5_VLForConditionalGeneration)
 
 
+def image_token_id(model) -> Optional[int]:
+    """The <|image_pad|> id of a multimodal model; None for a text-only one."""
+    return model.config.image_token_id if is_multimodal(model) else None
+
+
 def frozen_copy(model):
     """The reference model: a frozen copy of the policy as it starts."""
     return copy.deepcopy(model).eval().requires_grad_(False)

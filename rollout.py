@@ -13,7 +13,7 @@ from typing import List
 import torch
 from transformers import GenerationConfig
 
-from model import STOP_TOKENS, VISION_TOKENS, is_multimodal, vision_inputs
+from model import STOP_TOKENS, VISION_TOKENS, image_token_id, vision_inputs
 
 
 @dataclass
@@ -41,8 +41,7 @@ def generation_inputs(model, prompts, pad_id: int, device) -> dict:
     """Left-padded `generate` inputs for a list of prompts (images of all prompts in order)."""
     input_ids, attention_mask = left_pad([p.input_ids for p in prompts], pad_id)
     inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
-    image_token_id = model.config.image_token_id if is_multimodal(model) else None
-    return inputs | vision_inputs(prompts, inputs["input_ids"], image_token_id, device)  # padding is type 0
+    return inputs | vision_inputs(prompts, inputs["input_ids"], image_token_id(model), device)  # padding is type 0
 
 
 class HFEngine:

@@ -34,6 +34,7 @@ from model import (
     Critic,
     collate,
     frozen_copy,
+    image_token_id,
     load_policy,
     resolve_model_path,
     save_checkpoint,
@@ -333,10 +334,10 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
     engine = HFEngine(policy, tokenizer, r)
     autocast = autocast_ctx(device, str(cfg.model.dtype))
     banned_ids = torch.tensor(tokenizer.convert_tokens_to_ids(VISION_TOKENS), device=device)
-    image_token_id = getattr(policy.config, "image_token_id", None)
+    image_token = image_token_id(policy)
 
     def make_batch(pairs):
-        return collate(pairs, tokenizer.pad_token_id, image_token_id, device)
+        return collate(pairs, tokenizer.pad_token_id, image_token, device)
 
     def logps(model, batch, **kw):
         return sequence_logps(model, batch, r.temperature, t.logp_chunk_size, banned_ids, **kw)
@@ -347,9 +348,8 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer, schedule = adamw_with_schedule(params, t.lr, t, total_steps * updates_per_step)
     if critic is not None:
-        critic_opt, critic_schedule = adamw_with_schedule(
-            list(critic.parameters()), a.critic_lr, t, total_steps * updates_per_step
-        )
+        critic_params = list(critic.parameters())
+        critic_opt, critic_schedule = adamw_with_schedule(critic_params, a.critic_lr, t, total_steps * updates_per_step)
     # Before the first update the trainer's log-probs are the sampling policy's: with one update per
     # rollout old_logp = logp.detach() and that forward pass is skipped.
     pre_models = {}
@@ -427,11 +427,10 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
                     token_loss, clipped = policy_loss(logp, old, advantages[idx, :Tb], a.clip_low, a.clip_high, a.dual_clip)
                     loss = agg(token_loss)
                     stats["loss/policy"] += loss.item()
-                    if ref_logp is not None:
+                    if ref_logp is not None and not a.kl_in_reward:
                         kl = agg(kl_penalty(logp, ref_logp[idx, :Tb], str(a.kl_estimator)))
                         stats["loss/kl"] += kl.item()
-                        if not a.kl_in_reward:
-                            loss = loss + a.kl_coef * kl
+                        loss = loss + a.kl_coef * kl
                     loss.backward()
                     stats["loss/clip_frac"] += (clipped & m).sum().item() / num_tokens
                     stats["loss/entropy"] += (entropy * m).sum().item() / num_tokens
@@ -443,7 +442,7 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
                         stats["loss/value"] += v_loss.item()
                 stats["loss/grad_norm"] += optimizer_step(params, optimizer, schedule, t.grad_clip)
                 if critic is not None:
-                    optimizer_step(list(critic.parameters()), critic_opt, critic_schedule, t.grad_clip)
+                    optimizer_step(critic_params, critic_opt, critic_schedule, t.grad_clip)
 
         # ---- sync weights ----
         engine.sync_weights(policy)
