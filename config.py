@@ -152,7 +152,9 @@ class AlgoConfig:
 class RewardConfig:
     # reward name -> weight (set by the stage); names from rewards.REWARDS or module:function
     weights: Dict[str, float] = field(default_factory=dict)
-    timeout_s: float = 2.0  # wall-clock limit of one verification
+    # wall-clock limit of one verification; past it the worker is killed and the completion scores 0
+    timeout_s: float = 2.0
+    workers: int = 0  # verifier processes; 0: one per CPU core (at most 8)
 
 
 @dataclass
@@ -221,6 +223,8 @@ def validate(cfg: Any) -> None:
         errors.append(f"data.on_error={cfg.data.on_error}: expected raise or skip")
     if not cfg.reward.weights:
         errors.append("reward.weights is empty: name at least one reward")
+    if cfg.reward.timeout_s <= 0 or cfg.reward.workers < 0:
+        errors.append(f"reward.timeout_s must be > 0 and reward.workers >= 0 (got {cfg.reward.timeout_s}, {cfg.reward.workers})")
     if cfg.data.source == DataSource.files and not cfg.data.train_files:
         errors.append("data.train_files is empty: give LMM-R1-format jsonl files, or use data.source=synthetic (debug=tiny does)")
     if errors:

@@ -47,6 +47,10 @@ class Sample:
     meta: Dict[str, Any] = field(default_factory=dict)  # other fields of the row (question, datasource, level, ...)
     where: str = ""  # "file:line" (or "synthetic:index") for error messages
 
+    def reward_row(self) -> Dict[str, Any]:
+        """What reward functions receive: the gold answer and every other field of the row."""
+        return {"answer": self.answer, **self.meta}
+
 
 @dataclass
 class Prompt:
@@ -286,11 +290,12 @@ def encode_prompt(sample: Sample, tokenizer, image_processor) -> Prompt:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_dataset(dcfg, seed: int, tokenizer, image_processor) -> Tuple[List[Sample], Counter]:
+def load_dataset(dcfg, seed: int, tokenizer, image_processor, gold_check=None) -> Tuple[List[Sample], Counter]:
     """Validated samples for the `data` config, and the count of skipped rows by reason.
 
     Every row is checked here, before training: parseable, has an answer, images readable, prompt
-    (after image-token expansion) within data.max_prompt_len. Multimodal prompts are never truncated.
+    (after image-token expansion) within data.max_prompt_len, and -- with `gold_check(samples) ->
+    [problem or None]` -- a gold answer the stage's rewards can use. Multimodal prompts are never truncated.
     """
     system_prompt = dcfg.system_prompt if dcfg.system_prompt is not None else LMM_R1_SYSTEM_PROMPT
     skipped: Counter = Counter()
@@ -314,9 +319,23 @@ def load_dataset(dcfg, seed: int, tokenizer, image_processor) -> Tuple[List[Samp
             if dcfg.on_error != "skip":
                 raise BadRow(str(err), "set data.on_error=skip to skip and count bad rows instead") from None
             skipped[err.reason] += 1
+    if gold_check is not None:
+        samples = [s for s, problem in zip(samples, gold_check(samples)) if not bad_gold(s, problem, dcfg.on_error, skipped)]
     if not samples:
         raise BadRow("data", "no usable rows", f"skipped: {dict(skipped)}")
     return samples, skipped
+
+
+def bad_gold(sample: Sample, problem: Optional[str], on_error: str, skipped: Counter) -> bool:
+    """True (and counted) when the gold is unusable under on_error=skip; raises BadRow otherwise."""
+    if problem is None:
+        return False
+    if on_error != "skip":
+        raise BadRow(
+            sample.where, "unusable gold answer", f"{sample.answer!r}: {problem}; set data.on_error=skip to skip such rows"
+        )
+    skipped["unusable gold answer"] += 1
+    return True
 
 
 def checked_sample(obj, base_dir: str, where: str, dcfg, tokenizer, image_processor) -> Sample:

@@ -1,48 +1,104 @@
-"""Rule-based rewards: pure functions (completion, sample) -> float, and their weighted sum.
+"""Rule-based rewards: pure verdict functions, and a worker pool that bounds the time each one may take.
 
-A stage names the rewards it uses and their weights (`reward.weights: {format: 0.5, math: 1.0}`);
-a name is a key of REWARDS or `module:function` for a researcher's own verifier with the same
-signature. A reward that raises scores 0 for that completion and is counted, never crashing the run.
+A stage names the rewards it uses and their weights (`reward.weights: {format: 0.5, math: 1.0}`); a
+name is a key of REWARDS or `module:function` for a researcher's own verifier, called as
+fn(completion, sample) -> float with the whole sample ({"answer": ..., **domain fields}).
+
+Every verification runs in a worker process (RewardPool): a call that passes `reward.timeout_s` has
+its worker killed and replaced and scores 0; a call that raises scores 0; both are counted
+(`reward/timeouts`, `reward/errors`) and never reach the training loop. Model text is never given to
+eval/exec/sympify: it reaches sympy only through math-verify's own LaTeX and expression parsers.
+
+Grading policy of `math` (each rule has its cases, with reasons, in tests/test_rewards.py)
+- Final answer: the last <answer>…</answer> span, else the last \\boxed{} in the completion. Inside
+  it, the boxed content if any; several boxes with different contents are a hedge: wrong.
+- Hedges are wrong: `\\pm`/`\\mp`, or the word "or", in an answer whose gold has none.
+- Gold first: math-verify's verify(gold, pred) is asymmetric. So a prediction in interval notation
+  matches an inequality gold (`1<x<2` vs `(1,2)`), but an inequality does not match an interval gold.
+- Percent, degrees, `\\$` and units are annotations of the number, stripped from both sides before
+  comparing: `10\\%` = `10`, `30^\\circ` = `30`, `5\\text{ cm}` = `5 cm` = `5`. The question fixes the
+  unit, so no conversion: `10\\%` != `0.1`, `30^\\circ` != `\\frac{\\pi}{6}`, `5 m` = `5 cm` (the number
+  is graded).
+- Thousands separators `1,000`, `1{,}000`, `1\\,000` are the number 1000 when they make up the whole
+  answer; `1,5` stays a pair, never the decimal 1.5.
+- `(1,2)` is one object whether read as an ordered pair or an open interval; it differs from `[1,2]`
+  and from the set `\\{1,2\\}` (math-verify calls the last two equal: we do not).
+- A column or row vector equals the tuple of its entries (`\\begin{pmatrix}1\\\\2\\end{pmatrix}` = `(1,2)`).
+- Numbers: exact answers must be exactly equal (math-verify rounds differences below 1e-15 to zero, so
+  it calls `\\frac{1}{2^{99}}` and `\\frac{1}{2^{98}}` equal: we do not). A decimal on either side must
+  agree to 6 significant figures (`\frac{1}{3}` = `0.333333` != `0.33`); an integer gold only accepts
+  an integral decimal (`3.0`, not `2.9999999`).
+- A gold that is a single capital letter is a choice letter: graded by `choice_reward` (so `b` does
+  not match `B`), with the sample's `choices` if any. A gold that is a word (`\\text{Evelyn}`, `odd`)
+  is compared as text, case-insensitively (math-verify reads `Evelyn` as the product E*v*e*l*y*n).
 """
 
+import atexit
+import functools
 import importlib
-import math
+import json
+import logging
+import os
 import re
+import resource
+import selectors
+import subprocess
+import sys
+import threading
+import time
 import traceback
-from typing import Callable, Dict, List, Optional, Tuple
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from config import ConfigError
-from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
-# LMM-R1's strict format (openrlhf/models/remote_rm/math_verifier.py): after stripping surrounding
-# whitespace, the completion is exactly <think>...</think><answer>...</answer>, nothing between
-# </think> and <answer>, nothing after </answer>, and each opening tag appears once.
+# ---------------------------------------------------------------------------------------------
+# Format
+# ---------------------------------------------------------------------------------------------
+
+# LMM-R1's strict format (openrlhf/models/remote_rm/math_verifier.py). After stripping surrounding
+# whitespace the completion is exactly <think>X</think><answer>Y</answer>: X holds no </think>, Y no
+# </answer>, nothing (not even a space) sits between </think> and <answer> or follows </answer>,
+# and <think> and <answer> each appear once. X and Y may be empty and span lines.
 FORMAT_PATTERN = re.compile(r"^<think>(?:(?!</think>).)*</think><answer>(?:(?!</answer>).)*</answer>\Z", re.DOTALL)
 ANSWER_SPAN = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
 def format_reward(completion: str) -> float:
-    """1.0 iff `completion` is in LMM-R1's strict <think>…</think><answer>…</answer> format."""
+    """1.0 iff `completion` is in LMM-R1's strict <think>…</think><answer>…</answer> format (linear time)."""
     text = completion.strip()
     ok = FORMAT_PATTERN.match(text) is not None and text.count("<think>") == 1 and text.count("<answer>") == 1
     return float(ok)
 
 
+# ---------------------------------------------------------------------------------------------
+# Extracting the final answer
+# ---------------------------------------------------------------------------------------------
+
+
+def boxed_contents(text: str) -> List[str]:
+    """The contents of every \\boxed{...} in `text`, balanced braces, in order (unclosed ones dropped)."""
+    out, start = [], text.find("\\boxed{")
+    while start >= 0:
+        depth, i = 0, start + len("\\boxed")
+        for j in range(i, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[j], 0)
+            if depth == 0:
+                out.append(text[i + 1 : j])
+                break
+        start = text.find("\\boxed{", start + 1)
+    return out
+
+
 def last_boxed(text: str) -> Optional[str]:
-    """The content of the last \\boxed{...} in `text` (balanced braces), or None."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    depth, i = 0, start + len("\\boxed")
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i + 1 : j]
-    return None
+    """The content of the last \\boxed{...} in `text`, or None."""
+    boxes = boxed_contents(text[text.rfind("\\boxed{") :]) if "\\boxed{" in text else []
+    return boxes[-1] if boxes else None
 
 
 def extract_answer(completion: str) -> Optional[str]:
-    """The final answer: the last <answer> span, else the last \\boxed{} (wrapped in $ for parsing)."""
+    """The final answer text: the last <answer> span, else the last \\boxed{} (wrapped in $ for parsing)."""
     spans = ANSWER_SPAN.findall(completion)
     if spans:
         return spans[-1]
@@ -50,81 +106,570 @@ def extract_answer(completion: str) -> Optional[str]:
     return None if boxed is None else f"${boxed}$"
 
 
-def as_latex(answer: str) -> str:
-    """Gold answers are LaTeX with or without $ (LMM-R1 stores `$\\boxed{60}$` and `60` alike)."""
-    return answer if "$" in answer or "\\boxed" in answer else f"${answer}$"
+def final_answer(completion: str) -> Optional[str]:
+    """The one answer a completion commits to, or None (none given, or several different boxes)."""
+    text = extract_answer(completion)
+    if text is None:
+        return None
+    boxes = boxed_contents(text)
+    if len({normalise(b) for b in boxes}) > 1:
+        return None  # `\boxed{1}, \boxed{2}`: a hedge
+    answer = boxes[-1] if boxes else text
+    return answer if answer.strip() else None
 
 
-def math_reward(completion: str, answer: str, timeout_s: float = 2.0) -> float:
-    """1.0 iff the completion's final answer is mathematically equivalent to the gold `answer`.
+# ---------------------------------------------------------------------------------------------
+# Normalising answer strings (both gold and prediction, before any parsing)
+# ---------------------------------------------------------------------------------------------
 
-    math-verify compares with the gold first (verify(gold, pred) is asymmetric). Its timeouts are
-    SIGALRM-based, so they bound the time only on the main thread.
+UNIT_WORDS = (
+    "square units|sq units|units|unit|square feet|square inches|square meters|square centimeters|"
+    "cm|mm|km|meters|meter|metres|centimeters|inches|inch|feet|foot|ft|yards|yd|miles|mph|"
+    "degrees|degree|dollars|dollar|cents|cent|hours|hour|hrs|minutes|minute|mins|min|seconds|second|sec|"
+    "days|day|weeks|years|kg|mg|grams|gram|pounds|lbs|lb|ml|liters|litres|gallons|people|students|ways"
+)
+# `\text{ cm}` / `\mathrm{kg}` / `\mbox{units}` (words only) and trailing unit words after a number.
+TEXT_UNIT = re.compile(r"\\(?:text|mathrm|mbox|textrm|rm)\s*\{\s*(?:[A-Za-z]+\.?\s*)+\}(\^\{?[23]\}?)?")
+TRAILING_UNIT = re.compile(rf"(?<=[\d}}])\s*(?:{UNIT_WORDS})\b\.?(\^\{{?[23]\}}?)?\s*$")
+THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+DELIMITED = re.compile(r"\$+([^$]*)\$+|\\\((.*)\\\)|\\\[(.*)\\\]", re.DOTALL)  # one whole $…$, \(…\) or \[…\]
+PROSE = re.compile(r"(?:^|(?<=\s))[A-Za-z]{3,}\b")  # a free-standing word (not \command{arg}): a sentence
+
+
+def normalise(answer: str) -> str:
+    """A canonical string for an answer: delimiters, spacing, annotations and separators removed.
+
+    Only rewrites that cannot change the value (see the module docstring for the policy).
     """
-    pred_text = extract_answer(completion)
-    if pred_text is None:
+    s = answer.strip()
+    whole = DELIMITED.fullmatch(s)
+    if whole:
+        s = next(g for g in whole.groups() if g is not None).strip()
+    boxes = boxed_contents(s)
+    if len(boxes) == 1 and s.startswith("\\boxed{") and s.endswith("}") and len(boxes[0]) == len(s) - 8:
+        s = boxes[0]
+    s = re.sub(r"\\(?:left|right)(?![A-Za-z])", "", s)
+    s = re.sub(r"\\[dt]frac", r"\\frac", s)
+    s = re.sub(r"(\d)(?:\\[,;: !]|\{,\}|~)(?=\d{3}\b)", r"\1", s)  # 1\,000 and 1{,}000 -> 1000
+    s = re.sub(r"\\!|\\,|\\;|\\:|~|\\ ", " ", s)
+    s = re.sub(r"\\%|%|\\percent\b", "", s)
+    s = re.sub(r"\^\s*\{?\\circ\}?|°|\\degree\b", "", s)
+    s = s.replace("\\$", "")
+    if re.search(r"\d", s):
+        s = TEXT_UNIT.sub("", s)
+        s = TRAILING_UNIT.sub("", s)
+    s = re.sub(r"\s+", " ", s).strip().rstrip(".").strip()
+    s = re.sub(r"\s*([^\w\s\\])\s*", r"\1", s)  # `( 3, 4 )` -> `(3,4)`; keeps `\cdot x` and `a b`
+    if THOUSANDS.fullmatch(s):
+        s = s.replace(",", "")
+    return s
+
+
+CHOICE_GOLD = re.compile(r"\(?([A-Z])\)?\.?")
+TEXT_GOLD = re.compile(r"[A-Za-z][A-Za-z '\-]*[A-Za-z]")
+HEDGE = re.compile(r"\\pm|\\mp|±|∓|\bor\b|\\lor\b")
+
+
+def unwrap_text(answer: str) -> str:
+    """`\\text{(C)}` -> `(C)`: the normalised answer with text wrappers removed, spaces collapsed."""
+    s = re.sub(r"\\(?:text|mathrm|textbf|mbox)\s*\{([^{}]*)\}", r"\1", normalise(answer))
+    return re.sub(r"\s+", " ", s).strip()
+
+
+def as_text(answer: str) -> str:
+    """`\\text{Evelyn}` -> `evelyn`: the words of an answer, lower-cased."""
+    return unwrap_text(answer).lower()
+
+
+@functools.lru_cache(maxsize=4096)
+def gold_kind(answer: str) -> str:
+    """'choice' (a capital letter), 'text' (a word of 3+ letters) or 'math'."""
+    if CHOICE_GOLD.fullmatch(unwrap_text(answer)):
+        return "choice"
+    text = as_text(answer)
+    return "text" if len(text) >= 3 and TEXT_GOLD.fullmatch(text) else "math"
+
+
+# ---------------------------------------------------------------------------------------------
+# Multiple choice
+# ---------------------------------------------------------------------------------------------
+
+# Only capital letters are choice letters: `\boxed{a}` is a variable, not option A.
+BOXED_LETTER = re.compile(r"^\s*(?:\\text\{)?\s*\(?([A-Z])\)?(?:[.:)]|\s|\}|$)")
+# `B`, `(B)`, `B.`, `B: 12`, `B) 12`, `(B) 12` -- but not the article in `A triangle`.
+WHOLE_LETTER = re.compile(r"^\s*(?:\(([A-Z])\)|([A-Z])(?=[.:)]|\s*$))")
+# `The answer is B`, `answer: (C)`, `Option B.` -- the letter must end the clause.
+SAID_LETTER = re.compile(
+    r"(?:answer|option|choice)\s*(?:is\s*:?|:)?\s*(?:option\s*)?\(?([A-Za-z])\)?(?=\s*(?:$|[.,;:)\n]))", re.IGNORECASE
+)
+PAREN_LETTER = re.compile(r"\(([A-Z])\)")
+
+
+def choice_letter(text: str, choices: Optional[Sequence[str]] = None) -> Optional[str]:
+    """The one choice letter `text` commits to, or None (none, several different, or out of range).
+
+    Tried in order, the first rule that finds any letter decides: \\boxed{B} / \\boxed{(B)}; the whole
+    answer is `B`, `(B)`, `B.`, `B: 12`, `B) 12`; `The answer is B` / `Option (B)`; `(B)` anywhere.
+    With `choices`, an answer equal to one choice's text (normalised) selects that choice.
+    """
+    text = text.replace("$", "")
+    if len({normalise(b) for b in boxed_contents(text)}) > 1:
+        return None  # `\boxed{A} or \boxed{B}`: a hedge
+    plain = re.sub(r"\\text\s*\{([^{}]*)\}", r"\1", text)
+    for letters in (
+        [m.group(1) for b in boxed_contents(text) if (m := BOXED_LETTER.match(b))],
+        [m.group(1) or m.group(2)] if (m := WHOLE_LETTER.match(plain)) else [],
+        [c for c in SAID_LETTER.findall(plain) if c.isupper()],
+        PAREN_LETTER.findall(plain),
+    ):
+        if letters:
+            letter = letters[0] if len(set(letters)) == 1 else None
+            if letter is not None and choices is not None and ord(letter) - ord("A") >= len(choices):
+                return None
+            return letter
+    if choices:
+        hits = [i for i, c in enumerate(choices) if as_text(str(c)) == as_text(text)]
+        if len(hits) == 1:
+            return chr(ord("A") + hits[0])
+    return None
+
+
+def gold_letter(answer: str, choices: Optional[Sequence[str]] = None) -> Optional[str]:
+    """The gold's choice letter: the answer is a letter, or (with choices) the text of one choice."""
+    m = CHOICE_GOLD.fullmatch(unwrap_text(answer))
+    if m:
+        return m.group(1) if choices is None or ord(m.group(1)) - ord("A") < len(choices) else None
+    if choices:
+        hits = [i for i, c in enumerate(choices) if as_text(str(c)) == as_text(answer)]
+        return chr(ord("A") + hits[0]) if len(hits) == 1 else None
+    return None
+
+
+def choice_score(completion: str, answer: str, choices: Optional[Sequence[str]] = None) -> float:
+    """1.0 iff the completion's final answer picks the gold choice (letter, or choice text)."""
+    text = extract_answer(completion)
+    if text is None:  # no <answer> and no \boxed{}: accept only an explicit "The answer is B"
+        said = [c for c in SAID_LETTER.findall(completion) if c.isupper()]
+        text = said[-1] if said else None
+    gold = gold_letter(answer, choices)
+    return float(text is not None and gold is not None and choice_letter(text, choices) == gold)
+
+
+def choice_reward(completion: str, answer: str, choices: Optional[Sequence[str]] = None) -> float:
+    """Multiple-choice reward (regex only, linear time, so it runs in the caller's process)."""
+    return choice_score(completion, answer, choices)
+
+
+# ---------------------------------------------------------------------------------------------
+# Math equivalence (runs inside worker processes: math-verify has no reliable timeout of its own)
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4096)
+def parse_gold(gold: str) -> tuple:
+    """math-verify's parse of a normalised gold, once per gold per worker (groups share their gold)."""
+    from math_verify import parse
+
+    return tuple(parse(f"${gold}$", parsing_timeout=None))
+
+
+def parse_pred(pred: str) -> list:
+    """math-verify's parse of a normalised prediction. A bare answer (`x^2+1`, `(1,2)`) is read as one
+    LaTeX formula; a sentence or text with $…$ goes through math-verify's own extraction (rightmost math)."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+
+    config = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
+    sentence = "$" in pred or "\\(" in pred or PROSE.search(pred) is not None
+    return parse(pred if sentence else f"${pred}$", extraction_config=config, parsing_timeout=None)
+
+
+def sympy_objects(parsed) -> list:
+    from sympy import Basic, MatrixBase
+
+    return [p for p in parsed if isinstance(p, (Basic, MatrixBase))]
+
+
+def numbers_agree(gold, pred) -> Optional[bool]:
+    """Stricter than math-verify for plain numbers: exact values must be equal, a decimal must agree to 6
+    significant figures, and an integer gold accepts only an integral decimal. None: not two real numbers."""
+    from sympy import Expr, Float, Integer
+
+    if not (isinstance(gold, Expr) and isinstance(pred, Expr) and gold.is_number and pred.is_number):
+        return None
+    g, p = gold.evalf(40), pred.evalf(40)
+    if not (g.is_real and p.is_real and g.is_finite and p.is_finite):
+        return None
+    diff = abs(g - p)
+    if isinstance(gold, Integer) or gold.is_integer:
+        return bool(diff == 0)
+    if gold.has(Float) or pred.has(Float):  # equal to 6 significant figures (1/3 = 0.333333)
+        return f"{float(g):.6g}" == f"{float(p):.6g}" or bool(diff <= 1e-6 * abs(g))
+    return bool(diff <= 1e-25 * max(abs(g), abs(p)))
+
+
+def vector_entries(obj) -> Optional[list]:
+    """Entries of a one-row/one-column matrix, an ordered pair/open interval, or a tuple; else None."""
+    from sympy import Interval, MatrixBase, Tuple
+
+    if isinstance(obj, MatrixBase) and 1 in obj.shape:
+        return list(obj)
+    if isinstance(obj, Interval) and obj.left_open and obj.right_open:
+        return [obj.start, obj.end]
+    if isinstance(obj, Tuple):
+        return list(obj)
+    return None
+
+
+def objects_equal(gold, pred) -> bool:
+    """math-verify's verdict (gold first) with our policy corrections (module docstring)."""
+    from math_verify import verify
+    from sympy import FiniteSet, Float, Interval, MatrixBase, Tuple
+
+    pair_like = (Interval, Tuple)
+    if (isinstance(gold, FiniteSet) and isinstance(pred, pair_like)) or (
+        isinstance(gold, pair_like) and isinstance(pred, FiniteSet)
+    ):
+        return False  # {1,2} is not (1,2)
+    if isinstance(gold, MatrixBase) != isinstance(pred, MatrixBase):
+        g, p = vector_entries(gold), vector_entries(pred)
+        return g is not None and p is not None and len(g) == len(p) and all(objects_equal(a, b) for a, b in zip(g, p))
+    own = numbers_agree(gold, pred)
+    if own is not None and (gold.has(Float) or pred.has(Float)):
+        return own  # our 6-significant-figure rule replaces math-verify's 6 decimal places
+    return verify(gold, pred, timeout_seconds=None) and own is not False
+
+
+def math_score(completion: str, answer: str, choices: Optional[Sequence[str]] = None) -> float:
+    """1.0 iff the completion's final answer equals the gold `answer` under the module's policy.
+
+    Unbounded in time: call it through a RewardPool (or `math_reward`), which enforces the timeout.
+    """
+    if gold_kind(answer) == "choice":
+        return choice_score(completion, answer, choices)
+    pred = final_answer(completion)
+    if pred is None:
         return 0.0
-    seconds = max(1, math.ceil(timeout_s))
-    gold = parse(as_latex(answer), parsing_timeout=seconds)
-    pred = parse(
-        pred_text,
-        extraction_config=[LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()],
-        parsing_timeout=seconds,
-    )
-    if not gold or not pred:
+    # a group's completions often agree: a verdict is computed once per (gold, answer) in a worker
+    return same_answer(answer, pred) if len(pred) < 4096 else same_answer.__wrapped__(answer, pred)
+
+
+@functools.lru_cache(maxsize=16384)
+def same_answer(answer: str, pred: str) -> float:
+    """The verdict for a gold and a final-answer string (see the module docstring)."""
+    if HEDGE.search(pred) and not HEDGE.search(answer):
         return 0.0
-    return float(verify(gold, pred, timeout_seconds=seconds))
+    if gold_kind(answer) == "text":
+        return float(as_text(pred) == as_text(answer))
+    gold_n, pred_n = normalise(answer), normalise(pred)
+    if gold_n == pred_n:
+        return 1.0  # same string after normalising: equal without symbolic work
+    golds, preds = sympy_objects(parse_gold(gold_n)), sympy_objects(parse_pred(pred_n))
+    return float(any(objects_equal(g, p) for g in golds for p in preds))
 
 
-def _format(completion: str, sample: dict, timeout_s: float) -> float:
-    return format_reward(completion)
+def gold_problem(answer: str, choices: Optional[Sequence[str]] = None) -> Optional[str]:
+    """Why `answer` cannot be a gold for `math`, or None when it can (checked once, at data load)."""
+    kind = gold_kind(answer)
+    if kind == "choice" and gold_letter(answer, choices) is None:
+        return f"choice letter out of range of {len(choices or [])} choices"
+    if kind == "math" and not sympy_objects(parse_gold(normalise(answer))):
+        return "math-verify cannot parse it"
+    return None
 
 
-def _math(completion: str, sample: dict, timeout_s: float) -> float:
-    return math_reward(completion, sample["answer"], timeout_s)
+def choice_gold_problem(answer: str, choices: Optional[Sequence[str]] = None) -> Optional[str]:
+    return None if gold_letter(answer, choices) is not None else "not a choice letter (or the text of one choice)"
 
 
-# name -> fn(completion, sample, timeout_s). `sample` holds the row's answer and its other fields.
-REWARDS: Dict[str, Callable[[str, dict, float], float]] = {
-    "format": _format,
-    "math": _math,
+# ---------------------------------------------------------------------------------------------
+# The registry: name -> fn(completion, sample) -> float, and the gold check each one needs
+# ---------------------------------------------------------------------------------------------
+
+REWARDS: Dict[str, Callable[[str, dict], float]] = {
+    "format": lambda completion, sample: format_reward(completion),
+    "math": lambda completion, sample: math_score(completion, sample["answer"], sample.get("choices")),
+    "choice": lambda completion, sample: choice_score(completion, sample["answer"], sample.get("choices")),
+}
+
+# name -> fn(sample) -> reason the sample's gold is unusable, or None. Run on every row at data load.
+GOLD_CHECKS: Dict[str, Callable[[dict], Optional[str]]] = {
+    "math": lambda sample: gold_problem(sample["answer"], sample.get("choices")),
+    "choice": lambda sample: choice_gold_problem(sample["answer"], sample.get("choices")),
 }
 
 
-def resolve(name: str) -> Callable:
+def resolve(name: str) -> Callable[[str, dict], float]:
     """A reward function by name: a key of REWARDS, or `module:function` taking (completion, sample)."""
     if name in REWARDS:
         return REWARDS[name]
     if ":" in name:
         module, fn_name = name.split(":", 1)
         try:
-            fn = getattr(importlib.import_module(module), fn_name)
+            return getattr(importlib.import_module(module), fn_name)
         except (ImportError, AttributeError) as e:
             raise ConfigError(f"reward.weights: cannot import {name!r} ({e})") from None
-        return lambda completion, sample, timeout_s: fn(completion, sample)
     raise ConfigError(f"reward.weights: unknown reward {name!r}; known: {sorted(REWARDS)} or module:function")
 
 
-def score(
-    completions: List[str], samples: List[dict], weights: Dict[str, float], timeout_s: float
-) -> Tuple[List[float], Dict[str, List[float]], Dict[str, int]]:
-    """Weighted total per completion, each part's raw value per completion, and errors per part.
+# ---------------------------------------------------------------------------------------------
+# Bounded execution: a pool of worker processes, killed and replaced when a call overruns
+# ---------------------------------------------------------------------------------------------
 
-    `samples[i]` is the row completion i answers: {"answer": ..., **other fields}.
+WORKER_MEMORY_BYTES = 4 << 30  # an address-space cap per worker: a runaway parse raises MemoryError, not an OOM kill
+STARTUP_TIMEOUT_S = 120.0
+
+
+WARM_UP = [("1+x", "x+1"), ("(1,2)", "[1,2]"), ("\\{1,2\\}", "\\{2,1\\}"), ("(x+1)^2", "x^2+2x+1"), ("x>3", "3<x"),
+           ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "(1,2)"), ("\\frac{1}{3}", "0.333333"), ("x=2", "2")]  # fmt: skip
+
+
+def serve() -> None:
+    """Worker main loop: read a task per line on stdin, write one result line per (completion, reward).
+
+    Task: {"units": [["score", [name, completion, sample]] | ["check", [name, sample]], ...]}. One
+    result line per unit, in order: {"value": ...} or {"error": "traceback"}, after a {"loaded": true}
+    line once the task's reward modules are imported; the parent times each unit from the line
+    before it. The parent's sys.path arrives as PYTHONPATH (for module:function rewards).
     """
-    parts: Dict[str, List[float]] = {}
-    errors: Dict[str, int] = {}
-    for name in weights:
-        fn = resolve(name)
-        values = []
-        for completion, sample in zip(completions, samples):
+    out = os.fdopen(os.dup(1), "w", buffering=1)
+    sys.stdout = sys.stderr  # a print in a user's reward must not corrupt the protocol
+    resource.setrlimit(resource.RLIMIT_AS, (WORKER_MEMORY_BYTES, WORKER_MEMORY_BYTES))
+    logging.getLogger("math_verify").setLevel(logging.CRITICAL)  # its warnings would str() sympy objects
+    logging.getLogger("latex2sympy2_extended").setLevel(logging.CRITICAL)
+    for gold, pred in WARM_UP:  # build the grammar and load sympy's lazy modules before taking work
+        math_score(f"<answer>$\\boxed{{{pred}}}$</answer>", gold)
+    out.write('{"ready": true}\n')
+    for line in sys.stdin:
+        task = json.loads(line)
+        for name in {payload[0] for _, payload in task["units"]}:
             try:
-                values.append(float(fn(completion, sample, timeout_s)))
-            except Exception:  # a verifier failure must not end a multi-day run: score 0, count, show once
-                if not errors.get(name):
-                    print(f"[reward] {name} failed (scored 0, counted in reward/{name}_errors):\n{traceback.format_exc()}")
-                errors[name] = errors.get(name, 0) + 1
-                values.append(0.0)
-        parts[name] = values
-    total = [sum(weights[n] * parts[n][i] for n in weights) for i in range(len(completions))]
-    return total, parts, errors
+                resolve(name)  # import a module:function reward before its clock starts
+            except BaseException:
+                pass  # reported by the unit that uses it
+        out.write('{"loaded": true}\n')
+        for kind, payload in task["units"]:
+            try:
+                if kind == "score":
+                    name, completion, sample = payload
+                    value = {"value": float(resolve(name)(completion, sample))}
+                else:
+                    name, sample = payload
+                    value = {"value": GOLD_CHECKS[name](sample)}
+            except BaseException:  # includes MemoryError and RecursionError from deep LaTeX
+                value = {"error": traceback.format_exc(limit=-8)[-4000:]}
+            out.write(json.dumps(value) + "\n")
+
+
+@dataclass
+class Worker:
+    proc: subprocess.Popen
+    buf: bytes = b""
+    ready: bool = False
+    units: list = field(default_factory=list)  # [(unit_id, unit)] sent and not yet answered, in order
+    started: float = 0.0  # when the unit in flight started
+    deadline: float = 0.0  # when it times out (inf: idle)
+
+
+@dataclass
+class Outcome:
+    value: object = 0.0
+    error: Optional[str] = None
+    timeout: bool = False
+    seconds: float = 0.0  # wall-clock time of the call in its worker
+
+
+class RewardPool:
+    """`workers` processes running reward functions; each call is bounded by `timeout_s` wall-clock.
+
+    Thread-safe (one batch at a time). Units of one task run in order on one worker, so a prompt
+    group's gold is parsed once; a worker that overruns a unit's deadline, crashes or exits is killed
+    and replaced, its unit scores 0 as a timeout (or error) and its remaining units are re-sent.
+    """
+
+    def __init__(self, workers: int):
+        self.n = max(1, workers)
+        self.workers: List[Worker] = []
+        self.selector = selectors.DefaultSelector()
+        self.lock = threading.Lock()
+        for _ in range(self.n):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        here = os.path.dirname(os.path.abspath(__file__))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([here] + [p for p in sys.path if p]))
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "import rewards; rewards.serve()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+        )
+        os.set_blocking(proc.stdout.fileno(), False)
+        worker = Worker(proc, deadline=time.monotonic() + STARTUP_TIMEOUT_S)
+        self.workers.append(worker)
+        self.selector.register(proc.stdout, selectors.EVENT_READ, worker)
+
+    def _retire(self, worker: Worker) -> None:
+        self.selector.unregister(worker.proc.stdout)
+        self.workers.remove(worker)
+        worker.proc.kill()
+        worker.proc.wait()
+        worker.proc.stdout.close()
+        worker.proc.stdin.close()
+
+    def run(self, tasks: List[List[Tuple[str, tuple]]], timeout_s: float) -> List[List[Outcome]]:
+        """Outcomes for each unit of each task. A unit is ("score", (name, completion, sample)) or
+        ("check", (name, sample)); a task's units share a worker, each gets its own `timeout_s`."""
+        with self.lock:
+            return self._run(tasks, timeout_s)
+
+    def _run(self, tasks, timeout_s: float) -> List[List[Outcome]]:
+        results = [[None] * len(task) for task in tasks]
+        queue = [[((t, u), unit) for u, unit in enumerate(task)] for t, task in enumerate(tasks) if task]
+        pending = sum(len(task) for task in tasks)
+        while pending:
+            for worker in self.workers:  # hand tasks to idle, ready workers
+                if worker.ready and not worker.units and queue:
+                    worker.units = queue.pop(0)
+                    task = {"units": [unit for _, unit in worker.units]}
+                    try:
+                        worker.proc.stdin.write((json.dumps(task) + "\n").encode())
+                        worker.proc.stdin.flush()
+                    except BrokenPipeError:
+                        pass  # the worker died: its EOF is handled below
+                    worker.started = time.monotonic()
+                    worker.deadline = worker.started + STARTUP_TIMEOUT_S  # until its reward modules are imported
+            now = time.monotonic()
+            wait = min(1.0, max(0.0, min(w.deadline for w in self.workers) - now))
+            for key, _ in self.selector.select(timeout=wait):
+                worker = key.data
+                chunk = os.read(worker.proc.stdout.fileno(), 1 << 20)
+                if not chunk:  # the worker exited (crash, os._exit in a user's reward): its unit is an error
+                    pending -= self._replace(worker, queue, results, Outcome(error="reward worker exited"))
+                    continue
+                *lines, worker.buf = (worker.buf + chunk).split(b"\n")
+                for line in lines:
+                    message = json.loads(line)
+                    if message.get("ready"):
+                        worker.ready, worker.deadline = True, float("inf")
+                        continue
+                    now = time.monotonic()
+                    if not message.get("loaded"):
+                        (t, u), _ = worker.units.pop(0)
+                        results[t][u] = Outcome(message.get("value", 0.0), message.get("error"), seconds=now - worker.started)
+                        pending -= 1
+                    worker.started = now
+                    worker.deadline = now + timeout_s if worker.units else float("inf")
+            now = time.monotonic()
+            for worker in [w for w in self.workers if w.deadline <= now]:
+                if not worker.ready:
+                    raise RuntimeError(f"a reward worker did not start within {STARTUP_TIMEOUT_S:.0f} s")
+                pending -= self._replace(worker, queue, results, Outcome(timeout=True))
+        return results
+
+    def _replace(self, worker: Worker, queue, results, outcome: Outcome) -> int:
+        """Kill `worker`, give its unit in flight `outcome`, re-queue the rest; returns units settled."""
+        if not worker.ready:
+            raise RuntimeError("a reward worker exited while starting (see its stderr above)")
+        self._retire(worker)
+        self._spawn()
+        if not worker.units:
+            return 0
+        (t, u), _ = worker.units[0]
+        outcome.seconds = time.monotonic() - worker.started
+        results[t][u] = outcome
+        if worker.units[1:]:
+            queue.insert(0, worker.units[1:])
+        return 1
+
+    def close(self) -> None:
+        for worker in list(self.workers):
+            self._retire(worker)
+        self.selector.close()
+
+
+_POOLS: Dict[int, RewardPool] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def reward_pool(workers: int = 0) -> RewardPool:
+    """The process's pool of `workers` verifier processes (0: one per CPU core, at most 8), started on
+    first use and shared by later runs and direct calls such as `math_reward`."""
+    n = workers if workers > 0 else min(8, os.cpu_count() or 1)
+    with _POOLS_LOCK:
+        if n not in _POOLS:
+            _POOLS[n] = RewardPool(n)
+            atexit.register(_POOLS[n].close)
+        return _POOLS[n]
+
+
+def math_reward(completion: str, answer: str, timeout_s: float = 2.0, choices: Optional[Sequence[str]] = None) -> float:
+    """`math_score` bounded by `timeout_s` wall-clock from any thread: a timeout or error scores 0."""
+    sample = {"answer": answer} if choices is None else {"answer": answer, "choices": list(choices)}
+    (outcome,) = reward_pool().run([[("score", ("math", completion, sample))]], timeout_s)[0]
+    return float(outcome.value) if outcome.error is None and not outcome.timeout else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring a rollout batch
+# ---------------------------------------------------------------------------------------------
+
+
+def groups(samples: List[dict]) -> List[List[int]]:
+    """Indices of consecutive completions that answer the same sample (a prompt group)."""
+    out: List[List[int]] = []
+    for i, sample in enumerate(samples):
+        if out and samples[out[-1][0]] == sample:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
+def score(
+    pool: RewardPool, completions: List[str], samples: List[dict], weights: Dict[str, float], timeout_s: float
+) -> Tuple[List[float], Dict[str, List[float]], Counter]:
+    """Weighted total per completion, each part's raw value per completion, and failure counts.
+
+    `samples[i]` is the row completion i answers ({"answer": ..., **other fields}). Counts:
+    `errors`/`timeouts` in all and `<name>_errors`/`<name>_timeouts` per reward. The first failure of
+    each reward is printed with its traceback.
+    """
+    names = list(weights)
+    index = groups(samples)
+    tasks = [[("score", (name, completions[i], samples[i])) for i in group for name in names] for group in index]
+    outcomes = pool.run(tasks, timeout_s)
+    parts = {name: [0.0] * len(completions) for name in names}
+    counts: Counter = Counter()
+    for group, task_outcomes in zip(index, outcomes):
+        for k, outcome in enumerate(task_outcomes):
+            i, name = group[k // len(names)], names[k % len(names)]
+            if outcome.timeout or outcome.error is not None:
+                kind = "timeouts" if outcome.timeout else "errors"
+                if not counts[f"{name}_{kind}"]:
+                    detail = outcome.error or f"no verdict within reward.timeout_s={timeout_s}"
+                    print(f"[reward] {name} failed (scored 0, counted in reward/{kind}):\n{detail}")
+                counts[kind] += 1
+                counts[f"{name}_{kind}"] += 1
+            else:
+                parts[name][i] = float(outcome.value)
+    total = [sum(weights[n] * parts[n][i] for n in names) for i in range(len(completions))]
+    return total, parts, counts
+
+
+def gold_problems(pool: RewardPool, samples: List[dict], names: List[str], timeout_s: float) -> List[Optional[str]]:
+    """For each sample, why its gold is unusable by one of the rewards `names` (or None if fine)."""
+    checks = [n for n in names if n in GOLD_CHECKS]
+    if not checks:
+        return [None] * len(samples)
+    batch = 256  # rows per task: amortises a round trip, still spreads a large dataset over workers
+    tasks = [[("check", (n, s)) for s in samples[i : i + batch] for n in checks] for i in range(0, len(samples), batch)]
+    problems: List[Optional[str]] = []
+    for task_outcomes in pool.run(tasks, timeout_s):
+        for k in range(0, len(task_outcomes), len(checks)):
+            reasons = []
+            for name, outcome in zip(checks, task_outcomes[k : k + len(checks)]):
+                if outcome.timeout:
+                    reasons.append(f"{name}: gold answer parse timed out")
+                elif outcome.error is not None:
+                    reasons.append(f"{name}: gold answer check failed: {outcome.error.strip().splitlines()[-1]}")
+                elif outcome.value is not None:
+                    reasons.append(f"{name}: {outcome.value}")
+            problems.append("; ".join(reasons) or None)
+    return problems

@@ -41,7 +41,7 @@ from model import (
     sequence_logps,
     sequence_values,
 )
-from rewards import resolve, score
+from rewards import gold_problems, resolve, reward_pool, score
 from rollout import HFEngine
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +249,7 @@ def plot_rewards(path: str, history: List[Dict[str, float]]) -> None:
 
     steps = [m["step"] for m in history]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key in sorted(k for k in history[-1] if k.startswith("reward/") and not k.endswith("_errors")):
+    for key in sorted(k for k in history[-1] if k.startswith("reward/") and k not in ("reward/errors", "reward/timeouts")):
         ax.plot(steps, [m.get(key, float("nan")) for m in history], label=key, lw=2 if key == "reward/mean" else 1)
     ax.set_xlabel("step")
     ax.set_ylabel("reward")
@@ -327,7 +327,13 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
     # ---- set-up: models, data, engine, optimizers ----
     policy, tokenizer, image_processor = load_policy(cfg.model, t.seed, device)
     policy.float()  # fp32 master weights; compute runs in model.dtype under autocast
-    samples, skipped = load_dataset(cfg.data, t.seed, tokenizer, image_processor)
+    pool = reward_pool(cfg.reward.workers)
+    weights = dict(cfg.reward.weights)
+
+    def gold_check(rows):
+        return gold_problems(pool, [s.reward_row() for s in rows], list(weights), cfg.reward.timeout_s)
+
+    samples, skipped = load_dataset(cfg.data, t.seed, tokenizer, image_processor, gold_check)
     print(f"[data] {len(samples)} prompts" + (f", skipped {sum(skipped.values())}: {dict(skipped)}" if skipped else ""))
     reference = frozen_copy(policy) if a.kl_coef > 0 else None
     critic = Critic(policy) if a.estimator == "gae" else None
@@ -389,8 +395,9 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
         mask = (torch.arange(T)[None, :] < lengths[:, None]).to(device)  # (N, T)
 
         # ---- reward & advantage ----
-        rows = [{"answer": prompts[p].sample.answer, **prompts[p].sample.meta} for p in rollout.prompt_index]
-        total, parts, reward_errors = score(rollout.texts, rows, dict(cfg.reward.weights), cfg.reward.timeout_s)
+        rows = [prompts[p].sample.reward_row() for p in rollout.prompt_index]
+        total, parts, failures = score(pool, rollout.texts, rows, weights, cfg.reward.timeout_s)
+        t_reward = time.time() - t0 - t_rollout
         rewards = torch.tensor(total, device=device)  # (N,)
         with autocast:
             pre = rollout_forward(pre_models, items, T, t.micro_batch_size, make_batch)
@@ -455,7 +462,7 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
         }
         for name, values in parts.items():
             metrics[f"reward/{name}"] = sum(values) / len(values)
-            metrics[f"reward/{name}_errors"] = reward_errors.get(name, 0)
+        metrics["reward/errors"], metrics["reward/timeouts"] = failures["errors"], failures["timeouts"]
         metrics.update({k: v / updates_per_step for k, v in stats.items()})
         if kl_reward is not None:
             metrics["loss/kl"] = (kl_reward.sum() / mask.sum()).item()  # the KL the rewards were charged
@@ -465,6 +472,7 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
         metrics["rollout/truncated_frac"] = sum(rollout.truncated) / n_samples
         metrics["rollout/prompt_len"] = sum(len(p.input_ids) for p in prompts) / len(prompts)
         metrics["perf/rollout_s"] = t_rollout
+        metrics["perf/reward_s"] = t_reward
         metrics["perf/update_s"] = time.time() - t1
         metrics["perf/step_s"] = time.time() - t0
         metrics["perf/tokens_per_s"] = int(lengths.sum()) / metrics["perf/step_s"]

@@ -8,3 +8,30 @@ def digit_fraction(completion: str, sample: dict) -> float:
 
 def sevens(completion: str, sample: dict) -> float:
     return completion.count("7") / max(1, len(completion))
+
+
+# Misbehaving verifiers for the reward pool's tests: each must cost one completion 0, never the run.
+
+
+def hang(completion: str, sample: dict) -> float:
+    while True:
+        pass
+
+
+def crash(completion: str, sample: dict) -> float:
+    import os
+
+    os._exit(3)
+
+
+def broken(completion: str, sample: dict) -> float:
+    raise RuntimeError("verifier bug")
+
+
+def length(completion: str, sample: dict) -> float:
+    return len(completion) / 10
+
+
+def level_seen(completion: str, sample: dict) -> float:
+    """Domain fields of the row (here a Sokoban `level`) reach reward functions."""
+    return float(sample["level"] in completion)
