@@ -38,6 +38,7 @@ import functools
 import importlib
 import json
 import logging
+import math
 import os
 import re
 import resource
@@ -77,23 +78,29 @@ def format_reward(completion: str) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
+BRACE_TOKEN = re.compile(r"\\boxed\{|\{|\}")
+
+
 def boxed_contents(text: str) -> List[str]:
-    """The contents of every \\boxed{...} in `text`, balanced braces, in order (unclosed ones dropped)."""
-    out, start = [], text.find("\\boxed{")
-    while start >= 0:
-        depth, i = 0, start + len("\\boxed")
-        for j in range(i, len(text)):
-            depth += {"{": 1, "}": -1}.get(text[j], 0)
-            if depth == 0:
-                out.append(text[i + 1 : j])
-                break
-        start = text.find("\\boxed{", start + 1)
-    return out
+    """The contents of the outermost \\boxed{...} in `text`, balanced braces, in order; unclosed ones
+    dropped. One pass over the braces, so a megabyte of `\\boxed{` costs linear time."""
+    out, stack, open_boxes = [], [], 0  # stack: (content start, is a box recorded at this level)
+    for m in BRACE_TOKEN.finditer(text):
+        if m.group() != "}":
+            recorded = m.group() != "{" and open_boxes == 0  # nested boxes lie inside their parent's content
+            open_boxes += m.group() != "{"
+            stack.append((m.end(), m.group() != "{", recorded))
+        elif stack:
+            start, is_box, recorded = stack.pop()
+            open_boxes -= is_box
+            if recorded:
+                out.append((start, text[start : m.start()]))
+    return [content for _, content in sorted(out)]
 
 
 def last_boxed(text: str) -> Optional[str]:
-    """The content of the last \\boxed{...} in `text`, or None."""
-    boxes = boxed_contents(text[text.rfind("\\boxed{") :]) if "\\boxed{" in text else []
+    """The content of the last outermost \\boxed{...} in `text`, or None."""
+    boxes = boxed_contents(text)
     return boxes[-1] if boxes else None
 
 
@@ -112,7 +119,7 @@ def final_answer(completion: str) -> Optional[str]:
     if text is None:
         return None
     boxes = boxed_contents(text)
-    if len({normalise(b) for b in boxes}) > 1:
+    if len({normalise(b) for b in set(boxes)}) > 1:
         return None  # `\boxed{1}, \boxed{2}`: a hedge
     answer = boxes[-1] if boxes else text
     return answer if answer.strip() else None
@@ -165,6 +172,7 @@ def normalise(answer: str) -> str:
     return s
 
 
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?")  # golds that need no parse to be known good
 CHOICE_GOLD = re.compile(r"\(?([A-Z])\)?\.?")
 TEXT_GOLD = re.compile(r"[A-Za-z][A-Za-z '\-]*[A-Za-z]")
 HEDGE = re.compile(r"\\pm|\\mp|±|∓|\bor\b|\\lor\b")
@@ -213,51 +221,49 @@ def choice_letter(text: str, choices: Optional[Sequence[str]] = None) -> Optiona
     With `choices`, an answer equal to one choice's text (normalised) selects that choice.
     """
     text = text.replace("$", "")
-    if len({normalise(b) for b in boxed_contents(text)}) > 1:
+    boxes = set(boxed_contents(text))
+    if len({normalise(b) for b in boxes}) > 1:
         return None  # `\boxed{A} or \boxed{B}`: a hedge
     plain = re.sub(r"\\text\s*\{([^{}]*)\}", r"\1", text)
     for letters in (
-        [m.group(1) for b in boxed_contents(text) if (m := BOXED_LETTER.match(b))],
+        [m.group(1) for b in boxes if (m := BOXED_LETTER.match(b))],
         [m.group(1) or m.group(2)] if (m := WHOLE_LETTER.match(plain)) else [],
         [c for c in SAID_LETTER.findall(plain) if c.isupper()],
         PAREN_LETTER.findall(plain),
     ):
         if letters:
-            letter = letters[0] if len(set(letters)) == 1 else None
-            if letter is not None and choices is not None and ord(letter) - ord("A") >= len(choices):
-                return None
-            return letter
-    if choices:
-        hits = [i for i, c in enumerate(choices) if as_text(str(c)) == as_text(text)]
-        if len(hits) == 1:
-            return chr(ord("A") + hits[0])
-    return None
+            return letters[0] if len(set(letters)) == 1 and in_range(letters[0], choices) else None
+    return choice_with_text(text, choices)
+
+
+def choice_with_text(text: str, choices: Optional[Sequence[str]]) -> Optional[str]:
+    """The letter of the one choice whose text equals `text` (normalised, case-insensitive), or None."""
+    hits = [i for i, c in enumerate(choices or []) if as_text(str(c)) == as_text(text)]
+    return chr(ord("A") + hits[0]) if len(hits) == 1 else None
+
+
+def in_range(letter: str, choices: Optional[Sequence[str]]) -> bool:
+    return choices is None or ord(letter) - ord("A") < len(choices)
 
 
 def gold_letter(answer: str, choices: Optional[Sequence[str]] = None) -> Optional[str]:
     """The gold's choice letter: the answer is a letter, or (with choices) the text of one choice."""
     m = CHOICE_GOLD.fullmatch(unwrap_text(answer))
     if m:
-        return m.group(1) if choices is None or ord(m.group(1)) - ord("A") < len(choices) else None
-    if choices:
-        hits = [i for i, c in enumerate(choices) if as_text(str(c)) == as_text(answer)]
-        return chr(ord("A") + hits[0]) if len(hits) == 1 else None
-    return None
+        return m.group(1) if in_range(m.group(1), choices) else None
+    return choice_with_text(answer, choices)
 
 
-def choice_score(completion: str, answer: str, choices: Optional[Sequence[str]] = None) -> float:
-    """1.0 iff the completion's final answer picks the gold choice (letter, or choice text)."""
+def choice_reward(completion: str, answer: str, choices: Optional[Sequence[str]] = None) -> float:
+    """1.0 iff the completion's final answer picks the gold choice (letter, or choice text).
+
+    Regex only, linear time: safe to call in any process without the pool's time bound."""
     text = extract_answer(completion)
     if text is None:  # no <answer> and no \boxed{}: accept only an explicit "The answer is B"
         said = [c for c in SAID_LETTER.findall(completion) if c.isupper()]
         text = said[-1] if said else None
     gold = gold_letter(answer, choices)
     return float(text is not None and gold is not None and choice_letter(text, choices) == gold)
-
-
-def choice_reward(completion: str, answer: str, choices: Optional[Sequence[str]] = None) -> float:
-    """Multiple-choice reward (regex only, linear time, so it runs in the caller's process)."""
-    return choice_score(completion, answer, choices)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,7 +351,7 @@ def math_score(completion: str, answer: str, choices: Optional[Sequence[str]] = 
     Unbounded in time: call it through a RewardPool (or `math_reward`), which enforces the timeout.
     """
     if gold_kind(answer) == "choice":
-        return choice_score(completion, answer, choices)
+        return choice_reward(completion, answer, choices)
     pred = final_answer(completion)
     if pred is None:
         return 0.0
@@ -372,7 +378,7 @@ def gold_problem(answer: str, choices: Optional[Sequence[str]] = None) -> Option
     kind = gold_kind(answer)
     if kind == "choice" and gold_letter(answer, choices) is None:
         return f"choice letter out of range of {len(choices or [])} choices"
-    if kind == "math" and not sympy_objects(parse_gold(normalise(answer))):
+    if kind == "math" and not NUMBER.fullmatch(normalise(answer)) and not sympy_objects(parse_gold(normalise(answer))):
         return "math-verify cannot parse it"
     return None
 
@@ -388,7 +394,7 @@ def choice_gold_problem(answer: str, choices: Optional[Sequence[str]] = None) ->
 REWARDS: Dict[str, Callable[[str, dict], float]] = {
     "format": lambda completion, sample: format_reward(completion),
     "math": lambda completion, sample: math_score(completion, sample["answer"], sample.get("choices")),
-    "choice": lambda completion, sample: choice_score(completion, sample["answer"], sample.get("choices")),
+    "choice": lambda completion, sample: choice_reward(completion, sample["answer"], sample.get("choices")),
 }
 
 # name -> fn(sample) -> reason the sample's gold is unusable, or None. Run on every row at data load.
@@ -417,6 +423,7 @@ def resolve(name: str) -> Callable[[str, dict], float]:
 
 WORKER_MEMORY_BYTES = 4 << 30  # an address-space cap per worker: a runaway parse raises MemoryError, not an OOM kill
 STARTUP_TIMEOUT_S = 120.0
+MAX_FAILED_STARTS = 3
 
 
 WARM_UP = [("1+x", "x+1"), ("(1,2)", "[1,2]"), ("\\{1,2\\}", "\\{2,1\\}"), ("(x+1)^2", "x^2+2x+1"), ("x>3", "3<x"),
@@ -451,7 +458,10 @@ def serve() -> None:
             try:
                 if kind == "score":
                     name, completion, sample = payload
-                    value = {"value": float(resolve(name)(completion, sample))}
+                    value = float(resolve(name)(completion, sample))
+                    if not math.isfinite(value):  # a NaN reward would poison every advantage of the batch
+                        raise ValueError(f"reward {name} returned {value}")
+                    value = {"value": value}
                 else:
                     name, sample = payload
                     value = {"value": GOLD_CHECKS[name](sample)}
@@ -491,6 +501,8 @@ class RewardPool:
         self.workers: List[Worker] = []
         self.selector = selectors.DefaultSelector()
         self.lock = threading.Lock()
+        self.failed_starts = 0
+        self.reported: set = set()  # "<reward>_<errors|timeouts>" already printed once in this process
         for _ in range(self.n):
             self._spawn()
 
@@ -558,15 +570,17 @@ class RewardPool:
                     worker.deadline = now + timeout_s if worker.units else float("inf")
             now = time.monotonic()
             for worker in [w for w in self.workers if w.deadline <= now]:
-                if not worker.ready:
-                    raise RuntimeError(f"a reward worker did not start within {STARTUP_TIMEOUT_S:.0f} s")
                 pending -= self._replace(worker, queue, results, Outcome(timeout=True))
         return results
 
     def _replace(self, worker: Worker, queue, results, outcome: Outcome) -> int:
-        """Kill `worker`, give its unit in flight `outcome`, re-queue the rest; returns units settled."""
-        if not worker.ready:
-            raise RuntimeError("a reward worker exited while starting (see its stderr above)")
+        """Kill `worker`, give its unit in flight `outcome`, re-queue the rest; returns units settled.
+
+        A worker that dies or hangs while starting is retried; MAX_FAILED_STARTS in a row is an error
+        (the environment is broken: every reward would score 0)."""
+        self.failed_starts = 0 if worker.ready else self.failed_starts + 1
+        if self.failed_starts >= MAX_FAILED_STARTS:
+            raise RuntimeError(f"{MAX_FAILED_STARTS} reward workers in a row failed to start (see their stderr above)")
         self._retire(worker)
         self._spawn()
         if not worker.units:
@@ -629,7 +643,7 @@ def score(
 
     `samples[i]` is the row completion i answers ({"answer": ..., **other fields}). Counts:
     `errors`/`timeouts` in all and `<name>_errors`/`<name>_timeouts` per reward. The first failure of
-    each reward is printed with its traceback.
+    each kind of each reward is printed (with its traceback) once per pool, not once per step.
     """
     names = list(weights)
     index = groups(samples)
@@ -642,9 +656,10 @@ def score(
             i, name = group[k // len(names)], names[k % len(names)]
             if outcome.timeout or outcome.error is not None:
                 kind = "timeouts" if outcome.timeout else "errors"
-                if not counts[f"{name}_{kind}"]:
+                if f"{name}_{kind}" not in pool.reported:
+                    pool.reported.add(f"{name}_{kind}")
                     detail = outcome.error or f"no verdict within reward.timeout_s={timeout_s}"
-                    print(f"[reward] {name} failed (scored 0, counted in reward/{kind}):\n{detail}")
+                    print(f"[reward] {name} failed (scored 0, counted in reward/{kind}; later ones only counted):\n{detail}")
                 counts[kind] += 1
                 counts[f"{name}_{kind}"] += 1
             else:

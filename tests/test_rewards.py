@@ -4,6 +4,7 @@ The math grading policy, case by case, is in test_math_policy.py.
 """
 
 import ast
+import multiprocessing
 import os
 import threading
 import time
@@ -141,6 +142,8 @@ ADVERSARIAL = {
     "1 MB of text": "x" * (1 << 20),
     "1 MB of math": "\\boxed{" + "1+" * (1 << 19) + "1}",
     "1 MB of boxes": "\\boxed{1}" * 100_000,
+    "1 MB of unclosed boxes": "\\boxed{" * 150_000,
+    "1 MB of hedged letters": "\\boxed{A} (B) answer: C " * 40_000,
     "unbalanced": "\\boxed{\\frac{1}{2}}}}}\\left( \\right] \\begin{pmatrix} 1 & \\end{bmatrix} $$$ \\sqrt[",
     "NUL bytes": "\\boxed{6\x000}\x00\x00",
     "odd unicode": "\\boxed{６０\u200b\u202e٦٠\U0001f600\ufeff}",
@@ -155,6 +158,15 @@ def test_adversarial_answers_finish_in_time_and_score_zero(name):
     start = time.monotonic()
     assert math_reward(completion, "7", timeout_s=1.0) == 0.0  # no adversarial answer contains a 7
     assert time.monotonic() - start < 1.0 + MARGIN_S
+
+
+@pytest.mark.parametrize("name", list(ADVERSARIAL))
+def test_in_process_rewards_are_fast_on_adversarial_answers(name):
+    """format and choice run in the caller's process (regex only): they must stay fast on anything."""
+    completion = f"<think>x</think><answer>{ADVERSARIAL[name]}</answer>"
+    start = time.monotonic()
+    assert choice_reward(completion, "D") == 0.0 and format_reward(completion) in (0.0, 1.0)
+    assert time.monotonic() - start < 2.0  # linear passes over 1 MB; a quadratic scan would take minutes
 
 
 def test_pool_kills_and_replaces_hung_and_crashed_workers_and_keeps_going():
@@ -173,10 +185,22 @@ def test_pool_kills_and_replaces_hung_and_crashed_workers_and_keeps_going():
         assert len(pool.workers) == 2 and not pids & {w.proc.pid for w in pool.workers}
         _, parts, counts = score(pool, completions[:2], samples[:2], {"toy_rewards:crash": 1.0, "format": 1.0}, 1.0)
         assert counts["errors"] == 2 and parts["format"] == [1.0, 1.0]
-        assert math_reward("<answer>4</answer>", "4") == 1.0 and len(pool.workers) == 2
+        _, parts, counts = score(pool, completions[:2], samples[:2], {"toy_rewards:not_a_number": 1.0}, 1.0)
+        assert counts["errors"] == 2 and parts["toy_rewards:not_a_number"] == [0.0, 0.0]  # NaN is an error, not a reward
+        assert len(pool.workers) == 2
     finally:
         pool.close()
-    assert all(w.proc.poll() is not None for w in pool.workers) or not pool.workers
+    assert not pool.workers
+
+
+def test_a_pool_whose_workers_cannot_start_says_so(monkeypatch):
+    monkeypatch.setattr("sys.executable", "/bin/false")  # each worker exits at start-up
+    pool = RewardPool(1)
+    try:
+        with pytest.raises(RuntimeError, match="3 reward workers in a row failed to start"):
+            pool.run([[("score", ("format", "x", {"answer": "1"}))]], 1.0)
+    finally:
+        pool.close()
 
 
 def test_calls_from_threads_are_bounded_and_correct():
@@ -194,6 +218,23 @@ def test_calls_from_threads_are_bounded_and_correct():
     # calls share one pool: a call may wait for others, never longer than the batch ahead of it
     assert max(t for _, t in results) < 12 * (1.0 + MARGIN_S)
     assert threading.current_thread() is threading.main_thread()
+
+
+def bounded_call(results):
+    assert math_reward("<answer>1</answer>", "1") == 1.0  # starts this process's pool (not timed)
+    start = time.monotonic()
+    value = math_reward("<answer>$\\boxed{9^{9^{9}}}$</answer>", "7", timeout_s=1.0)
+    results.put((value, time.monotonic() - start))
+
+
+def test_calls_from_a_daemon_child_process_are_bounded():
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    child = ctx.Process(target=bounded_call, args=(results,), daemon=True)
+    child.start()
+    value, seconds = results.get(timeout=120)
+    child.join(30)
+    assert value == 0.0 and seconds < 1.0 + MARGIN_S and child.exitcode == 0
 
 
 TOKENS = (

@@ -24,6 +24,10 @@ def crash(completion: str, sample: dict) -> float:
     os._exit(3)
 
 
+def not_a_number(completion: str, sample: dict) -> float:
+    return float("nan")
+
+
 def broken(completion: str, sample: dict) -> float:
     raise RuntimeError("verifier bug")
 
