@@ -378,7 +378,8 @@ def gold_problem(answer: str, choices: Optional[Sequence[str]] = None) -> Option
     kind = gold_kind(answer)
     if kind == "choice" and gold_letter(answer, choices) is None:
         return f"choice letter out of range of {len(choices or [])} choices"
-    if kind == "math" and not NUMBER.fullmatch(normalise(answer)) and not sympy_objects(parse_gold(normalise(answer))):
+    gold = normalise(answer)
+    if kind == "math" and not NUMBER.fullmatch(gold) and not sympy_objects(parse_gold(gold)):
         return "math-verify cannot parse it"
     return None
 
@@ -497,13 +498,12 @@ class RewardPool:
     """
 
     def __init__(self, workers: int):
-        self.n = max(1, workers)
         self.workers: List[Worker] = []
         self.selector = selectors.DefaultSelector()
         self.lock = threading.Lock()
         self.failed_starts = 0
         self.reported: set = set()  # "<reward>_<errors|timeouts>" already printed once in this process
-        for _ in range(self.n):
+        for _ in range(max(1, workers)):
             self._spawn()
 
     def _spawn(self) -> None:
