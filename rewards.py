@@ -206,10 +206,8 @@ def gold_kind(answer: str) -> str:
 BOXED_LETTER = re.compile(r"^\s*(?:\\text\{)?\s*\(?([A-Z])\)?(?:[.:)]|\s|\}|$)")
 # `B`, `(B)`, `B.`, `B: 12`, `B) 12`, `(B) 12` -- but not the article in `A triangle`.
 WHOLE_LETTER = re.compile(r"^\s*(?:\(([A-Z])\)|([A-Z])(?=[.:)]|\s*$))")
-# `The answer is B`, `answer: (C)`, `Option B.` -- the letter must end the clause.
-SAID_LETTER = re.compile(
-    r"(?:answer|option|choice)\s*(?:is\s*:?|:)?\s*(?:option\s*)?\(?([A-Za-z])\)?(?=\s*(?:$|[.,;:)\n]))", re.IGNORECASE
-)
+# `The answer is B`, `answer: (C)`, `Option B.` -- words in any case, the letter a capital that ends the clause.
+SAID_LETTER = re.compile(r"(?i:answer|option|choice)\s*(?:(?i:is)\s*:?|:)?\s*(?i:option\s*)?\(?([A-Z])\)?(?=\s*(?:$|[.,;:)\n]))")
 PAREN_LETTER = re.compile(r"\(([A-Z])\)")
 
 
@@ -228,7 +226,7 @@ def choice_letter(text: str, choices: Optional[Sequence[str]] = None) -> Optiona
     for letters in (
         [m.group(1) for b in boxes if (m := BOXED_LETTER.match(b))],
         [m.group(1) or m.group(2)] if (m := WHOLE_LETTER.match(plain)) else [],
-        [c for c in SAID_LETTER.findall(plain) if c.isupper()],
+        SAID_LETTER.findall(plain),
         PAREN_LETTER.findall(plain),
     ):
         if letters:
@@ -260,7 +258,7 @@ def choice_reward(completion: str, answer: str, choices: Optional[Sequence[str]]
     Regex only, linear time: safe to call in any process without the pool's time bound."""
     text = extract_answer(completion)
     if text is None:  # no <answer> and no \boxed{}: accept only an explicit "The answer is B"
-        said = [c for c in SAID_LETTER.findall(completion) if c.isupper()]
+        said = SAID_LETTER.findall(completion)
         text = said[-1] if said else None
     gold = gold_letter(answer, choices)
     return float(text is not None and gold is not None and choice_letter(text, choices) == gold)

@@ -83,12 +83,12 @@ def step(board: Board, move: str) -> Tuple[Board, bool]:
     """(new board, pushed a box). A blocked move returns the same board."""
     d = MOVES[move.upper()]
     target = add(board.player, d)
-    if target in board.walls or not inside(board, target):
+    if not floor(board, target):
         return board, False
     if target not in board.boxes:
         return Board(board.height, board.width, board.walls, board.goals, board.boxes, target), False
     beyond = add(target, d)
-    if beyond in board.walls or beyond in board.boxes or not inside(board, beyond):
+    if not floor(board, beyond) or beyond in board.boxes:
         return board, False
     boxes = (board.boxes - {target}) | {beyond}
     return Board(board.height, board.width, board.walls, board.goals, frozenset(boxes), target), True
