@@ -53,6 +53,7 @@ class Synthetic(Choice):
     arithmetic = "arithmetic"  # text-only: "What is 12 + 7?"
     shapes = "shapes"  # image of shapes: "How many circles are there?"
     geometry = "geometry"  # image of a rectangle on a unit grid: "What is its area?"
+    sokoban = "sokoban"  # image of a small Sokoban level: answer the move list
 
 
 class Dtype(Choice):

@@ -18,6 +18,8 @@ import torch
 from PIL import Image, ImageDraw
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
+import sokoban
+
 # LMM-R1's system prompt for its math data (examples/data/test_message.jsonl).
 LMM_R1_SYSTEM_PROMPT = (
     "Solve the question. The user asks a question, and you solves it. You first thinks about the reasoning "
@@ -179,10 +181,21 @@ def geometry_sample(rng: random.Random, size: int) -> Tuple[Dict[str, Any], str]
     return _user("Each grid square has side 1. What is the perimeter of the blue rectangle?", img), str(2 * (w + h))
 
 
+def sokoban_sample(rng: random.Random) -> Tuple[List[Dict[str, Any]], str, Dict[str, Any]]:
+    """A small generated level (6x6, one box) in LMM-R1's Sokoban prompt; the answer is its optimal moves."""
+    level = sokoban.generate_level(6, 6, 1, seed=rng.randrange(2**31), min_moves=3)
+    fields = sokoban.level_fields(level)
+    return sokoban.level_messages(sokoban.render(level)), sokoban.moves_text(fields["solution"]), fields
+
+
 def synthetic_samples(kind: str, n: int, seed: int, image_size: int, system_prompt: str) -> List[Sample]:
     out = []
     for i in range(n):
         rng = random.Random(f"{seed}-{kind}-{i}")  # one stream per (seed, kind, index)
+        if kind == "sokoban":  # its own system prompt and a `level` field for the reward
+            messages, answer, fields = sokoban_sample(rng)
+            out.append(Sample(messages, answer, meta={"datasource": "synthetic_sokoban", **fields}, where=f"synthetic:{i}"))
+            continue
         if kind == "arithmetic":
             user, answer = arithmetic_sample(rng)
         elif kind == "shapes":
@@ -204,7 +217,7 @@ def synthetic_question_texts() -> List[str]:
         for sample in (arithmetic_sample(rng), shapes_sample(rng, 56), geometry_sample(rng, 56)):
             user, answer = sample
             texts += [c["text"] for c in user["content"] if c["type"] == "text"] + [answer]
-    return texts
+    return texts + [sokoban.SYSTEM_PROMPT, sokoban.USER_PROMPT, "Left, Right, Up, Down, Down, Left"]
 
 
 # ---------------------------------------------------------------------------------------------

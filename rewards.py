@@ -6,7 +6,9 @@ fn(completion, sample) -> float with the whole sample ({"answer": ..., **domain 
 
 Every verification runs in a worker process (RewardPool): a call that passes `reward.timeout_s` has
 its worker killed and replaced and scores 0; a call that raises scores 0; both are counted
-(`reward/timeouts`, `reward/errors`) and never reach the training loop. Model text is never given to
+(`reward/timeouts`, `reward/errors`) and never reach the training loop. A reward that raises
+`Malformed` (no usable answer, e.g. a Sokoban answer that is not a move list) scores 0 and is
+counted as `reward/malformed` instead. Model text is never given to
 eval/exec/sympify: it reaches sympy only through math-verify's own LaTeX and expression parsers.
 
 Grading policy of `math` (each rule has its cases, with reasons, in tests/test_rewards.py)
@@ -52,6 +54,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import sokoban
 from config import ConfigError
 
 # ---------------------------------------------------------------------------------------------
@@ -104,11 +107,17 @@ def last_boxed(text: str) -> Optional[str]:
     return boxes[-1] if boxes else None
 
 
+def last_answer_span(completion: str) -> Optional[str]:
+    """The text inside the last <answer>…</answer>, or None."""
+    spans = ANSWER_SPAN.findall(completion)
+    return spans[-1] if spans else None
+
+
 def extract_answer(completion: str) -> Optional[str]:
     """The final answer text: the last <answer> span, else the last \\boxed{} (wrapped in $ for parsing)."""
-    spans = ANSWER_SPAN.findall(completion)
-    if spans:
-        return spans[-1]
+    span = last_answer_span(completion)
+    if span is not None:
+        return span
     boxed = last_boxed(completion)
     return None if boxed is None else f"${boxed}$"
 
@@ -387,6 +396,103 @@ def choice_gold_problem(answer: str, choices: Optional[Sequence[str]] = None) ->
 
 
 # ---------------------------------------------------------------------------------------------
+# Sokoban: replay the answer's moves on the row's level
+# ---------------------------------------------------------------------------------------------
+
+
+class Malformed(ValueError):
+    """Raised by a reward when a completion gives no usable answer: it scores 0 and is counted as
+    `reward/malformed` (not as an error: the verifier worked, the answer did not). A researcher's
+    own reward may raise it too."""
+
+
+PROGRESS_SCALE = 0.5  # shaping=progress: an unsolved level earns at most half of a solved one
+LEVEL_CHECK_STATES = 100_000  # the load-time check's solver budget; a bigger level is kept unproven
+
+
+def sokoban_moves(completion: str) -> List[str]:
+    """The gate: a completion in the strict format whose <answer> is a move list (`Left, Up, ...`
+    words as the prompt asks, or LURD letters); its moves as LURD letters. Raises Malformed."""
+    if not format_reward(completion):
+        raise Malformed("not in the <think>…</think><answer>…</answer> format")
+    moves = sokoban.parse_moves(last_answer_span(completion))
+    if moves is None:
+        raise Malformed("the answer is not a comma-separated list of Left, Right, Up, Down")
+    return moves
+
+
+def sokoban_reward(completion: str, sample: dict, shaping: str = "none") -> float:
+    """The answer's moves replayed on `sample["level"]` (gym-sokoban's rules): 1.0 when they solve
+    it; otherwise, by `shaping` (the registry names sokoban, sokoban_progress, sokoban_lmm_r1):
+      none      0.0
+      progress  PROGRESS_SCALE * the fraction of the boxes, off a goal at the start, that end on one
+      lmm_r1    LMM-R1's sokoban_verifier reward instead of all of the above (see `lmm_r1_sokoban`)
+    A completion that fails the gate (`sokoban_moves`) raises Malformed: 0, counted.
+    """
+    moves = sokoban_moves(completion)
+    if shaping == "lmm_r1":
+        return lmm_r1_sokoban(completion, sample["level"], moves)
+    if sokoban.replay(sample["level"], moves)[1]:
+        return 1.0
+    if shaping == "progress":
+        return PROGRESS_SCALE * sokoban.box_progress(sample["level"], moves)
+    if shaping != "none":
+        raise ValueError(f"sokoban_reward: unknown shaping {shaping!r} (none | progress | lmm_r1)")
+    return 0.0
+
+
+def lmm_r1_sokoban(completion: str, level: str, moves: List[str]) -> float:
+    """LMM-R1's reward (openrlhf/models/remote_rm/sokoban_verifier.py) less its 0.5 x format term,
+    which is the `format` reward here:
+      best running sum of gym-sokoban's rewards over the first 50 moves (-0.1 a move, +-1 per box
+        on/off a goal, +10 when solved; at least 0)   -- about 10.8 for a 12-move solution of 2 boxes
+      + action-length bonus: 0.05 per move up to 20 moves (1.0), then 1.0 - 0.2 * ((n - 20) / 30)^2;
+        a 1- to 5-move pattern repeated back to back more than 7 times makes it min(0, bonus - 0.2)
+      + thinking bonus: 0.001 per word (longer than one character) of <think>, up to 200 words.
+    The bonuses reward long answers and long thinking whether or not they solve the level: that is
+    what the paper trained with. One difference: LMM-R1 gave 0 in total (format included) to an
+    answer that is not a move list; here `format` still pays its 0.5 for well-formed tags.
+    """
+    n = len(moves)
+    length_bonus = 0.05 * n if n < 20 else 1.0 - 0.2 * ((n - 20) / 30) ** 2
+    if repeats_back_to_back(moves, times=7, max_k=5):
+        length_bonus = min(0.0, length_bonus - 0.2)
+    think = completion.split("<think>", 1)[1].split("</think>", 1)[0].strip()
+    thinking_bonus = 0.001 * min(200, sum(len(word) > 1 for word in think.split(" ")))
+    return sokoban.best_return(level, moves, max_actions=50) + length_bonus + thinking_bonus
+
+
+def repeats_back_to_back(words: Sequence[str], times: int, max_k: int) -> bool:
+    """Whether some run of 1..max_k words occurs more than `times` times in a row (`L, R, L, R, ...`)."""
+    for k in range(1, max_k + 1):
+        for offset in range(k):
+            run = 1
+            for s in range(offset + k, len(words) - k + 1, k):
+                run = run + 1 if words[s : s + k] == words[s - k : s] else 1
+                if run > times:
+                    return True
+    return False
+
+
+def level_problem(sample: dict) -> Optional[str]:
+    """Why a row's `level` cannot be played (missing, bad XSB, already solved, unsolvable), or None."""
+    level = sample.get("level")
+    if not isinstance(level, str):
+        return "no 'level' field (XSB text) in the row"
+    try:
+        board = sokoban.parse_level(level)
+        if board.solved:
+            return "level is already solved"
+        if sokoban.solve(level, max_states=LEVEL_CHECK_STATES) is None:
+            return "level is unsolvable"
+    except ValueError as e:
+        return str(e)
+    except RuntimeError:
+        pass  # too large to prove solvable within the check's budget: kept
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
 # The registry: name -> fn(completion, sample) -> float, and the gold check each one needs
 # ---------------------------------------------------------------------------------------------
 
@@ -394,12 +500,18 @@ REWARDS: Dict[str, Callable[[str, dict], float]] = {
     "format": lambda completion, sample: format_reward(completion),
     "math": lambda completion, sample: math_score(completion, sample["answer"], sample.get("choices")),
     "choice": lambda completion, sample: choice_reward(completion, sample["answer"], sample.get("choices")),
+    "sokoban": lambda completion, sample: sokoban_reward(completion, sample),
+    "sokoban_progress": lambda completion, sample: sokoban_reward(completion, sample, "progress"),
+    "sokoban_lmm_r1": lambda completion, sample: sokoban_reward(completion, sample, "lmm_r1"),
 }
 
 # name -> fn(sample) -> reason the sample's gold is unusable, or None. Run on every row at data load.
 GOLD_CHECKS: Dict[str, Callable[[dict], Optional[str]]] = {
     "math": lambda sample: gold_problem(sample["answer"], sample.get("choices")),
     "choice": lambda sample: choice_gold_problem(sample["answer"], sample.get("choices")),
+    "sokoban": level_problem,
+    "sokoban_progress": level_problem,
+    "sokoban_lmm_r1": level_problem,
 }
 
 
@@ -464,6 +576,8 @@ def serve() -> None:
                 else:
                     name, sample = payload
                     value = {"value": GOLD_CHECKS[name](sample)}
+            except Malformed as e:
+                value = {"value": 0.0, "malformed": str(e)}
             except BaseException:  # includes MemoryError and RecursionError from deep LaTeX
                 value = {"error": traceback.format_exc(limit=-8)[-4000:]}
             out.write(json.dumps(value) + "\n")
@@ -483,6 +597,7 @@ class Worker:
 class Outcome:
     value: object = 0.0
     error: Optional[str] = None
+    malformed: Optional[str] = None  # the reward raised Malformed: the completion gave no usable answer
     timeout: bool = False
     seconds: float = 0.0  # wall-clock time of the call in its worker
 
@@ -562,7 +677,12 @@ class RewardPool:
                     now = time.monotonic()
                     if not message.get("loaded"):
                         (t, u), _ = worker.units.pop(0)
-                        results[t][u] = Outcome(message.get("value", 0.0), message.get("error"), seconds=now - worker.started)
+                        results[t][u] = Outcome(
+                            message.get("value", 0.0),
+                            message.get("error"),
+                            message.get("malformed"),
+                            seconds=now - worker.started,
+                        )
                         pending -= 1
                     worker.started = now
                     worker.deadline = now + timeout_s if worker.units else float("inf")
@@ -640,7 +760,7 @@ def score(
     """Weighted total per completion, each part's raw value per completion, and failure counts.
 
     `samples[i]` is the row completion i answers ({"answer": ..., **other fields}). Counts:
-    `errors`/`timeouts` in all and `<name>_errors`/`<name>_timeouts` per reward. The first failure of
+    `errors`/`timeouts`/`malformed` in all and `<name>_errors`/... per reward. The first failure of
     each kind of each reward is printed (with its traceback) once per pool, not once per step.
     """
     names = list(weights)
@@ -660,6 +780,9 @@ def score(
                     print(f"[reward] {name} failed (scored 0, counted in reward/{kind}; later ones only counted):\n{detail}")
                 counts[kind] += 1
                 counts[f"{name}_{kind}"] += 1
+            elif outcome.malformed is not None:  # scores 0: no usable answer
+                counts["malformed"] += 1
+                counts[f"{name}_malformed"] += 1
             else:
                 parts[name][i] = float(outcome.value)
     total = [sum(weights[n] * parts[n][i] for n in names) for i in range(len(completions))]

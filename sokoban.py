@@ -4,13 +4,27 @@ XSB: `#` wall, ` ` floor, `.` goal, `$` box, `*` box on goal, `@` player, `+` pl
 joined by "\\n". Moves are LURD letters (upper case = a push, as solvers write them) or the words
 `Left, Up, Right, Down` the LMM-R1 prompt asks for. As in gym-sokoban, a move into a wall or into a
 box that cannot move leaves the state unchanged.
+
+    python sokoban.py build --n 5000 --size 7 --boxes 2 --seed 0 --out data/sokoban   # a training set
+    python sokoban.py build --n 500 --size 7 --boxes 2 --seed 1 --split test \
+        --out data/sokoban --exclude data/sokoban/train.jsonl                          # held out
+    python sokoban.py show data/sokoban/train.jsonl --row 3 --gif solution.gif         # look at one
+    python sokoban.py play --size 7 --boxes 2 --seed 5                                 # play in a terminal
 """
 
+import argparse
+import json
+import os
 import random
 import re
-from collections import deque
+import sys
+import time
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Dict, FrozenSet, List, Optional, Tuple
+
+import gymnasium
+import numpy as np
 
 Cell = Tuple[int, int]  # (row, col)
 MOVES: Dict[str, Cell] = {"L": (0, -1), "U": (-1, 0), "R": (0, 1), "D": (1, 0)}
@@ -109,20 +123,66 @@ def parse_moves(text: str) -> Optional[List[str]]:
     return [WORDS[w] for w in words]
 
 
-def replay(level: str, moves) -> Tuple[str, bool]:
-    """(final level, solved) after playing `moves` (a string or a list of LURD letters) from `level`.
-
-    Play stops once the level is solved. Raises ValueError for malformed moves.
-    """
+def trajectory(level: str, moves) -> List[Board]:
+    """The boards from `level` through each of `moves` (a string or a list of LURD letters): one
+    board per move played, the start first. Play stops once the level is solved. ValueError for
+    malformed moves."""
     letters = parse_moves(moves) if isinstance(moves, str) else list(moves)
     if letters is None:
         raise ValueError(f"moves: expected LURD letters or Left/Up/Right/Down words, got {moves[:80]!r}")
-    board = parse_level(level)
+    boards = [parse_level(level)]
     for move in letters:
-        if board.solved:
+        if boards[-1].solved:
             break
-        board, _ = step(board, move)
-    return format_level(board), board.solved
+        boards.append(step(boards[-1], move)[0])
+    return boards
+
+
+def replay(level: str, moves) -> Tuple[str, bool]:
+    """(final level, solved) after playing `moves` from `level` (see `trajectory`)."""
+    final = trajectory(level, moves)[-1]
+    return format_level(final), final.solved
+
+
+def moves_text(letters: str) -> str:
+    """LURD letters as the answer the prompt asks for: `Left, Up, Right, Down`."""
+    names = {v: k.capitalize() for k, v in WORDS.items()}
+    return ", ".join(names[ch.upper()] for ch in letters)
+
+
+# ---------------------------------------------------------------------------------------------
+# gym-sokoban's rewards: the environment's and LMM-R1's shaped reward are built on them
+# ---------------------------------------------------------------------------------------------
+
+STEP_PENALTY, BOX_ON_GOAL, BOX_OFF_GOAL, SOLVED_BONUS = -0.1, 1.0, -1.0, 10.0
+
+
+def env_reward(before: Board, after: Board) -> float:
+    """gym-sokoban's reward of one move: -0.1, +1 when a box lands on a goal, -1 when one leaves
+    it, +10 when the move solves the level."""
+    on_before, on_after = len(before.boxes & before.goals), len(after.boxes & after.goals)
+    reward = STEP_PENALTY + (BOX_ON_GOAL if on_after > on_before else BOX_OFF_GOAL if on_after < on_before else 0.0)
+    return reward + (SOLVED_BONUS if after.solved else 0.0)
+
+
+def best_return(level: str, moves, max_actions: int = 50) -> float:
+    """LMM-R1's task reward: the best running sum of `env_reward` over the first `max_actions`
+    moves (0 if it never gets above 0), play stopping when solved."""
+    boards = trajectory(level, list(moves)[:max_actions])
+    total = best = 0.0
+    for before, after in zip(boards, boards[1:]):
+        total += env_reward(before, after)
+        best = max(best, total)
+    return best
+
+
+def box_progress(level: str, moves) -> float:
+    """Fraction of the boxes that started off a goal and end on one after `moves` (1.0 = solved)."""
+    boards = trajectory(level, moves)
+    start, end = boards[0], boards[-1]
+    needed = len(start.boxes - start.goals)
+    gained = len(end.boxes & end.goals) - len(start.boxes & start.goals)
+    return max(0, gained) / needed if needed else 1.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,13 +210,15 @@ def floor(board: Board, cell: Cell) -> bool:
     return inside(board, cell) and cell not in board.walls
 
 
-def solve(level: str, max_states: int = 2_000_000) -> Optional[str]:
+def solve(level: str, max_states: int = 2_000_000, prune: bool = True) -> Optional[str]:
     """An optimal (fewest moves) solution as LURD letters, upper case for pushes; "" if already
-    solved; None if unsolvable. Raises RuntimeError past `max_states` explored states."""
+    solved; None if unsolvable. Raises RuntimeError past `max_states` explored states.
+    `prune=False` searches without dead-square pruning (same answers, slower: bench/sokoban.py)."""
     board = parse_level(level)
     if board.solved:
         return ""
-    live = live_cells(board)
+    floor_cells = {(r, c) for r in range(board.height) for c in range(board.width) if floor(board, (r, c))}
+    live = live_cells(board) if prune else frozenset(floor_cells)
     if not board.boxes <= live:
         return None
     start = (board.player, board.boxes)
@@ -258,43 +320,378 @@ def generate_level(width: int, height: int, boxes: int, seed: int, min_moves: in
 # Rendering
 # ---------------------------------------------------------------------------------------------
 
-COLORS = {"wall": (96, 64, 48), "mortar": (150, 120, 100), "floor": (235, 235, 225), "goal": (220, 40, 40),
-          "box": (200, 140, 40), "box_edge": (120, 80, 20), "box_on_goal": (60, 170, 70), "player": (40, 90, 220)}  # fmt: skip
+# The colours LMM-R1's prompt names: "the green character", "the yellow box", "the target area (an
+# area with a red dot in the center)". A box on a goal is orange and keeps the red dot on top.
+COLORS = {"wall": (96, 64, 48), "mortar": (150, 120, 100), "floor": (235, 235, 225), "goal": (220, 30, 30),
+          "box": (240, 200, 40), "box_on_goal": (245, 140, 30), "box_edge": (140, 95, 20), "player": (40, 170, 60),
+          "player_edge": (20, 90, 30)}  # fmt: skip
 
 
-def render(level: str, tile: int = 28):
-    """A PIL image of `level`, `tile` pixels per cell. With the default 28 the image is a multiple of
-    Qwen2.5-VL's 28-pixel patch grid, so its resize does not distort the board."""
+def render(level, tile: int = 28):
+    """A PIL image of `level` (XSB text or a Board), `tile` pixels per cell. With the default 28 the
+    image is a multiple of Qwen2.5-VL's 28-pixel patch grid, so its resize does not distort the
+    board. (The text rendering is the XSB text itself: `format_level`.)"""
     from PIL import Image, ImageDraw
 
-    board = parse_level(level)
+    board = level if isinstance(level, Board) else parse_level(level)
     image = Image.new("RGB", (board.width * tile, board.height * tile), COLORS["floor"])
     draw = ImageDraw.Draw(image)
     m = max(1, tile // 7)  # margin inside a tile
     for r in range(board.height):
         for c in range(board.width):
             x, y, cell = c * tile, r * tile, (r, c)
+            inset = [x + m, y + m, x + tile - 1 - m, y + tile - 1 - m]
             if cell in board.walls:
                 draw.rectangle([x, y, x + tile - 1, y + tile - 1], fill=COLORS["wall"])
                 draw.line([x, y + tile // 2, x + tile - 1, y + tile // 2], fill=COLORS["mortar"])
                 draw.line([x + tile // 2, y, x + tile // 2, y + tile // 2], fill=COLORS["mortar"])
                 continue
-            if cell in board.goals and cell not in board.boxes:
-                draw.ellipse(
-                    [x + 2 * m, y + 2 * m, x + tile - 1 - 2 * m, y + tile - 1 - 2 * m],
-                    outline=COLORS["goal"],
-                    width=max(1, m // 2 + 1),
-                )
             if cell in board.boxes:
                 fill = COLORS["box_on_goal"] if cell in board.goals else COLORS["box"]
-                draw.rectangle(
-                    [x + m, y + m, x + tile - 1 - m, y + tile - 1 - m],
-                    fill=fill,
-                    outline=COLORS["box_edge"],
-                    width=max(1, m // 2),
-                )
-                draw.line([x + m, y + m, x + tile - 1 - m, y + tile - 1 - m], fill=COLORS["box_edge"])
-                draw.line([x + m, y + tile - 1 - m, x + tile - 1 - m, y + m], fill=COLORS["box_edge"])
+                draw.rectangle(inset, fill=fill, outline=COLORS["box_edge"], width=max(1, m // 2))
+                draw.line(inset, fill=COLORS["box_edge"])
+                draw.line([inset[0], inset[3], inset[2], inset[1]], fill=COLORS["box_edge"])
             if cell == board.player:
-                draw.ellipse([x + m, y + m, x + tile - 1 - m, y + tile - 1 - m], fill=COLORS["player"])
+                draw.ellipse(inset, fill=COLORS["player"], outline=COLORS["player_edge"], width=max(1, m // 2))
+            if cell in board.goals:  # the red dot stays visible under a box or the player
+                dot = max(2, tile // 7)
+                draw.ellipse(
+                    [x + tile // 2 - dot, y + tile // 2 - dot, x + tile // 2 + dot, y + tile // 2 + dot], fill=COLORS["goal"]
+                )
     return image
+
+
+def save_replay_gif(level: str, moves, path: str, tile: int = 28, ms_per_move: int = 300) -> int:
+    """An animated GIF of `moves` played from `level` (the last frame held longer); returns frames."""
+    frames = [render(board, tile) for board in trajectory(level, moves)]
+    durations = [ms_per_move] * (len(frames) - 1) + [4 * ms_per_move]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0)
+    return len(frames)
+
+
+# ---------------------------------------------------------------------------------------------
+# A gymnasium environment over the same state and rules
+# ---------------------------------------------------------------------------------------------
+
+ACTIONS = "LURD"  # the environment's Discrete(4) actions, in this order
+
+
+class SokobanEnv(gymnasium.Env):
+    """Sokoban as a gymnasium environment, with gym-sokoban's rewards (`env_reward`).
+
+    Observation: the rendered board, (height * tile, width * tile, 3) uint8. Action: an index into
+    ACTIONS. An episode terminates when the level is solved and is truncated after `max_steps`
+    moves. The level is `level` if given, else `reset(options={"level": xsb})`'s, else a new
+    generated one (`width` x `height`, `boxes`, at least `min_moves`) seeded by reset's seed.
+    Info: the level as XSB text, boxes on goals, and whether the move pushed a box.
+    """
+
+    metadata = {"render_modes": ["rgb_array", "ansi"], "render_fps": 4}
+
+    def __init__(self, level: Optional[str] = None, width: int = 7, height: int = 7, boxes: int = 2, min_moves: int = 8,
+                 max_steps: int = 120, tile: int = 28, render_mode: Optional[str] = None):  # fmt: skip
+        if level is not None:
+            board = parse_level(level)
+            width, height, boxes = board.width, board.height, len(board.boxes)
+        if render_mode not in (None, *self.metadata["render_modes"]):
+            raise ValueError(f"render_mode={render_mode!r}: expected one of {self.metadata['render_modes']}")
+        self.level, self.width, self.height, self.boxes, self.min_moves = level, width, height, boxes, min_moves
+        self.max_steps, self.tile, self.render_mode = max_steps, tile, render_mode
+        self.action_space = gymnasium.spaces.Discrete(len(ACTIONS))
+        self.observation_space = gymnasium.spaces.Box(0, 255, (height * tile, width * tile, 3), np.uint8)
+        self.board: Optional[Board] = None
+        self.steps = 0
+
+    def reset(self, *, seed: Optional[int] = None, options: Optional[dict] = None):
+        super().reset(seed=seed)
+        level = (options or {}).get("level", self.level)
+        if level is None:
+            seed = int(self.np_random.integers(2**31))
+            level = generate_level(self.width, self.height, self.boxes, seed, min_moves=self.min_moves)
+        board = parse_level(level)
+        if (board.width, board.height) != (self.width, self.height):
+            raise ValueError(f"reset: a {board.width}x{board.height} level in an environment made for {self.width}x{self.height}")
+        self.board, self.steps = board, 0
+        return self.observation(), self.info(pushed=False)
+
+    def step(self, action):
+        if self.board is None:
+            raise RuntimeError("call reset() before step()")
+        before = self.board
+        self.board, pushed = step(before, ACTIONS[int(action)])  # the module's step: one move on a Board
+        self.steps += 1
+        terminated = self.board.solved
+        truncated = not terminated and self.steps >= self.max_steps
+        return self.observation(), env_reward(before, self.board), terminated, truncated, self.info(pushed)
+
+    def observation(self) -> np.ndarray:
+        return np.asarray(render(self.board, self.tile), dtype=np.uint8)
+
+    def info(self, pushed: bool) -> dict:
+        return {"level": format_level(self.board), "boxes_on_goals": len(self.board.boxes & self.board.goals), "pushed": pushed}
+
+    def render(self):
+        if self.render_mode == "ansi":
+            return format_level(self.board)
+        if self.render_mode == "rgb_array":
+            return self.observation()
+        return None
+
+
+ENV_ID = "LMMR1Sokoban-v0"  # gymnasium.make("sokoban:LMMR1Sokoban-v0", width=7, boxes=2) imports and finds it
+if ENV_ID not in gymnasium.registry:
+    gymnasium.register(id=ENV_ID, entry_point=SokobanEnv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts and dataset rows (LMM-R1's, examples/scripts/lmm_r1/train_sokoban.sh)
+# ---------------------------------------------------------------------------------------------
+
+SYSTEM_PROMPT = (
+    "You're going to play a game of Sokoban, where the goal is to manipulate the green character to push the yellow "
+    "box into the target area (an area with a red dot in the center). \nGenerate all actions from the initial frame "
+    "to the end at once."
+)
+USER_PROMPT = (
+    "You should first thinks about the reasoning process in the mind and then provides the user with the answer, the "
+    "answer is a long sequence of Left, Right, Up, Down, separated by ','. The reasoning process and answer are "
+    "enclosed within <think> </think> and <answer> </answer> tags, respectively, e.g., <think> To ... </think><answer> "
+    "Left, Right, ... </answer>, which means your output should start with <think> and end with </answer>."
+)
+
+
+def level_messages(image) -> List[dict]:
+    """The chat of one level: LMM-R1's system prompt, then the board image and the answer format."""
+    user = {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": USER_PROMPT}]}
+    return [{"role": "system", "content": SYSTEM_PROMPT}, user]
+
+
+def level_fields(level: str) -> dict:
+    """What a row says about its level: the XSB text, its size, the optimal solution and its length."""
+    board = parse_level(level)
+    solution = solve(level)
+    if solution is None:
+        raise ValueError("level: unsolvable")
+    return {"level": level, "width": board.width, "height": board.height, "boxes": len(board.boxes),
+            "solution": solution, "optimal_moves": len(solution), "pushes": sum(ch.isupper() for ch in solution)}  # fmt: skip
+
+
+def read_levels(path: str) -> List[str]:
+    """Levels of a dataset .jsonl (its rows' `level`) or of an XSB file (levels separated by blank lines)."""
+    with open(path) as f:
+        if path.endswith(".jsonl"):
+            return [json.loads(line)["level"] for line in f if line.strip()]
+        text = f.read()
+    return [block.strip("\n") for block in re.split(r"\n\s*\n", text) if block.strip()]
+
+
+MAX_MISSES = 1000  # build gives up after this many generated levels in a row that were not new
+
+
+def build(n: int, size: int, boxes: int, seed: int, out: str, split: str = "train", min_moves: int = 8,
+          tile: int = 28, exclude: Tuple[str, ...] = ()) -> Counter:  # fmt: skip
+    """Write `n` distinct levels as `out/<split>.jsonl` (our row format: message, answer = the optimal
+    moves, level, its size, solution, optimal_moves) and `out/images/<split>_<k>.png`.
+
+    Level attempt k comes from generator seed `seed * 10**9 + k`, so a build is deterministic.
+    Levels already written, or listed in an `exclude` file (the training set, when building a
+    held-out one), are skipped and counted. Returns counts: written, duplicate, excluded.
+    """
+    excluded = {level for path in exclude for level in read_levels(path)}
+    written: set = set()
+    counts: Counter = Counter()
+    os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    path = os.path.join(out, f"{split}.jsonl")
+    attempt, misses = 0, 0  # misses: attempts in a row that found no new level
+    with open(path + ".tmp", "w") as f:  # renamed into place when complete
+        while len(written) < n and misses < MAX_MISSES:
+            level = generate_level(size, size, boxes, seed * 10**9 + attempt, min_moves=min_moves)
+            attempt += 1
+            if level in excluded or level in written:
+                counts["excluded" if level in excluded else "duplicate"] += 1
+                misses += 1
+                continue
+            misses = 0
+            image = f"images/{split}_{len(written):05d}.png"
+            render(level, tile).save(os.path.join(out, image))
+            fields = level_fields(level)
+            row = {"message": json.dumps(level_messages(image)), "answer": moves_text(fields["solution"]),
+                   "question": f"sokoban-{split}-{len(written):05d}", "datasource": f"sokoban_{size}x{size}_{boxes}", **fields}  # fmt: skip
+            f.write(json.dumps(row) + "\n")
+            written.add(level)
+    if len(written) < n:
+        os.remove(path + ".tmp")
+        raise ValueError(
+            f"build: only {len(written)} distinct levels could be made ({dict(counts)}); lower --n or change --size/--boxes"
+        )
+    os.replace(path + ".tmp", path)
+    counts["written"] = n
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: success rate by size, boxes and optimal length, and replays of a few episodes
+# ---------------------------------------------------------------------------------------------
+
+
+def length_bucket(moves: int, width: int = 10) -> str:
+    lo = moves // width * width
+    return f"{lo:02d}-{lo + width - 1:02d}"
+
+
+def evaluate(rows: List[dict], completions: List[str], out_dir: Optional[str] = None, gifs: int = 4) -> Dict[str, float]:
+    """Scores of one completion per row (rows with `level`; `optimal_moves` is computed if absent).
+
+    A level counts as solved when the moves in the completion's last <answer> span solve it (the
+    format need not be strict here; `format` gives the strict-format rate). Returns `success`,
+    `success/size=7x7`, `success/boxes=2`, `success/optimal=10-19`, `answered` (moves parsed),
+    `format` and `efficiency` (optimal / used moves, over solved levels). With `out_dir`, the
+    first `gifs` episodes are saved as `out_dir/sokoban_replays/<k>_{solved|failed}.gif`.
+    """
+    from rewards import format_reward, last_answer_span  # rewards imports this module: import at call time
+
+    groups: Dict[str, List[float]] = {}
+    efficiency, answered, formatted = [], 0, 0
+    for k, (row, completion) in enumerate(zip(rows, completions)):
+        level = row["level"]
+        optimal = row.get("optimal_moves")
+        optimal = optimal if optimal is not None else len(solve(level) or "")
+        span = last_answer_span(completion)
+        moves = parse_moves(span) if span is not None else None
+        boards = trajectory(level, moves or [])
+        solved = moves is not None and boards[-1].solved
+        answered += moves is not None
+        formatted += format_reward(completion) == 1.0
+        if solved:
+            efficiency.append(optimal / max(1, len(boards) - 1))
+        board = boards[0]
+        keys = ["success", f"success/size={board.width}x{board.height}", f"success/boxes={len(board.boxes)}",
+                f"success/optimal={length_bucket(optimal)}"]  # fmt: skip
+        for key in keys:
+            groups.setdefault(key, []).append(float(solved))
+        if out_dir is not None and k < gifs:
+            os.makedirs(os.path.join(out_dir, "sokoban_replays"), exist_ok=True)
+            name = f"{k:02d}_{'solved' if solved else 'failed'}.gif"
+            save_replay_gif(level, moves or [], os.path.join(out_dir, "sokoban_replays", name))
+    n = max(1, len(rows))
+    metrics = {key: sum(v) / len(v) for key, v in sorted(groups.items())}
+    metrics.update(answered=answered / n, format=formatted / n, efficiency=sum(efficiency) / max(1, len(efficiency)))
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: build, show, play
+# ---------------------------------------------------------------------------------------------
+
+KEYS = {"a": "L", "w": "U", "d": "R", "s": "D"}
+LEGEND = "# wall   . goal   $ box   * box on goal   @ player   + player on goal"
+
+
+def load_level(path: str, row: int = 0) -> str:
+    levels = read_levels(path)
+    if not 0 <= row < len(levels):
+        raise ValueError(f"{path}: no level {row} (it has {len(levels)})")
+    return levels[row]
+
+
+def show(level: str, png: Optional[str], gif: Optional[str]) -> None:
+    board = parse_level(level)
+    print(f"{level}\n\n{LEGEND}\n{board.width}x{board.height}, {len(board.boxes)} boxes")
+    solution = solve(level)
+    if solution is None:
+        print("unsolvable")
+    else:
+        print(
+            f"optimal: {len(solution)} moves, {sum(c.isupper() for c in solution)} pushes: {solution}\n  {moves_text(solution)}"
+        )
+    if png:
+        render(level).save(png)
+        print(f"wrote {png}")
+    if gif and solution is not None:
+        print(f"wrote {gif} ({save_replay_gif(level, solution, gif)} frames)")
+
+
+def play(level: str, lines) -> bool:
+    """Terminal play, a line at a time so it works over ssh and from a pipe: w/a/s/d keys (`ddsa`)
+    or words (`Right, Down`); `z` undoes a move, `restart` starts over, `q` quits. Returns solved."""
+    history = [parse_level(level)]
+    optimal = solve(level)
+    print(f"{level}\n\n{LEGEND}\nmoves: w a s d, or Left/Up/Right/Down; z undo, restart, q quit")
+    for line in lines:
+        for token in re.split(r"[,\s]+", line.strip().lower()):
+            if token in ("q", "quit"):
+                return False
+            if token == "z":
+                history = history[:-1] or history
+            elif token == "restart":
+                history = history[:1]
+            elif token and all(ch in KEYS for ch in token):
+                for ch in token:
+                    history.append(step(history[-1], KEYS[ch])[0])
+            elif token in WORDS:
+                history.append(step(history[-1], WORDS[token])[0])
+            elif token:
+                print(f"? {token!r}: not a move")
+        board = history[-1]
+        print(
+            f"{format_level(board)}\nmoves: {len(history) - 1}, boxes on goals: {len(board.boxes & board.goals)}/{len(board.boxes)}"
+        )
+        if board.solved:
+            print(f"solved in {len(history) - 1} moves (optimal: {len(optimal)})")
+            return True
+    return False
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="sokoban.py", description="Sokoban levels for MGT-Sokoban.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="generate, solve and render a dataset")
+    b.add_argument("--n", type=int, required=True, help="levels to write")
+    b.add_argument("--size", type=int, default=7, help="board side, walls included")
+    b.add_argument("--boxes", type=int, default=2)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--out", required=True, help="output directory")
+    b.add_argument("--split", default="train", help="name of the jsonl (and image prefix)")
+    b.add_argument("--min-moves", type=int, default=8, help="the difficulty knob: least optimal solution length")
+    b.add_argument("--tile", type=int, default=28, help="pixels per cell (a multiple of 28 keeps Qwen's grid)")
+    b.add_argument("--exclude", nargs="*", default=[], help="level files (.jsonl or XSB) whose levels to leave out")
+    s = sub.add_parser("show", help="print a level, its optimal solution, and optionally its image or solution replay")
+    s.add_argument("file", help="a dataset .jsonl or an XSB file")
+    s.add_argument("--row", type=int, default=0, help="which level of the file")
+    s.add_argument("--png", help="write the level's image here")
+    s.add_argument("--gif", help="write the optimal solution's replay here")
+    p = sub.add_parser("play", help="play a level in the terminal")
+    p.add_argument("file", nargs="?", help="a dataset .jsonl or an XSB file (default: a generated level)")
+    p.add_argument("--row", type=int, default=0)
+    p.add_argument("--size", type=int, default=7)
+    p.add_argument("--boxes", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        return run_command(args)
+    except (ValueError, OSError) as e:  # bad levels, impossible builds, missing files: the message is the help
+        sys.exit(f"error: {e}")
+
+
+def run_command(args) -> int:
+    if args.command == "build":
+        t0 = time.time()
+        counts = build(
+            args.n, args.size, args.boxes, args.seed, args.out, args.split, args.min_moves, args.tile, tuple(args.exclude)
+        )
+        lengths = Counter(
+            length_bucket(json.loads(line)["optimal_moves"]) for line in open(os.path.join(args.out, f"{args.split}.jsonl"))
+        )
+        print(f"wrote {args.n} levels to {os.path.join(args.out, args.split)}.jsonl in {time.time() - t0:.1f}s "
+              f"(skipped: {counts['duplicate']} duplicate, {counts['excluded']} excluded)")  # fmt: skip
+        print("optimal moves: " + ", ".join(f"{k}: {v}" for k, v in sorted(lengths.items())))
+    elif args.command == "show":
+        show(load_level(args.file, args.row), args.png, args.gif)
+    else:
+        level = load_level(args.file, args.row) if args.file else generate_level(args.size, args.size, args.boxes, args.seed)
+        return 0 if play(level, sys.stdin) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

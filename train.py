@@ -249,7 +249,9 @@ def plot_rewards(path: str, history: List[Dict[str, float]]) -> None:
 
     steps = [m["step"] for m in history]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key in sorted(k for k in history[-1] if k.startswith("reward/") and k not in ("reward/errors", "reward/timeouts")):
+    for key in sorted(
+        k for k in history[-1] if k.startswith("reward/") and k not in ("reward/errors", "reward/timeouts", "reward/malformed")
+    ):
         ax.plot(steps, [m.get(key, float("nan")) for m in history], label=key, lw=2 if key == "reward/mean" else 1)
     ax.set_xlabel("step")
     ax.set_ylabel("reward")
@@ -462,7 +464,8 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
         }
         for name, values in parts.items():
             metrics[f"reward/{name}"] = sum(values) / len(values)
-        metrics["reward/errors"], metrics["reward/timeouts"] = failures["errors"], failures["timeouts"]
+        for kind in ("errors", "timeouts", "malformed"):  # counts of completions, by why they scored 0
+            metrics[f"reward/{kind}"] = failures[kind]
         metrics.update({k: v / updates_per_step for k, v in stats.items()})
         if kl_reward is not None:
             metrics["loss/kl"] = (kl_reward.sum() / mask.sum()).item()  # the KL the rewards were charged

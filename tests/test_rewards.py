@@ -271,8 +271,8 @@ def test_score_weights_parts_and_counts_failures(capsys):
 
 
 def test_unknown_rewards_are_config_errors():
-    with pytest.raises(ConfigError, match="unknown reward 'sokoban'"):
-        resolve("sokoban")
+    with pytest.raises(ConfigError, match="unknown reward 'sokoban_v2'"):
+        resolve("sokoban_v2")
     with pytest.raises(ConfigError, match="cannot import"):
         resolve("no_such_module:fn")
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from sokoban import format_level, generate_level, parse_level, parse_moves, render, replay, solve
+from sokoban import COLORS, format_level, generate_level, parse_level, parse_moves, render, replay, solve
 
 # (level, optimal number of moves or None when unsolvable), optima counted by hand
 HAND_MADE = [
@@ -20,12 +20,13 @@ HAND_MADE = [
 
 @pytest.mark.parametrize("level, optimum", HAND_MADE)
 def test_solver_is_optimal_on_hand_made_levels(level, optimum):
-    solution = solve(level)
-    if optimum is None:
-        assert solution is None
-    else:
-        assert len(solution) == optimum
-        assert replay(level, list(solution))[1]
+    for prune in (True, False):  # dead-square pruning changes the speed, never the answer
+        solution = solve(level, prune=prune)
+        if optimum is None:
+            assert solution is None
+        else:
+            assert len(solution) == optimum
+            assert replay(level, list(solution))[1]
 
 
 def test_solver_marks_pushes_in_upper_case():
@@ -99,6 +100,9 @@ def test_render_fits_the_28_pixel_grid_and_is_deterministic():
     assert render(level, tile=56).size == (392, 392)
     moved = replay(level, solve(level)[:1])[0]
     assert render(moved).tobytes() != a.tobytes()  # the picture shows the state
-    board = parse_level(level)
-    r, c = board.player
-    assert a.getpixel((c * 28 + 14, r * 28 + 14)) == (40, 90, 220)  # the player is drawn where it stands
+    board = parse_level("#####\n#@$.#\n#####")
+    image = render(board)
+    assert image.getpixel((1 * 28 + 14, 1 * 28 + 14)) == COLORS["player"]  # the green character where it stands
+    assert image.getpixel((2 * 28 + 9, 1 * 28 + 14)) == COLORS["box"]  # the yellow box
+    assert image.getpixel((3 * 28 + 14, 1 * 28 + 14)) == COLORS["goal"]  # the red dot
+    assert render("#####\n# @*#\n#####").getpixel((3 * 28 + 14, 1 * 28 + 14)) == COLORS["goal"]  # still seen under a box

@@ -59,12 +59,6 @@ def test_mgt_stage_starts_from_the_fre_text_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-def test_sokoban_stage_stops_at_start_up_until_its_reward_exists(tmp_path):
-    out = run_train(["stage=mgt_sokoban", "debug=tiny", *SHORT], cwd=tmp_path, timeout=120)
-    assert out.returncode == 1 and "unknown reward 'sokoban'" in out.stderr
-
-
-@pytest.mark.slow
 def test_multirun_makes_one_run_dir_per_job(tmp_path):
     out = run_train(["-m", "stage=fre_text,mgt_geo", "debug=tiny", "trainer.max_steps=1", "log.progress=false"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
