@@ -92,7 +92,9 @@ class ModelConfig:
     # local dir, or hub id looked up in the local hub cache; null = the random-init tiny model
     path: Optional[str] = "Qwen/Qwen2.5-VL-3B-Instruct"
     dtype: Dtype = Dtype.bfloat16  # parameter dtype for training and generation
-    attn_implementation: str = "sdpa"  # transformers attention backend: sdpa | eager | flash_attention_2
+    # the vision tower's transformers attention: sdpa | eager | flash_attention_2. The language model
+    # always runs model.varlen_attention (flash-attn's varlen kernel where installed, exact SDPA otherwise)
+    attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
     freeze_vision: bool = False  # keep the vision tower and merger fixed
     min_pixels: int = 3136  # images are resized so that min_pixels <= H*W <= max_pixels (multiples of 28)
@@ -113,7 +115,9 @@ class TrainerConfig:
     episodes: int = 1  # passes over the prompt set (when max_steps <= 0)
     max_steps: int = -1  # RL steps (rollout + update); <= 0 means derived from episodes
     mini_batch_size: int = 256  # samples (completions) per optimizer step
-    micro_batch_size: int = 2  # samples per forward/backward (gradient accumulation inside a mini-batch)
+    packing: bool = True  # pack sequences into padding-free micro-batches of max_tokens_per_micro tokens
+    max_tokens_per_micro: int = 16384  # token budget (prompt + completion) of a packed micro-batch
+    micro_batch_size: int = 2  # samples per padded micro-batch (packing=false)
     logp_chunk_size: int = 1024  # tokens per lm_head chunk when computing log-probs
     save_every: int = 20  # save a checkpoint every N steps (0 = only the final one)
 
@@ -212,6 +216,8 @@ def validate(cfg: Any) -> None:
         errors.append(
             f"trainer.mini_batch_size={t.mini_batch_size} must divide rollout.prompts_per_step * rollout.group_size = {samples}"
         )
+    if t.max_tokens_per_micro < 1:
+        errors.append(f"trainer.max_tokens_per_micro={t.max_tokens_per_micro} must be >= 1")
     if t.micro_batch_size > t.mini_batch_size:
         errors.append(f"trainer.micro_batch_size={t.micro_batch_size} > trainer.mini_batch_size={t.mini_batch_size}")
     if not 0 <= a.clip_low < 1 or a.clip_high < 0:

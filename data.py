@@ -63,6 +63,7 @@ class Prompt:
     image_grid_thw: Optional[torch.Tensor]  # (n_images, 3)
     text: str  # the chat-templated prompt before expansion, for logs
     sample: Sample
+    positions: Optional[torch.Tensor] = None  # (3, P) rotary positions, filled once by model.prompt_positions
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import (
+    AttentionInterface,
     AutoConfig,
     AutoTokenizer,
     PreTrainedTokenizerFast,
@@ -24,6 +25,8 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2ForCausalLM,
 )
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from data import LMM_R1_SYSTEM_PROMPT, synthetic_question_texts
@@ -214,7 +217,6 @@ def load_policy(mcfg, seed: int, device: torch.device):
     if path is None:
         tokenizer = build_tiny_tokenizer(mcfg.tiny.vocab_size)
         model = build_tiny_model(tokenizer, mcfg.tiny, seed).to(dtype)
-        model.set_attn_implementation(str(mcfg.attn_implementation))
     else:
         tokenizer = AutoTokenizer.from_pretrained(path)
         if tokenizer.chat_template is None:
@@ -224,6 +226,7 @@ def load_policy(mcfg, seed: int, device: torch.device):
         if cls is None:
             raise ValueError(f"model.path={path}: model_type {model_type!r} is not supported (qwen2_5_vl, qwen2)")
         model = cls.from_pretrained(path, dtype=dtype, attn_implementation=str(mcfg.attn_implementation))
+    use_varlen_attention(model, str(mcfg.attn_implementation))
     processor = build_image_processor(mcfg.min_pixels, mcfg.max_pixels) if is_multimodal(model) else None
     model.to(device)
     if mcfg.freeze_vision and is_multimodal(model):
@@ -262,46 +265,104 @@ class Critic(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Forward passes over (prompt + completion) sequences
+# Attention: varlen for packed sequences, SDPA otherwise
+# ---------------------------------------------------------------------------------------------
+
+try:  # GPU-only (requirements-gpu.txt); the fallback below is exact, just slower
+    from flash_attn import flash_attn_varlen_func
+except ImportError:
+    flash_attn_varlen_func = None
+
+
+def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, cu_seqlens=None, max_seqlen=None, **kwargs):  # fmt: skip
+    """The language model's attention (registered with transformers as "varlen").
+
+    query (1, H, S, D), key / value (1, H_kv, S, D) -> (1, S, H, D). With `cu_seqlens` (B + 1,) the
+    S tokens are B packed sequences and each token attends causally within its own sequence only:
+    flash-attn's varlen kernel on a GPU where it is installed, otherwise SDPA one sequence at a time
+    (exactly the block-diagonal causal mask, without building an S x S mask). Without `cu_seqlens`
+    (padded batches, HF generate) it is transformers' SDPA with the usual padding mask.
+    """
+    if cu_seqlens is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if flash_attn_varlen_func is not None and query.is_cuda:
+        q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (S, heads, D)
+        out = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout, scaling, causal=True)
+        return out[None], None
+    bounds = cu_seqlens.tolist()
+    out = [
+        F.scaled_dot_product_attention(
+            query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True, scale=scaling, enable_gqa=True
+        )
+        for s, e in zip(bounds, bounds[1:])
+    ]
+    return torch.cat(out, dim=2).transpose(1, 2), None
+
+
+AttentionInterface.register("varlen", varlen_attention)
+AttentionMaskInterface.register("varlen", sdpa_mask)  # padded calls get SDPA's mask; packed calls pass none
+NO_MASK = {"full_attention": None, "sliding_attention": None}  # "already prepared": transformers builds no mask
+
+
+def use_varlen_attention(model, vision_attention: str) -> None:
+    """The language model attends with `varlen_attention`; the vision tower keeps `vision_attention`
+    (its own per-image cu_seqlens are unaffected by packing)."""
+    if is_multimodal(model):
+        model.set_attn_implementation({"text_config": "varlen", "vision_config": vision_attention})
+    else:
+        model.set_attn_implementation("varlen")
+
+
+# ---------------------------------------------------------------------------------------------
+# Micro-batches of (prompt + completion) sequences: padded (B, L) or packed (1, S)
 # ---------------------------------------------------------------------------------------------
 
 
-def collate(items, pad_id: int, image_token_id: Optional[int], device):
-    """Right-padded model inputs for a list of (prompt, completion_ids) pairs.
-
-    Returns a dict with input_ids / attention_mask (B, L), the `vision_inputs`, and the completion
-    layout: completion_ids / completion_mask (B, Tc) and prompt_lens (B,).
-    """
-    seqs = [list(p.input_ids) + list(c) for p, c in items]
-    L = max(map(len, seqs))
+def completion_layout(items, pad_id: int, device) -> dict:
+    """The completion side of a micro-batch, the same in both layouts: completion_ids and
+    completion_mask (B, Tc), right-padded, and prompt_lens (B,)."""
     Tc = max(max(len(c) for _, c in items), 1)
-    B = len(items)
-    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((B, L), dtype=torch.long)
-    completion_ids = torch.full((B, Tc), pad_id, dtype=torch.long)
-    completion_mask = torch.zeros((B, Tc), dtype=torch.bool)
-    for i, ((_, c), s) in enumerate(zip(items, seqs)):
-        input_ids[i, : len(s)] = torch.tensor(s)
-        attention_mask[i, : len(s)] = 1
+    completion_ids = torch.full((len(items), Tc), pad_id, dtype=torch.long)
+    completion_mask = torch.zeros((len(items), Tc), dtype=torch.bool)
+    for i, (_, c) in enumerate(items):
         completion_ids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
         completion_mask[i, : len(c)] = True
-    batch = {
-        "input_ids": input_ids.to(device),
-        "attention_mask": attention_mask.to(device),
+    return {
         "completion_ids": completion_ids.to(device),
         "completion_mask": completion_mask.to(device),
         "prompt_lens": torch.tensor([len(p.input_ids) for p, _ in items], device=device),
     }
-    return batch | vision_inputs([p for p, _ in items], batch["input_ids"], image_token_id, device)
 
 
-def vision_inputs(prompts, input_ids: torch.Tensor, image_token_id: Optional[int], device) -> dict:
+def collate(items, pad_id: int, image_token_id: Optional[int], device):
+    """Right-padded model inputs (B, L) for a list of (prompt, completion_ids) pairs: input_ids,
+    attention_mask, the `vision_inputs`, the `completion_layout`, and where each sequence starts
+    (seq_row (B,) = its row, seq_start (B,) = 0). Transformers derives the positions itself."""
+    seqs = [list(p.input_ids) + list(c) for p, c in items]
+    L, B = max(map(len, seqs)), len(items)
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, L), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        input_ids[i, : len(s)] = torch.tensor(s)
+        attention_mask[i, : len(s)] = 1
+    batch = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+    batch |= completion_layout(items, pad_id, device)
+    batch |= {"seq_row": torch.arange(B, device=device), "seq_start": torch.zeros(B, dtype=torch.long, device=device)}
+    prompt_part = torch.arange(L, device=device)[None, :] < batch["prompt_lens"][:, None]  # (B, L)
+    return batch | vision_inputs([p for p, _ in items], batch["input_ids"], image_token_id, device, prompt_part)
+
+
+def vision_inputs(prompts, input_ids: torch.Tensor, image_token_id: Optional[int], device, prompt_part=None) -> dict:
     """The image side of a batch of `prompts` laid out as `input_ids` (B, L): mm_token_type_ids
-    (B, L) (1 on image tokens; Qwen2.5-VL derives its 3D mrope positions from it and the grids),
-    pixel_values and image_grid_thw of all images in prompt order. Empty for a text-only model."""
+    (B, L) (1 on the prompts' image tokens: an image token *sampled* in a completion is not an image
+    and must not ask for features), pixel_values and image_grid_thw of all images in prompt order.
+    Empty for a text-only model."""
     if image_token_id is None:
         return {}
-    out = {"mm_token_type_ids": (input_ids == image_token_id).int()}
+    image_tokens = input_ids == image_token_id
+    if prompt_part is not None:
+        image_tokens &= prompt_part
+    out = {"mm_token_type_ids": image_tokens.int()}
     images = [p for p in prompts if p.image_grid_thw is not None]
     if images:
         out["pixel_values"] = torch.cat([p.pixel_values for p in images]).to(device)
@@ -309,23 +370,109 @@ def vision_inputs(prompts, input_ids: torch.Tensor, image_token_id: Optional[int
     return out
 
 
-def hidden_states(backbone, batch) -> torch.Tensor:
-    """Last hidden states (B, L, H) of the transformer body (Qwen2_5_VLModel or Qwen2Model).
+def prompt_positions(prompt, model) -> torch.Tensor:
+    """Rotary positions (3, P) of a prompt: Qwen2.5-VL's 3D mrope (an image advances the position by
+    its merged grid, not by its token count) or, for a text-only model, 0..P-1 on every row.
+    Cached on the prompt: every completion of its group reuses it."""
+    if getattr(prompt, "positions", None) is None:
+        ids = torch.tensor(prompt.input_ids)[None]  # (1, P)
+        if is_multimodal(model) and prompt.image_grid_thw is not None:
+            types = (ids == model.config.image_token_id).int()
+            prompt.positions = model.model.get_rope_index(ids, types, image_grid_thw=prompt.image_grid_thw)[0][:, 0]
+        else:
+            prompt.positions = torch.arange(ids.shape[1]).expand(3, -1)
+    return prompt.positions
 
-    With image grids given, Qwen2.5-VL computes its 3D mrope positions per sequence (images advance
-    positions by the merged grid, not by token count); text-only rows count 0, 1, 2, ...
+
+def pack(items, model, pad_id: int, device) -> dict:
+    """One packed row (1, S) for a list of (prompt, completion_ids) pairs, no padding:
+
+    input_ids (1, S); position_ids (3, 1, S) per sequence (completion tokens continue after the
+    prompt's last position), or (1, S) for a text-only model; cu_seqlens (B + 1,) int32 and
+    max_seqlen, the sequence boundaries the attention uses (never inferred from the positions);
+    image_mask (1, S), the prompts' image tokens; pixel_values / image_grid_thw of all images, in
+    order; the `completion_layout`; and seq_row (B,) = 0, seq_start (B,) = cu_seqlens[:-1].
     """
-    keys = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
-    return backbone(**{k: batch[k] for k in keys if k in batch}, use_cache=False).last_hidden_state
+    ids, positions, image_mask, lengths = [], [], [], []
+    for prompt, completion in items:
+        P, T = len(prompt.input_ids), len(completion)
+        pos = prompt_positions(prompt, model)  # (3, P)
+        tail = pos.max() + 1 + torch.arange(T)  # completion tokens are text: one position each, all rows
+        ids += list(prompt.input_ids) + list(completion)
+        positions.append(torch.cat([pos, tail.expand(3, -1)], dim=1))
+        image_mask.append(
+            torch.tensor(prompt.input_ids) == image_token_id(model) if is_multimodal(model) else torch.zeros(P, dtype=torch.bool)
+        )
+        image_mask.append(torch.zeros(T, dtype=torch.bool))
+        lengths.append(P + T)
+    cu_seqlens = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    position_ids = torch.cat(positions, dim=1)[:, None]  # (3, 1, S)
+    batch = {
+        "input_ids": torch.tensor([ids], device=device),
+        "position_ids": (position_ids if is_multimodal(model) else position_ids[0]).to(device),
+        "cu_seqlens": cu_seqlens.to(device),
+        "max_seqlen": max(lengths),
+        "image_mask": torch.cat(image_mask)[None].to(device),
+        "seq_row": torch.zeros(len(items), dtype=torch.long, device=device),
+        "seq_start": cu_seqlens[:-1].long().to(device),
+    }
+    images = [p for p, _ in items if p.image_grid_thw is not None]
+    if images:
+        batch["pixel_values"] = torch.cat([p.pixel_values for p in images]).to(device)
+        batch["image_grid_thw"] = torch.cat([p.image_grid_thw for p in images]).to(device)
+    return batch | completion_layout(items, pad_id, device)
+
+
+def hidden_states(backbone, batch) -> torch.Tensor:
+    """Last hidden states of the transformer body (Qwen2_5_VLModel or Qwen2Model): (B, L, H) for a
+    padded batch, (1, S, H) for a packed one.
+
+    Padded: transformers computes Qwen2.5-VL's 3D mrope positions from the image grids. Packed: the
+    positions and boundaries come from `pack`, the images of every packed sequence go through the
+    vision tower in one call and their features replace the prompts' image tokens.
+    """
+    if "cu_seqlens" not in batch:
+        keys = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
+        return backbone(**{k: batch[k] for k in keys if k in batch}, use_cache=False).last_hidden_state
+    embeds = backbone.get_input_embeddings()(batch["input_ids"])  # (1, S, H)
+    language_model = getattr(backbone, "language_model", backbone)  # Qwen2_5_VLModel's text part, or Qwen2Model
+    if "pixel_values" in batch:
+        features = torch.cat(backbone.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output)
+        n_tokens = int(batch["image_mask"].sum())
+        if features.shape[0] != n_tokens:  # a guard, not an expected path: pack() derives both from the prompts
+            raise ValueError(f"image features ({features.shape[0]}) and image tokens ({n_tokens}) do not match")
+        embeds = embeds.masked_scatter(batch["image_mask"][..., None], features.to(embeds.dtype))
+    elif batch.get("dummy_vision") and language_model is not backbone:
+        # ZeRO-3 gathers the vision tower's weights collectively: a rank with no image in this
+        # micro-batch still runs it (on 4 blank patches, weighted 0) so every rank calls it alike.
+        embeds = embeds + 0.0 * dummy_vision_features(backbone).sum()
+    out = language_model(
+        inputs_embeds=embeds,
+        position_ids=batch["position_ids"],
+        attention_mask=NO_MASK,
+        cu_seqlens=batch["cu_seqlens"],
+        max_seqlen=batch["max_seqlen"],
+        use_cache=False,
+    )
+    return out.last_hidden_state
+
+
+def dummy_vision_features(backbone) -> torch.Tensor:
+    """The vision tower's output for one blank 28x28 image (a 1 x 2 x 2 patch grid)."""
+    visual = backbone.visual
+    patch_dim = 3 * visual.config.temporal_patch_size * visual.config.patch_size**2
+    p = next(visual.parameters())
+    pixels = torch.zeros(4, patch_dim, device=p.device, dtype=p.dtype)
+    grid = torch.tensor([[1, 2, 2]], device=p.device)
+    return torch.cat(backbone.get_image_features(pixels, grid).pooler_output)
 
 
 def completion_positions(batch) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(rows, cols) into the (B, L) sequence of the hidden states that predict each completion token,
-    flattened over completion_mask in (B, Tc) row-major order: token j of sample i is predicted at
-    position prompt_len_i - 1 + j."""
-    mask = batch["completion_mask"]
-    rows, j = mask.nonzero(as_tuple=True)
-    return rows, batch["prompt_lens"][rows] - 1 + j
+    """(rows, cols) into the hidden states of the positions that predict each completion token,
+    flattened over completion_mask in (B, Tc) row-major order: token j of sequence i is predicted at
+    column seq_start_i + prompt_len_i - 1 + j of row seq_row_i (the same code for both layouts)."""
+    i, j = batch["completion_mask"].nonzero(as_tuple=True)
+    return batch["seq_row"][i], batch["seq_start"][i] + batch["prompt_lens"][i] - 1 + j
 
 
 def _token_logp(h, targets, lm_head_weight, temperature: float, banned_ids, with_entropy: bool):

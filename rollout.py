@@ -26,6 +26,23 @@ class Rollout:
     truncated: List[bool]  # (N,) True when max_new_tokens ran out before a stop token
 
 
+def cut_vision_tokens(rollout: Rollout, vision_ids: List[int]) -> int:
+    """Cut each completion before its first vision token (<|image_pad|>, ...); returns how many were cut.
+
+    Engines suppress these tokens, but one that slipped through (another engine, a bad sampling
+    setting) would make the trainer's forward expect image features that do not exist, or give a
+    -inf log-prob: the completion is kept up to that token, marked truncated and counted.
+    """
+    banned, cut = set(vision_ids), 0
+    for i, ids in enumerate(rollout.completion_ids):
+        first = next((j for j, t in enumerate(ids) if t in banned), None)
+        if first is not None:
+            rollout.completion_ids[i] = ids[:first]
+            rollout.truncated[i] = True
+            cut += 1
+    return cut
+
+
 def left_pad(seqs: List[List[int]], pad_id: int):
     """(input_ids, attention_mask), both (B, L), padded on the left as generation needs."""
     L = max(map(len, seqs))

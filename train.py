@@ -36,13 +36,14 @@ from model import (
     frozen_copy,
     image_token_id,
     load_policy,
+    pack,
     resolve_model_path,
     save_checkpoint,
     sequence_logps,
     sequence_values,
 )
 from rewards import gold_problems, resolve, reward_pool, score
-from rollout import HFEngine
+from rollout import HFEngine, cut_vision_tokens
 
 # ---------------------------------------------------------------------------------------------
 # Algorithm: advantages
@@ -219,12 +220,22 @@ def chunks(xs: List[int], n: int) -> List[List[int]]:
     return [xs[i : i + n] for i in range(0, len(xs), n)]
 
 
-def pad_rows(rows: List[torch.Tensor], T: int) -> torch.Tensor:
-    """Right-pad 1-D tensors to a (B, T) tensor with zeros."""
-    out = torch.zeros(len(rows), T, dtype=rows[0].dtype, device=rows[0].device)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = r[:T]
-    return out
+def first_fit_decreasing(lengths: List[int], budget: int) -> List[List[int]]:
+    """Positions into `lengths` grouped into bins of at most `budget` tokens: longest first, each into
+    the first bin with room. Bins come out nearly full, so packed micro-batches carry almost no
+    waste; a sequence longer than the budget gets a bin of its own (it is never split)."""
+    bins: List[List[int]] = []
+    loads: List[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for b, load in enumerate(loads):
+            if load + lengths[i] <= budget:
+                bins[b].append(i)
+                loads[b] += lengths[i]
+                break
+        else:
+            bins.append([i])
+            loads.append(lengths[i])
+    return bins
 
 
 def write_run_info(run_dir: str, cfg: DictConfig) -> None:
@@ -293,16 +304,28 @@ def optimizer_step(params, optimizer, schedule, grad_clip: float) -> float:
     return norm
 
 
+def micro_batches(indices: List[int], seq_lens: List[int], t) -> List[List[int]]:
+    """Samples `indices` split into micro-batches: packed into t.max_tokens_per_micro tokens each
+    (first-fit decreasing over their prompt + completion lengths), or t.micro_batch_size padded ones."""
+    if not t.packing:
+        return chunks(indices, t.micro_batch_size)
+    bins = first_fit_decreasing([seq_lens[i] for i in indices], t.max_tokens_per_micro)
+    return [[indices[k] for k in b] for b in bins]
+
+
 @torch.no_grad()
-def rollout_forward(models, items, T: int, micro_batch_size: int, collate_fn) -> Dict[str, torch.Tensor]:
-    """One no-grad pass of each model in `models` (name -> fn(batch) -> (B, Tb)) over all samples;
-    returns name -> (N, T), right-padded with zeros."""
-    rows = defaultdict(list)
-    for idx in chunks(list(range(len(items))), micro_batch_size):
-        batch = collate_fn([items[i] for i in idx])
+def rollout_forward(models, items, T: int, micro_batches: List[List[int]], make_batch) -> Dict[str, torch.Tensor]:
+    """One no-grad pass of each model in `models` (name -> fn(batch) -> (B, Tb)) over all samples,
+    micro-batch by micro-batch; returns name -> (N, T), right-padded with zeros."""
+    out: Dict[str, torch.Tensor] = {}
+    for idx in micro_batches:
+        batch = make_batch([items[i] for i in idx])
         for name, fn in models.items():
-            rows[name] += list(fn(batch))
-    return {name: pad_rows(v, T) for name, v in rows.items()}
+            values = fn(batch)  # (B, Tb)
+            if name not in out:
+                out[name] = torch.zeros(len(items), T, dtype=values.dtype, device=values.device)
+            out[name][idx, : values.shape[1]] = values
+    return out
 
 
 def write_samples(path: str, step: int, prompts, rollout, total, parts, k: int) -> None:
@@ -324,6 +347,7 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
     resolve_model_path(cfg.model.path)  # a missing model fails now, with how to get it
     t, r, a = cfg.trainer, cfg.rollout, cfg.algo
     device = pick_device(t.device)
+    os.makedirs(run_dir, exist_ok=True)
     write_run_info(run_dir, cfg)
 
     # ---- set-up: models, data, engine, optimizers ----
@@ -345,7 +369,10 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
     image_token = image_token_id(policy)
 
     def make_batch(pairs):
-        return collate(pairs, tokenizer.pad_token_id, image_token, device)
+        if not t.packing:
+            return collate(pairs, tokenizer.pad_token_id, image_token, device)
+        # under torch.distributed (ZeRO-3) a micro-batch without images still runs the vision tower
+        return pack(pairs, policy, tokenizer.pad_token_id, device) | {"dummy_vision": torch.distributed.is_initialized()}
 
     def logps(model, batch, **kw):
         return sequence_logps(model, batch, r.temperature, t.logp_chunk_size, banned_ids, **kw)
@@ -391,8 +418,11 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
         with autocast:
             rollout = engine.generate(prompts, r.group_size, derive_seed(t.seed, step, "rollout"))
         t_rollout = time.time() - t0
+        vision_cut = cut_vision_tokens(rollout, banned_ids.tolist())
         items = [(prompts[p], c) for p, c in zip(rollout.prompt_index, rollout.completion_ids)]
         lengths = torch.tensor([len(c) for c in rollout.completion_ids])  # (N,)
+        seq_lens = [len(p.input_ids) + len(c) for p, c in items]  # (N,) prompt + completion tokens
+
         T = int(lengths.max())
         mask = (torch.arange(T)[None, :] < lengths[:, None]).to(device)  # (N, T)
 
@@ -402,7 +432,7 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
         t_reward = time.time() - t0 - t_rollout
         rewards = torch.tensor(total, device=device)  # (N,)
         with autocast:
-            pre = rollout_forward(pre_models, items, T, t.micro_batch_size, make_batch)
+            pre = rollout_forward(pre_models, items, T, micro_batches(list(range(n_samples)), seq_lens, t), make_batch)
         old_logp, ref_logp, old_values = pre.get("old_logp"), pre.get("ref_logp"), pre.get("values")
         kl_reward = None
         if a.kl_in_reward and ref_logp is not None:
@@ -416,8 +446,8 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
         for epoch in range(a.ppo_epochs):
             order = torch.randperm(n_samples, generator=torch.Generator().manual_seed(derive_seed(t.seed, step, epoch))).tolist()
             for mini in chunks(order, t.mini_batch_size):
-                num_tokens, num_seqs = int(lengths[mini].sum()), len(mini)
-                for idx in chunks(mini, t.micro_batch_size):
+                num_tokens, num_seqs = max(1, int(lengths[mini].sum())), len(mini)
+                for idx in micro_batches(mini, seq_lens, t):
                     batch = make_batch([items[i] for i in idx])
                     m = batch["completion_mask"]  # (B, Tb)
                     Tb = m.shape[1]
@@ -473,6 +503,7 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
         metrics["rollout/response_len"] = lengths.float().mean().item()
         metrics["rollout/response_len_max"] = T
         metrics["rollout/truncated_frac"] = sum(rollout.truncated) / n_samples
+        metrics["rollout/vision_token_cut"] = vision_cut
         metrics["rollout/prompt_len"] = sum(len(p.input_ids) for p in prompts) / len(prompts)
         metrics["perf/rollout_s"] = t_rollout
         metrics["perf/reward_s"] = t_reward

@@ -11,7 +11,7 @@ sys.path.insert(0, ROOT)
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 import config as _config  # noqa: E402,F401  (registers the schema)
-from model import build_image_processor, build_tiny_model, build_tiny_tokenizer  # noqa: E402
+from model import build_image_processor, build_tiny_model, build_tiny_tokenizer, use_varlen_attention  # noqa: E402
 
 TINY_DEFAULTS = ["debug=tiny", "log.wandb=disabled", "log.progress=false"]
 
@@ -49,4 +49,6 @@ def image_processor(tiny_cfg):
 @pytest.fixture()
 def tiny_model(tokenizer, tiny_cfg):
     torch.manual_seed(0)
-    return build_tiny_model(tokenizer, tiny_cfg.model.tiny, seed=0).eval()
+    model = build_tiny_model(tokenizer, tiny_cfg.model.tiny, seed=0).eval()
+    use_varlen_attention(model, "sdpa")  # as load_policy sets it up
+    return model
