@@ -334,12 +334,13 @@ def completion_layout(items, pad_id: int, device) -> dict:
     }
 
 
-def collate(items, pad_id: int, image_token_id: Optional[int], device):
+def collate(items, pad_id: int, image_token_id: Optional[int], device, pad_to: int = 0):
     """Right-padded model inputs (B, L) for a list of (prompt, completion_ids) pairs: input_ids,
     attention_mask, the `vision_inputs`, the `completion_layout`, and where each sequence starts
-    (seq_row (B,) = its row, seq_start (B,) = 0). Transformers derives the positions itself."""
+    (seq_row (B,) = its row, seq_start (B,) = 0). Transformers derives the positions itself.
+    L is the longest sequence, or `pad_to` if longer (fixed shapes, as TRL pads a whole batch)."""
     seqs = [list(p.input_ids) + list(c) for p, c in items]
-    L, B = max(map(len, seqs)), len(items)
+    L, B = max(max(map(len, seqs)), pad_to), len(items)
     input_ids = torch.full((B, L), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((B, L), dtype=torch.long)
     for i, s in enumerate(seqs):
