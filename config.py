@@ -63,6 +63,7 @@ class Dtype(Choice):
 
 class Engine(Choice):
     hf = "hf"  # transformers generate: CPU, tests, debugging
+    vllm = "vllm"  # vLLM, colocated on the training GPU(s): production
 
 
 class WandbMode(Choice):
@@ -131,7 +132,13 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0  # 0 = disabled
     max_new_tokens: int = 4096  # completion budget; longer completions are truncated
-    micro_batch_size: int = 64  # sequences per generate call
+    micro_batch_size: int = 64  # sequences per generate call (hf)
+    logprobs: bool = True  # engines return the sampled tokens' log-probs (rollout/logp_diff, algo.tis_clip)
+    gpu_memory_utilization: float = 0.5  # vllm: share of GPU memory for its weights and KV cache
+    tensor_parallel_size: int = 1  # vllm: GPUs per engine (under torchrun: consecutive ranks form a group)
+    enable_sleep: bool = True  # vllm: free its memory while training, wake it to sample
+    enable_prefix_caching: bool = True  # vllm: a group's G samples share the prompt's KV cache
+    sync_bucket_mb: int = 512  # vllm: weights are pushed in buckets of about this many MB
 
 
 @dataclass
@@ -151,6 +158,9 @@ class AlgoConfig:
     value_clip: float = 0.2  # value-loss clipping around the rollout-time values (gae)
     critic_lr: float = 9e-6  # value model learning rate (gae; same warmup and cosine as the actor)
     eps: float = 1e-6  # added to std before dividing
+    # truncated importance sampling: weight each token's loss by min(exp(logp_trainer - logp_sampler),
+    # tis_clip), correcting for the sampler (vLLM) and trainer disagreeing; null = off
+    tis_clip: Optional[float] = None
 
 
 @dataclass
@@ -234,5 +244,9 @@ def validate(cfg: Any) -> None:
         errors.append(f"reward.timeout_s must be > 0 and reward.workers >= 0 (got {cfg.reward.timeout_s}, {cfg.reward.workers})")
     if cfg.data.source == DataSource.files and not cfg.data.train_files:
         errors.append("data.train_files is empty: give LMM-R1-format jsonl files, or use data.source=synthetic (debug=tiny does)")
+    if a.tis_clip is not None and (a.tis_clip <= 0 or not r.logprobs):
+        errors.append(f"algo.tis_clip={a.tis_clip} needs a positive value and rollout.logprobs=true")
+    if not 0 < r.gpu_memory_utilization <= 1 or r.tensor_parallel_size < 1:
+        errors.append("rollout.gpu_memory_utilization must be in (0, 1] and rollout.tensor_parallel_size >= 1")
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))

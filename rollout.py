@@ -1,18 +1,22 @@
-"""Generation engines behind one small interface.
+"""Generation engines behind one small interface; the only file that knows vLLM.
 
 An engine has two methods:
     generate(prompts, group_size, seed) -> Rollout   # group_size samples per prompt, grouped
     sync_weights(model)                               # make the engine sample from `model`'s weights
-The HF engine below samples with transformers' `generate` on the policy module itself (CPU, tests,
-debugging), so its sync is free. A production engine (vLLM) implements the same two methods.
+HFEngine samples with transformers' `generate` on the policy module itself (CPU, tests, debugging),
+so its sync is free. VLLMEngine runs an in-process vLLM `LLM` colocated with training: it sleeps
+while the policy trains and receives the new weights bucket by bucket after every update.
 """
 
+import os
 from dataclasses import dataclass
-from typing import List
+from typing import Iterator, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from transformers import GenerationConfig
 
+from data import image_items, load_image
 from model import STOP_TOKENS, VISION_TOKENS, image_token_id, vision_inputs
 
 
@@ -24,6 +28,7 @@ class Rollout:
     completion_ids: List[List[int]]  # (N, T_i) sampled tokens, the stop token included when one was sampled
     texts: List[str]  # (N,) decoded completions without the stop token
     truncated: List[bool]  # (N,) True when max_new_tokens ran out before a stop token
+    logprobs: Optional[List[List[float]]] = None  # (N, T_i) the sampler's log-prob of each sampled token
 
 
 def cut_vision_tokens(rollout: Rollout, vision_ids: List[int]) -> int:
@@ -39,6 +44,8 @@ def cut_vision_tokens(rollout: Rollout, vision_ids: List[int]) -> int:
         if first is not None:
             rollout.completion_ids[i] = ids[:first]
             rollout.truncated[i] = True
+            if rollout.logprobs is not None:
+                rollout.logprobs[i] = rollout.logprobs[i][:first]
             cut += 1
     return cut
 
@@ -96,12 +103,22 @@ class HFEngine:
         self.model.eval()
         gen_cfg = self.generation_config()
         completions: List[List[int]] = []
+        logprobs: List[List[float]] = []
         torch.manual_seed(seed)  # sampling RNG derived from (seed, step) by the caller
         for s in range(0, len(expanded), self.cfg.micro_batch_size):
             chunk = [prompts[i] for i in expanded[s : s + self.cfg.micro_batch_size]]
             inputs = generation_inputs(self.model, chunk, self.pad_id, device)
-            out = self.model.generate(**inputs, generation_config=gen_cfg)  # (b, L + T)
-            completions += [self.trim(row) for row in out[:, inputs["input_ids"].shape[1] :].tolist()]
+            out = self.model.generate(
+                **inputs, generation_config=gen_cfg, output_scores=self.cfg.logprobs, return_dict_in_generate=True
+            )
+            new_tokens = out.sequences[:, inputs["input_ids"].shape[1] :]  # (b, T)
+            completions += [self.trim(row) for row in new_tokens.tolist()]
+            if self.cfg.logprobs:
+                # the scores are the processed logits generate sampled from (temperature, top-k/p,
+                # suppressed tokens): these are the sampler's log-probs, as vLLM's processed_logprobs
+                scores = torch.stack(out.scores, dim=1).float()  # (b, T, V)
+                lp = F.log_softmax(scores, dim=-1).gather(2, new_tokens[..., None]).squeeze(-1)  # (b, T)
+                logprobs += [row[: len(c)] for row, c in zip(lp.tolist(), completions[-len(chunk) :])]
         self.model.train(was_training)
         texts = [self.tokenizer.decode(c[:-1] if self.stopped(c) else c, skip_special_tokens=False) for c in completions]
         return Rollout(
@@ -109,6 +126,7 @@ class HFEngine:
             completion_ids=completions,
             texts=texts,
             truncated=[not self.stopped(c) for c in completions],
+            logprobs=logprobs if self.cfg.logprobs else None,
         )
 
     def stopped(self, ids: List[int]) -> bool:
@@ -120,3 +138,173 @@ class HFEngine:
             if t in self.stop_ids:
                 return row[: j + 1]
         return row
+
+
+# ---------------------------------------------------------------------------------------------
+# vLLM, colocated: sleeps while the policy trains, receives new weights after each update
+# ---------------------------------------------------------------------------------------------
+
+
+def weight_buckets(model, bucket_bytes: int, dtype: torch.dtype) -> Iterator[List[Tuple[str, torch.Tensor]]]:
+    """The policy's trainable parameters as (HF name, tensor in `dtype`) lists of about `bucket_bytes`
+    each, so a sync never holds a second full copy of the model. Frozen parameters (a frozen vision
+    tower) are skipped: the engine still holds them from its start. Under DeepSpeed ZeRO-3 each
+    bucket's shards are gathered only while the bucket is being sent."""
+    bucket, size = [], 0
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        bucket.append((name, param))
+        size += param.numel() * dtype.itemsize
+        if size >= bucket_bytes:
+            yield from gathered(bucket, dtype)
+            bucket, size = [], 0
+    if bucket:
+        yield from gathered(bucket, dtype)
+
+
+def gathered(bucket, dtype: torch.dtype) -> Iterator[List[Tuple[str, torch.Tensor]]]:
+    """One bucket with its ZeRO-3 shards gathered (a no-op for ordinary parameters)."""
+    params = [p for _, p in bucket]
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params):
+            yield [(name, p.detach().to(dtype)) for name, p in bucket]
+    else:
+        yield [(name, p.detach().to(dtype)) for name, p in bucket]
+
+
+def check_vllm() -> Optional[str]:
+    """Why rollout.engine=vllm cannot run here, or None."""
+    if not torch.cuda.is_available():
+        return "rollout.engine=vllm needs a CUDA GPU (use rollout.engine=hf on CPU)"
+    try:
+        import vllm  # noqa: F401
+    except ImportError as e:
+        return f"rollout.engine=vllm needs vllm ({e}): pip install -r requirements-gpu.txt, or rollout.engine=hf"
+    return None
+
+
+class VLLMEngine:
+    """An in-process vLLM `LLM` per training rank (per tensor-parallel group under torchrun).
+
+    Prompts go in as the trainer's own token ids, one <|image_pad|> per image, with the images:
+    vLLM's Qwen2.5-VL processor expands each to its grid with the same min/max pixels as training,
+    and every prompt is checked to come back with exactly the trainer's expanded ids. Log-probs are
+    vLLM's processed ones (after temperature and the vision-token ban), comparable with the trainer's.
+    """
+
+    def __init__(self, model_path: str, tokenizer, rcfg, mcfg, max_model_len: int, seed: int):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: weights load by reference
+        from vllm import LLM
+
+        self.tokenizer, self.cfg = tokenizer, rcfg
+        self.stop_ids = tokenizer.convert_tokens_to_ids(STOP_TOKENS)
+        self.banned_ids = tokenizer.convert_tokens_to_ids(VISION_TOKENS)
+        self.image_pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.llm = LLM(
+            model=model_path,
+            dtype=str(mcfg.dtype),
+            seed=seed,
+            gpu_memory_utilization=rcfg.gpu_memory_utilization,
+            tensor_parallel_size=rcfg.tensor_parallel_size,
+            distributed_executor_backend="external_launcher" if distributed else None,
+            enable_sleep_mode=rcfg.enable_sleep,
+            enable_prefix_caching=rcfg.enable_prefix_caching,
+            max_model_len=max_model_len,
+            logprobs_mode="processed_logprobs",
+            mm_processor_kwargs={"min_pixels": mcfg.min_pixels, "max_pixels": mcfg.max_pixels},
+            limit_mm_per_prompt={"image": 8},
+        )
+        self.asleep: set = set()  # which of "weights", "kv_cache" are offloaded or discarded
+        self.stale_prefix_cache = False
+
+    def sleep(self) -> None:
+        """Give the GPU memory back to training. Level 1 offloads the weights (so frozen ones, which
+        a sync does not resend, survive) and discards the KV cache."""
+        if self.cfg.enable_sleep:
+            self.llm.sleep(level=1)
+            self.asleep = {"weights", "kv_cache"}
+
+    def wake(self, part: str) -> None:
+        if part in self.asleep:
+            self.llm.wake_up(tags=[part])
+            self.asleep.discard(part)
+
+    def vllm_prompt(self, prompt) -> dict:
+        """The trainer's ids with each image's run of <|image_pad|> collapsed to one, and its images."""
+        ids, previous = [], None
+        for t in prompt.input_ids:
+            if not (t == self.image_pad and previous == self.image_pad):
+                ids.append(t)
+            previous = t
+        images = [load_image(item["image"]) for item in image_items(prompt.sample.messages)]
+        return {"prompt_token_ids": ids} | ({"multi_modal_data": {"image": images}} if images else {})
+
+    def generate(self, prompts, group_size: int, seed: int) -> Rollout:
+        from vllm import SamplingParams
+
+        c = self.cfg
+        self.wake("weights")
+        self.wake("kv_cache")
+        if self.stale_prefix_cache:  # its KV entries were computed with the old weights
+            self.llm.reset_prefix_cache()
+            self.stale_prefix_cache = False
+        params = SamplingParams(
+            n=group_size,
+            temperature=c.temperature,
+            top_p=c.top_p,
+            top_k=c.top_k,
+            max_tokens=c.max_new_tokens,
+            stop_token_ids=self.stop_ids,
+            logit_bias={t: -1e9 for t in self.banned_ids},  # never sample a vision token
+            logprobs=0 if c.logprobs else None,  # the sampled token's log-prob only
+            seed=seed,
+            skip_special_tokens=False,
+        )
+        outputs = self.llm.generate([self.vllm_prompt(p) for p in prompts], params, use_tqdm=False)
+        self.sleep()
+        rollout = Rollout([], [], [], [], [] if c.logprobs else None)
+        for k, (prompt, out) in enumerate(zip(prompts, outputs)):
+            if list(out.prompt_token_ids) != list(prompt.input_ids):
+                raise RuntimeError(
+                    f"vLLM expanded prompt {k} to {len(out.prompt_token_ids)} tokens, the trainer to "
+                    f"{len(prompt.input_ids)}: image resizing differs (check model.min_pixels / max_pixels)"
+                )
+            for sample in out.outputs:
+                ids = list(sample.token_ids)
+                stopped = bool(ids) and ids[-1] in self.stop_ids
+                rollout.prompt_index.append(k)
+                rollout.completion_ids.append(ids)
+                rollout.texts.append(self.tokenizer.decode(ids[:-1] if stopped else ids, skip_special_tokens=False))
+                rollout.truncated.append(not stopped)
+                if c.logprobs:
+                    rollout.logprobs.append([step[t].logprob for step, t in zip(sample.logprobs, ids)])
+        return rollout
+
+    def sync_weights(self, model) -> None:
+        """Push the policy's trainable weights into vLLM bucket by bucket (only the weights wake up;
+        the KV cache stays released until the next generate), and mark the prefix cache stale."""
+        self.wake("weights")
+        vllm_model = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+        dtype = next(vllm_model.parameters()).dtype
+        for bucket in weight_buckets(model, self.cfg.sync_bucket_mb << 20, dtype):
+            vllm_model.load_weights(bucket)
+        self.stale_prefix_cache = True
+
+
+def make_engine(cfg, policy, tokenizer, model_path: Optional[str]):
+    """The engine `rollout.engine` names. vLLM loads the weights at `model_path` itself (they equal
+    the policy's at the start); the HF engine samples from the policy module."""
+    if cfg.rollout.engine == "hf":
+        return HFEngine(policy, tokenizer, cfg.rollout)
+    return VLLMEngine(
+        model_path,
+        tokenizer,
+        cfg.rollout,
+        cfg.model,
+        max_model_len=cfg.data.max_prompt_len + cfg.rollout.max_new_tokens,
+        seed=cfg.trainer.seed,
+    )

@@ -43,7 +43,7 @@ from model import (
     sequence_values,
 )
 from rewards import gold_problems, resolve, reward_pool, score
-from rollout import HFEngine, cut_vision_tokens
+from rollout import check_vllm, cut_vision_tokens, make_engine
 
 # ---------------------------------------------------------------------------------------------
 # Algorithm: advantages
@@ -172,6 +172,13 @@ def value_loss(values, old_values, returns, clip: float):
     return 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
 
 
+def tis_weights(old_logp: torch.Tensor, sampler_logp: torch.Tensor, clip: float) -> torch.Tensor:
+    """Truncated importance-sampling weights (B, T) for tokens the sampler (vLLM) drew but the trainer
+    scores: min(pi_trainer / pi_sampler, clip), with no gradient. The two disagree (kernels, bf16,
+    top-p); without the correction the update is silently off-policy (Yao et al., 2025)."""
+    return torch.exp(old_logp - sampler_logp).clamp(max=clip).detach()
+
+
 def aggregate(token_values, mask, mode: str, num_tokens: int, num_seqs: int, max_len: int) -> torch.Tensor:
     """Reduce (B, T) per-token values of one micro-batch to its share of the mini-batch loss.
 
@@ -218,6 +225,14 @@ def pick_device(name: str) -> torch.device:
 
 def chunks(xs: List[int], n: int) -> List[List[int]]:
     return [xs[i : i + n] for i in range(0, len(xs), n)]
+
+
+def right_pad(rows: List[List[float]], T: int, device) -> torch.Tensor:
+    """(N, T) float tensor of ragged rows, zero-padded on the right."""
+    out = torch.zeros(len(rows), T)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row[:T])
+    return out.to(device)
 
 
 def first_fit_decreasing(lengths: List[int], budget: int) -> List[List[int]]:
@@ -342,10 +357,14 @@ def write_samples(path: str, step: int, prompts, rollout, total, parts, k: int) 
 def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
     """Train with the composed config `cfg`, writing everything into `run_dir`; returns the last metrics."""
     validate(cfg)
+    t, r, a = cfg.trainer, cfg.rollout, cfg.algo
     for name in cfg.reward.weights:
         resolve(name)  # unknown reward names fail now, not after the model has loaded
-    resolve_model_path(cfg.model.path)  # a missing model fails now, with how to get it
-    t, r, a = cfg.trainer, cfg.rollout, cfg.algo
+    model_path = resolve_model_path(cfg.model.path)  # a missing model fails now, with how to get it
+    if r.engine == "vllm":  # so does a missing vLLM or GPU
+        problem = check_vllm() if model_path else "rollout.engine=vllm needs model.path (the tiny model runs on hf)"
+        if problem:
+            raise ConfigError(problem)
     device = pick_device(t.device)
     os.makedirs(run_dir, exist_ok=True)
     write_run_info(run_dir, cfg)
@@ -363,7 +382,7 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
     print(f"[data] {len(samples)} prompts" + (f", skipped {sum(skipped.values())}: {dict(skipped)}" if skipped else ""))
     reference = frozen_copy(policy) if a.kl_coef > 0 else None
     critic = Critic(policy) if a.estimator == "gae" else None
-    engine = HFEngine(policy, tokenizer, r)
+    engine = make_engine(cfg, policy, tokenizer, model_path)
     autocast = autocast_ctx(device, str(cfg.model.dtype))
     banned_ids = torch.tensor(tokenizer.convert_tokens_to_ids(VISION_TOKENS), device=device)
     image_token = image_token_id(policy)
@@ -423,8 +442,9 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
         lengths = torch.tensor([len(c) for c in rollout.completion_ids])  # (N,)
         seq_lens = [len(p.input_ids) + len(c) for p, c in items]  # (N,) prompt + completion tokens
 
-        T = int(lengths.max())
+        T = max(1, int(lengths.max()))
         mask = (torch.arange(T)[None, :] < lengths[:, None]).to(device)  # (N, T)
+        sampler_logp = None if rollout.logprobs is None else right_pad(rollout.logprobs, T, device)  # (N, T)
 
         # ---- reward & advantage ----
         rows = [prompts[p].sample.reward_row() for p in rollout.prompt_index]
@@ -438,6 +458,11 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
         if a.kl_in_reward and ref_logp is not None:
             kl_reward = kl_penalty(old_logp, ref_logp, str(a.kl_estimator)) * mask  # (N, T)
         advantages, returns = token_advantages(a, rewards, mask, r.group_size, kl_reward, old_values)
+        # the sampler's vs the trainer's log-probs of the same tokens under the same weights: from the
+        # old_logp pass if there is one, else from the update itself (one update: all before its step)
+        logp_gap = 0.0
+        if sampler_logp is not None and old_logp is not None:
+            logp_gap = ((old_logp - sampler_logp).abs() * mask).sum().item()
 
         # ---- policy update ----
         t1 = time.time()
@@ -464,6 +489,12 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
                         logp, entropy = logps(policy, batch, with_entropy=True)  # (B, Tb)
                     old = old_logp[idx, :Tb] if old_logp is not None else logp.detach()
                     token_loss, clipped = policy_loss(logp, old, advantages[idx, :Tb], a.clip_low, a.clip_high, a.dual_clip)
+                    if sampler_logp is not None:
+                        sampled = sampler_logp[idx, :Tb]
+                        if old_logp is None:
+                            logp_gap += ((old - sampled).abs() * m).sum().item()
+                        if a.tis_clip is not None:
+                            token_loss = token_loss * tis_weights(old, sampled, a.tis_clip)
                     loss = agg(token_loss)
                     stats["loss/policy"] += loss.item()
                     if ref_logp is not None and not a.kl_in_reward:
@@ -504,6 +535,8 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
         metrics["rollout/response_len_max"] = T
         metrics["rollout/truncated_frac"] = sum(rollout.truncated) / n_samples
         metrics["rollout/vision_token_cut"] = vision_cut
+        if sampler_logp is not None:
+            metrics["rollout/logp_diff"] = logp_gap / max(1, int(lengths.sum()))
         metrics["rollout/prompt_len"] = sum(len(p.input_ids) for p in prompts) / len(prompts)
         metrics["perf/rollout_s"] = t_rollout
         metrics["perf/reward_s"] = t_reward

@@ -15,6 +15,7 @@ from train import (
     kl_penalty,
     lr_factor,
     policy_loss,
+    tis_weights,
     token_advantages,
     token_rewards,
     value_loss,
@@ -221,3 +222,11 @@ def test_lr_schedule_warms_up_then_decays_to_min_ratio():
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(f[9:], f[10:]))
     assert f[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_truncated_importance_weights_hand_values():
+    old = torch.tensor([[-1.0, -2.0, -0.5]])  # trainer's log-probs of the sampled tokens
+    sampled = torch.tensor([[-1.5, -1.0, -0.5]], requires_grad=True)  # the sampler's
+    w = tis_weights(old, sampled, clip=1.5)
+    close(w, [[1.5, math.exp(-1.0), 1.0]])  # exp(0.5) = 1.65 truncated to 1.5; below 1 kept; equal -> 1
+    assert not w.requires_grad

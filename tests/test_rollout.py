@@ -1,17 +1,46 @@
-"""The engine contract, checked on the HF engine: groups, stop handling, masks, sampling knobs."""
+"""The engine contract: groups, stop handling, masks, sampling knobs, multimodal prompts, log-probs.
+
+Engine-agnostic checks run against every engine: the HF engine always, vLLM wherever vLLM and a
+CUDA GPU are present (skipped with the reason otherwise, never faked). The weight-sync test is
+vLLM's: after a sync its greedy samples and log-probs must follow the trainer's weights.
+"""
+
+import copy
 
 import pytest
+import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
 
 from config import RolloutConfig
 from data import encode_prompt, synthetic_samples
-from model import STOP_TOKENS, VISION_TOKENS
-from rollout import HFEngine
+from model import STOP_TOKENS, VISION_TOKENS, build_tiny_model, collate, save_checkpoint, sequence_logps, use_varlen_attention
+from rollout import HFEngine, Rollout, VLLMEngine, check_vllm, weight_buckets
 
 
 def rcfg(**kw):
     return OmegaConf.merge(OmegaConf.structured(RolloutConfig), {"micro_batch_size": 5, "max_new_tokens": 12, **kw})
+
+
+@pytest.fixture(params=["hf", pytest.param("vllm", marks=pytest.mark.gpu)])
+def engine_and_model(request, tokenizer, tiny_cfg, tmp_path_factory):
+    """(make_engine(**rollout overrides), the trainer-side model it samples). For vLLM the tiny model
+    gets 64-wide attention heads (what its kernels support) and is saved for vLLM to load."""
+    if request.param == "hf":
+        model = build_tiny_model(tokenizer, tiny_cfg.model.tiny, seed=0).eval()
+        use_varlen_attention(model, "sdpa")
+        return (lambda **kw: HFEngine(model, tokenizer, rcfg(**kw))), model
+    problem = check_vllm()
+    if problem:
+        pytest.skip(problem)
+    sizes = OmegaConf.merge(tiny_cfg.model.tiny, {"hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1,
+                                                   "vision_hidden_size": 128, "vision_num_heads": 2})  # fmt: skip
+    model = build_tiny_model(tokenizer, sizes, seed=0).eval().cuda()
+    use_varlen_attention(model, "sdpa")
+    path = str(tmp_path_factory.mktemp("vllm_tiny"))
+    save_checkpoint(path, model, tokenizer, None)
+    mcfg = OmegaConf.merge(tiny_cfg.model, {"dtype": "float32"})
+    return (lambda **kw: VLLMEngine(path, tokenizer, rcfg(**kw), mcfg, max_model_len=2048, seed=0)), model
 
 
 @pytest.fixture()
@@ -87,3 +116,115 @@ def test_engine_restores_training_mode(tiny_model, tokenizer, prompts):
     tiny_model.train()
     HFEngine(tiny_model, tokenizer, rcfg()).generate(prompts[:1], 2, seed=0)
     assert tiny_model.training
+
+
+# ---- every engine ----
+
+
+def test_contract_groups_sizes_and_stops(engine_and_model, tokenizer, prompts):
+    make, _ = engine_and_model
+    out = make(max_new_tokens=10).generate(prompts, group_size=3, seed=0)
+    assert isinstance(out, Rollout) and out.prompt_index == [0] * 3 + [1] * 3 + [2] * 3  # image, image, text prompts
+    stops = set(tokenizer.convert_tokens_to_ids(STOP_TOKENS))
+    banned = set(tokenizer.convert_tokens_to_ids(VISION_TOKENS))
+    for ids, text, truncated, lp in zip(out.completion_ids, out.texts, out.truncated, out.logprobs):
+        assert 1 <= len(ids) <= 10 and len(lp) == len(ids)
+        assert truncated == (ids[-1] not in stops) and not any(t in stops for t in ids[:-1])
+        assert not any(t in banned for t in ids)
+        assert all(x <= 0 for x in lp)
+        assert text == tokenizer.decode(ids if truncated else ids[:-1])
+
+
+def test_contract_seeding_and_group_diversity(engine_and_model, prompts):
+    make, _ = engine_and_model
+    engine = make()
+    a = engine.generate(prompts, 4, seed=3)
+    assert a.completion_ids == engine.generate(prompts, 4, seed=3).completion_ids
+    assert a.completion_ids != engine.generate(prompts, 4, seed=4).completion_ids
+    assert len({tuple(c) for c in a.completion_ids[:4]}) > 1  # a group's samples differ
+
+
+def test_contract_sampler_logprobs_are_the_trainers(engine_and_model, tokenizer, prompts):
+    """The engine's log-probs of what it sampled equal the trainer's log-probs of the same tokens
+    (same temperature, vision tokens banned): the basis of rollout/logp_diff and algo.tis_clip."""
+    make, model = engine_and_model
+    out = make(temperature=0.8, logprobs=True).generate(prompts, 2, seed=0)
+    items = [(prompts[k], c) for k, c in zip(out.prompt_index, out.completion_ids)]
+    device = next(model.parameters()).device
+    banned = torch.tensor(tokenizer.convert_tokens_to_ids(VISION_TOKENS), device=device)
+    with torch.no_grad():
+        logp = sequence_logps(model, collate(items, tokenizer.pad_token_id, model.config.image_token_id, device), 0.8, 64, banned)
+    for i, lp in enumerate(out.logprobs):
+        torch.testing.assert_close(logp[i, : len(lp)].cpu(), torch.tensor(lp), atol=1e-3, rtol=0)
+
+
+def test_logprobs_can_be_turned_off(engine_and_model, prompts):
+    make, _ = engine_and_model
+    assert make(logprobs=False).generate(prompts[:1], 2, seed=0).logprobs is None
+
+
+# ---- vLLM weight sync ----
+
+
+@pytest.mark.gpu
+def test_vllm_follows_the_trainers_weights_after_a_sync(tokenizer, tiny_cfg, tmp_path, prompts):
+    """After a sync, vLLM's greedy samples and log-probs are the trainer's; they change when the
+    weights change (the silent failure of an engine still sampling from its start weights)."""
+    problem = check_vllm()
+    if problem:
+        pytest.skip(problem)
+    sizes = OmegaConf.merge(tiny_cfg.model.tiny, {"hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1,
+                                                   "vision_hidden_size": 128, "vision_num_heads": 2})  # fmt: skip
+    model = build_tiny_model(tokenizer, sizes, seed=0).eval().cuda()
+    use_varlen_attention(model, "sdpa")
+    save_checkpoint(str(tmp_path), model, tokenizer, None)
+    mcfg = OmegaConf.merge(tiny_cfg.model, {"dtype": "float32"})
+    engine = VLLMEngine(str(tmp_path), tokenizer, rcfg(temperature=0.0), mcfg, max_model_len=2048, seed=0)
+    hf = HFEngine(model, tokenizer, rcfg(temperature=0.0))
+    before = engine.generate(prompts, 1, seed=0)
+    assert before.completion_ids == hf.generate(prompts, 1, seed=0).completion_ids
+    with torch.no_grad():
+        for p in model.model.language_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    engine.sync_weights(model)
+    after = engine.generate(prompts, 1, seed=0)
+    assert after.completion_ids == hf.generate(prompts, 1, seed=0).completion_ids
+    assert after.completion_ids != before.completion_ids
+    for a, b in zip(after.logprobs, hf.generate(prompts, 1, seed=0).logprobs):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-3, rtol=0)
+
+
+# ---- weight buckets (the sync up to the engine boundary) ----
+
+
+def test_weight_buckets_cover_trainable_weights_once_in_bounded_buckets(tiny_model):
+    model = copy.deepcopy(tiny_model)
+    model.model.visual.requires_grad_(False)  # frozen vision: not re-sent
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    bucket_bytes = 64 << 10
+    seen = []
+    for bucket in weight_buckets(model, bucket_bytes, torch.bfloat16):
+        sizes = [t.numel() * 2 for _, t in bucket]
+        assert sum(sizes) - sizes[-1] < bucket_bytes  # a bucket closes as soon as it is full
+        for name, tensor in bucket:
+            assert tensor.dtype == torch.bfloat16 and not tensor.requires_grad
+            torch.testing.assert_close(tensor.float(), trainable[name].detach().to(torch.bfloat16).float())
+            seen.append(name)
+    assert seen == list(trainable) and not any("visual" in n for n in seen)
+    assert "lm_head.weight" in seen or model.config.tie_word_embeddings
+
+
+def test_stages_default_to_vllm_and_say_what_is_missing_where_it_cannot_run(tmp_path, tiny_model, tokenizer, image_processor):
+    import train
+    from config import ConfigError
+    from conftest import compose_cfg
+
+    cfg = compose_cfg(["stage=mgt_geo"])
+    assert cfg.rollout.engine == "vllm" and compose_cfg(["stage=mgt_geo", "debug=tiny"]).rollout.engine == "hf"
+    save_checkpoint(str(tmp_path / "ckpt"), tiny_model, tokenizer, image_processor)
+    cfg = compose_cfg(["stage=fre_text", f"model.path={tmp_path / 'ckpt'}", "log.wandb=disabled"])
+    problem = check_vllm()
+    if problem is None:
+        pytest.skip("vLLM and a GPU are present here: the stage would start")
+    with pytest.raises(ConfigError, match="rollout.engine=vllm needs"):
+        train.run(cfg, str(tmp_path / "run"))

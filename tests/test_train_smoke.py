@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
 import train
+from config import ConfigError
 from conftest import TINY_DEFAULTS, compose_cfg, run_train
 
 TINY_STAGES = ["fre_text", "fre_multi", "mgt_geo", "mgt_percereason"]
@@ -86,6 +87,8 @@ def test_packed_and_padded_training_take_the_same_step(tmp_path):
         runs[name] = metrics, load_file(run_dir / "checkpoints" / "final" / "model.safetensors")
     (m_packed, w_packed), (m_padded, w_padded) = runs["packed"], runs["padded"]
     assert m_packed["reward/std"] > 0 and m_packed["loss/grad_norm"] > 0  # a real update happened
+    # HF samples with the training module itself: sampler and trainer agree to fp32 rounding
+    assert 0 <= m_packed["rollout/logp_diff"] < 1e-4
     assert m_packed["reward/mean"] == m_padded["reward/mean"]  # the same rollout
     assert m_packed["loss/policy"] == pytest.approx(m_padded["loss/policy"], abs=1e-6)
     assert m_packed["loss/grad_norm"] == pytest.approx(m_padded["loss/grad_norm"], rel=1e-4)
@@ -93,3 +96,14 @@ def test_packed_and_padded_training_take_the_same_step(tmp_path):
     # Adam's eps), where fp32 rounding noise can move the update by a fraction of lr
     diff = torch.cat([(w - w_padded[name]).abs().flatten() for name, w in w_packed.items()])
     assert diff.max() < 0.05 * 1e-3 and (diff > 1e-6).float().mean() < 1e-4
+
+
+@pytest.mark.slow
+def test_truncated_importance_sampling_runs_and_is_neutral_when_sampler_and_trainer_agree(tmp_path):
+    toy = ["+reward.weights={toy_rewards\\:digit_fraction: 1.0}", "~reward.weights.format", "~reward.weights.math"]
+    common = [*TINY_DEFAULTS, *toy, "trainer.max_steps=1", "algo.kl_coef=0"]
+    plain = train.run(compose_cfg(common), str(tmp_path / "plain"))
+    tis = train.run(compose_cfg([*common, "algo.tis_clip=2.0"]), str(tmp_path / "tis"))
+    assert tis["loss/policy"] == pytest.approx(plain["loss/policy"], abs=1e-6)  # weights are exp(~0) = 1
+    with pytest.raises(ConfigError, match="tis_clip"):
+        train.run(compose_cfg([*common, "algo.tis_clip=2.0", "rollout.logprobs=false"]), str(tmp_path / "bad"))
