@@ -24,12 +24,19 @@ def rcfg(**kw):
 
 @pytest.fixture(params=["hf", pytest.param("vllm", marks=pytest.mark.gpu)])
 def engine_and_model(request, tokenizer, tiny_cfg, tmp_path_factory):
-    """(make_engine(**rollout overrides), the trainer-side model it samples). For vLLM the tiny model
-    gets 64-wide attention heads (what its kernels support) and is saved for vLLM to load."""
+    """(make_engine(**rollout overrides), the trainer-side model it samples)."""
     if request.param == "hf":
         model = build_tiny_model(tokenizer, tiny_cfg.model.tiny, seed=0).eval()
         use_varlen_attention(model, "sdpa")
         return (lambda **kw: HFEngine(model, tokenizer, rcfg(**kw))), model
+    path = str(tmp_path_factory.mktemp("vllm_tiny"))
+    model, mcfg = vllm_ready_tiny_model(tokenizer, tiny_cfg, path)
+    return (lambda **kw: VLLMEngine(path, tokenizer, rcfg(**kw), mcfg, max_model_len=2048, seed=0)), model
+
+
+def vllm_ready_tiny_model(tokenizer, tiny_cfg, path: str):
+    """(the tiny model on the GPU, its model config), saved at `path` for vLLM; skips without vLLM/GPU.
+    Attention heads are 64 wide, which vLLM's kernels support (the default tiny model's are 16)."""
     problem = check_vllm()
     if problem:
         pytest.skip(problem)
@@ -37,10 +44,8 @@ def engine_and_model(request, tokenizer, tiny_cfg, tmp_path_factory):
                                                    "vision_hidden_size": 128, "vision_num_heads": 2})  # fmt: skip
     model = build_tiny_model(tokenizer, sizes, seed=0).eval().cuda()
     use_varlen_attention(model, "sdpa")
-    path = str(tmp_path_factory.mktemp("vllm_tiny"))
     save_checkpoint(path, model, tokenizer, None)
-    mcfg = OmegaConf.merge(tiny_cfg.model, {"dtype": "float32"})
-    return (lambda **kw: VLLMEngine(path, tokenizer, rcfg(**kw), mcfg, max_model_len=2048, seed=0)), model
+    return model, OmegaConf.merge(tiny_cfg.model, {"dtype": "float32"})
 
 
 @pytest.fixture()
@@ -170,15 +175,7 @@ def test_logprobs_can_be_turned_off(engine_and_model, prompts):
 def test_vllm_follows_the_trainers_weights_after_a_sync(tokenizer, tiny_cfg, tmp_path, prompts):
     """After a sync, vLLM's greedy samples and log-probs are the trainer's; they change when the
     weights change (the silent failure of an engine still sampling from its start weights)."""
-    problem = check_vllm()
-    if problem:
-        pytest.skip(problem)
-    sizes = OmegaConf.merge(tiny_cfg.model.tiny, {"hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1,
-                                                   "vision_hidden_size": 128, "vision_num_heads": 2})  # fmt: skip
-    model = build_tiny_model(tokenizer, sizes, seed=0).eval().cuda()
-    use_varlen_attention(model, "sdpa")
-    save_checkpoint(str(tmp_path), model, tokenizer, None)
-    mcfg = OmegaConf.merge(tiny_cfg.model, {"dtype": "float32"})
+    model, mcfg = vllm_ready_tiny_model(tokenizer, tiny_cfg, str(tmp_path))
     engine = VLLMEngine(str(tmp_path), tokenizer, rcfg(temperature=0.0), mcfg, max_model_len=2048, seed=0)
     hf = HFEngine(model, tokenizer, rcfg(temperature=0.0))
     before = engine.generate(prompts, 1, seed=0)
