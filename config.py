@@ -98,6 +98,7 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
     freeze_vision: bool = False  # keep the vision tower and merger fixed
+    trust_remote_code: bool = False  # let a checkpoint run its own Python code (off: only transformers' classes)
     min_pixels: int = 3136  # images are resized so that min_pixels <= H*W <= max_pixels (multiples of 28)
     max_pixels: int = 1003520
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
@@ -120,7 +121,10 @@ class TrainerConfig:
     max_tokens_per_micro: int = 16384  # token budget (prompt + completion) of a packed micro-batch
     micro_batch_size: int = 2  # samples per padded micro-batch (packing=false)
     logp_chunk_size: int = 1024  # tokens per lm_head chunk when computing log-probs
-    save_every: int = 20  # save a checkpoint every N steps (0 = only the final one)
+    save_every: int = 20  # save the full training state every N steps (0 = only at the end)
+    keep_last: int = 2  # step checkpoints kept in the run dir (older ones are deleted)
+    resume_from: Optional[str] = None  # a checkpoints/step_N dir (or a run dir) to continue; a run dir's own is used by default
+    max_bad_steps: int = 3  # stop after this many steps in a row whose updates had non-finite loss or gradients
 
 
 @dataclass
@@ -226,6 +230,8 @@ def validate(cfg: Any) -> None:
         errors.append(
             f"trainer.mini_batch_size={t.mini_batch_size} must divide rollout.prompts_per_step * rollout.group_size = {samples}"
         )
+    if t.keep_last < 1 or t.max_bad_steps < 1:
+        errors.append(f"trainer.keep_last={t.keep_last} and trainer.max_bad_steps={t.max_bad_steps} must be >= 1")
     if t.max_tokens_per_micro < 1:
         errors.append(f"trainer.max_tokens_per_micro={t.max_tokens_per_micro} must be >= 1")
     if t.micro_batch_size > t.mini_batch_size:

@@ -218,14 +218,17 @@ def load_policy(mcfg, seed: int, device: torch.device):
         tokenizer = build_tiny_tokenizer(mcfg.tiny.vocab_size)
         model = build_tiny_model(tokenizer, mcfg.tiny, seed).to(dtype)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        remote = bool(mcfg.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
         if tokenizer.chat_template is None:
             tokenizer.chat_template = QWEN_CHAT_TEMPLATE
-        model_type = AutoConfig.from_pretrained(path).model_type
+        model_type = AutoConfig.from_pretrained(path, trust_remote_code=remote).model_type
         cls = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "qwen2": Qwen2ForCausalLM}.get(model_type)
         if cls is None:
             raise ValueError(f"model.path={path}: model_type {model_type!r} is not supported (qwen2_5_vl, qwen2)")
-        model = cls.from_pretrained(path, dtype=dtype, attn_implementation=str(mcfg.attn_implementation))
+        model = cls.from_pretrained(
+            path, dtype=dtype, attn_implementation=str(mcfg.attn_implementation), trust_remote_code=remote
+        )
     use_varlen_attention(model, str(mcfg.attn_implementation))
     processor = build_image_processor(mcfg.min_pixels, mcfg.max_pixels) if is_multimodal(model) else None
     model.to(device)
@@ -532,6 +535,17 @@ def sequence_values(critic: Critic, batch) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
+
+
+def load_weights(path: str, model, critic: Optional[Critic] = None) -> None:
+    """Load a `save_checkpoint` dir's weights (safetensors only) into `model` (and `critic`) in place.
+    transformers maps the names save_pretrained wrote back to the module's; every one must fit."""
+    from safetensors.torch import load_file
+
+    loaded = type(model).from_pretrained(path, dtype=next(model.parameters()).dtype, use_safetensors=True)
+    model.load_state_dict(loaded.state_dict())
+    if critic is not None:
+        critic.load_state_dict(load_file(os.path.join(path, "critic.safetensors")))
 
 
 def save_checkpoint(path: str, model, tokenizer, image_processor, critic: Optional[Critic] = None) -> None:

@@ -13,8 +13,12 @@ import hashlib
 import json
 import math
 import os
+import random
+import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import defaultdict
 from contextlib import nullcontext
@@ -22,6 +26,7 @@ from functools import partial
 from typing import Dict, List, Optional, Tuple
 
 import hydra
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
@@ -36,6 +41,7 @@ from model import (
     frozen_copy,
     image_token_id,
     load_policy,
+    load_weights,
     pack,
     resolve_model_path,
     save_checkpoint,
@@ -213,6 +219,120 @@ def derive_seed(seed: int, *keys) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# Checkpoints: the whole training state, written atomically, so a resumed run is the same run
+# ---------------------------------------------------------------------------------------------
+
+STATE_FILE = "trainer_state.pt"  # beside the weights of checkpoints/step_N: optimizers, schedules, RNG, history
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. repeated non-finite updates); the message says why and what is kept."""
+
+
+def rng_state() -> dict:
+    """Python, numpy and torch RNG states as plain containers (loadable with weights_only=True)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [name, keys.tolist(), pos, has_gauss, cached], "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+
+
+def publish(tmp: str, final: str) -> None:
+    """Move a fully written checkpoint into place: a crash before this leaves the previous one intact."""
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def step_checkpoints(run_dir: str) -> List[Tuple[int, str]]:
+    """(step, path) of the complete step checkpoints of a run dir, oldest first."""
+    root = os.path.join(run_dir, "checkpoints")
+    found = []
+    for name in os.listdir(root) if os.path.isdir(root) else []:
+        path = os.path.join(root, name)
+        if name.startswith("step_") and name[5:].isdigit() and os.path.isfile(os.path.join(path, STATE_FILE)):
+            found.append((int(name[5:]), path))
+    return sorted(found)
+
+
+def save_training_state(run_dir: str, step: int, state: dict, policy, tokenizer, image_processor, critic, keep_last: int) -> str:
+    """checkpoints/step_<step>: the policy as a loadable HF dir (safetensors), the critic, and
+    `state` (optimizers, schedules, RNG, history); then only the newest `keep_last` are kept."""
+    root = os.path.join(run_dir, "checkpoints")
+    tmp, final = os.path.join(root, f".tmp_step_{step}"), os.path.join(root, f"step_{step}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_checkpoint(tmp, policy, tokenizer, image_processor, critic)
+    torch.save(state, os.path.join(tmp, STATE_FILE))
+    publish(tmp, final)
+    for _, old in step_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old)
+    return final
+
+
+def resume_point(run_dir: str, resume_from: Optional[str]) -> Optional[str]:
+    """The checkpoint to continue from: trainer.resume_from (a step dir, or a run dir's newest), else
+    this run dir's newest (a requeued SLURM job reuses its dir), else None for a fresh start."""
+    if resume_from:
+        if os.path.isfile(os.path.join(resume_from, STATE_FILE)):
+            return resume_from
+        found = step_checkpoints(resume_from)
+        if not found:
+            raise FileNotFoundError(f"trainer.resume_from={resume_from}: no checkpoints/step_N with {STATE_FILE} there")
+        return found[-1][1]
+    found = step_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def rewrite_logs(run_dir: str, step: int) -> None:
+    """Drop log lines of steps after `step` (written after the checkpoint, before the run stopped):
+    the resumed run writes them again, identically."""
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        path = os.path.join(run_dir, name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            with open(path, "w") as f:
+                f.writelines(lines)
+
+
+class StopSignals:
+    """SIGTERM (preemption), SIGUSR1/SIGUSR2 (SLURM's and submitit's warning before the time limit):
+    remember the signal, let the loop save at the end of the step, then hand over to whoever
+    handled it before (submitit requeues the job) or exit with 128 + signal number."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame) -> None:
+        self.received = signum
+        print(f"[signal] {signal.Signals(signum).name}: saving at the end of this step, then stopping", flush=True)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def stop(self) -> None:
+        """After the checkpoint is written: the previous handler (submitit's requeue), else exit."""
+        sig, previous = self.received, self.previous.get(self.received)
+        self.restore()
+        if callable(previous):
+            previous(sig, None)
+        sys.exit(128 + sig)
+
+
+# ---------------------------------------------------------------------------------------------
 # Run
 # ---------------------------------------------------------------------------------------------
 
@@ -311,9 +431,12 @@ def adamw_with_schedule(params, lr: float, t, total_updates: int):
 
 
 def optimizer_step(params, optimizer, schedule, grad_clip: float) -> float:
-    """Clip, step, advance the schedule, clear grads; returns the grad norm before clipping."""
+    """Clip, step, advance the schedule, clear grads; returns the grad norm before clipping. A
+    non-finite gradient (a NaN loss, an overflow) skips the step: one bad batch must not poison the
+    weights or Adam's moments. The schedule still advances, so it stays tied to the step count."""
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf")).item()
-    optimizer.step()
+    if math.isfinite(norm):
+        optimizer.step()
     schedule.step()
     optimizer.zero_grad(set_to_none=True)
     return norm
@@ -414,6 +537,24 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
     if critic is not None:
         pre_models["values"] = lambda b: sequence_values(critic, b)
 
+    # ---- resume: this run dir's newest checkpoint (a requeued job), or trainer.resume_from ----
+    history: List[Dict[str, float]] = []
+    start_step, bad_steps, wandb_id = 0, 0, None
+    checkpoint = resume_point(run_dir, t.resume_from)
+    if checkpoint is not None:
+        state = torch.load(os.path.join(checkpoint, STATE_FILE), weights_only=True)  # tensors and plain data only
+        load_weights(checkpoint, policy, critic)  # the reference stays the starting policy
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        if critic is not None:
+            critic_opt.load_state_dict(state["critic_optimizer"])
+            critic_schedule.load_state_dict(state["critic_schedule"])
+        set_rng_state(state["rng"])
+        start_step, bad_steps, history, wandb_id = state["step"], state["bad_steps"], state["history"], state["wandb_id"]
+        rewrite_logs(run_dir, start_step)
+        engine.sync_weights(policy)
+        print(f"[resume] {checkpoint}: continuing at step {start_step + 1} of {total_steps}")
+
     wandb_run = None
     if cfg.log.wandb != "disabled":
         import wandb
@@ -425,11 +566,16 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
             mode=str(cfg.log.wandb),
             config=OmegaConf.to_container(cfg, resolve=True),
             reinit="finish_previous",
+            id=wandb_id,
+            resume="allow" if wandb_id else None,
         )
 
     batches = prompt_batches(len(samples), r.prompts_per_step, t.seed, cfg.data.shuffle)
-    history: List[Dict[str, float]] = []
-    bar = tqdm(range(total_steps), desc=str(cfg.stage.name), disable=not cfg.log.progress, dynamic_ncols=True)
+    for _ in range(start_step):  # the data order continues where the checkpoint left it
+        next(batches)
+    signals = StopSignals()
+    bar = tqdm(range(start_step, total_steps), total=total_steps, initial=start_step, desc=str(cfg.stage.name),
+               disable=not cfg.log.progress, dynamic_ncols=True)  # fmt: skip
     for step in bar:
         t0 = time.time()
         # ---- rollout ----
@@ -468,6 +614,7 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
         t1 = time.time()
         policy.train()
         stats = defaultdict(float)
+        skipped = 0  # updates skipped for a non-finite loss or gradient
         for epoch in range(a.ppo_epochs):
             order = torch.randperm(n_samples, generator=torch.Generator().manual_seed(derive_seed(t.seed, step, epoch))).tolist()
             for mini in chunks(order, t.mini_batch_size):
@@ -510,9 +657,13 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
                         v_loss = agg(value_loss(values, old_values[idx, :Tb], returns[idx, :Tb], a.value_clip))
                         v_loss.backward()
                         stats["loss/value"] += v_loss.item()
-                stats["loss/grad_norm"] += optimizer_step(params, optimizer, schedule, t.grad_clip)
+                norm = optimizer_step(params, optimizer, schedule, t.grad_clip)
                 if critic is not None:
-                    optimizer_step(critic_params, critic_opt, critic_schedule, t.grad_clip)
+                    norm += optimizer_step(critic_params, critic_opt, critic_schedule, t.grad_clip)
+                if math.isfinite(norm):
+                    stats["loss/grad_norm"] += norm
+                else:
+                    skipped += 1
 
         # ---- sync weights ----
         engine.sync_weights(policy)
@@ -543,6 +694,7 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
         metrics["perf/update_s"] = time.time() - t1
         metrics["perf/step_s"] = time.time() - t0
         metrics["perf/tokens_per_s"] = int(lengths.sum()) / metrics["perf/step_s"]
+        metrics["loss/skipped_updates"] = skipped
         history.append(metrics)
         with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(metrics) + "\n")
@@ -554,12 +706,29 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
             wandb_run.log(metrics, step=step + 1)
         bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", len=f"{metrics['rollout/response_len']:.0f}")
         last = step + 1 == total_steps
-        if last or (t.save_every > 0 and (step + 1) % t.save_every == 0):
-            name = "final" if last else f"step_{step + 1}"
-            save_checkpoint(os.path.join(run_dir, "checkpoints", name), policy, tokenizer, image_processor, critic)
         if last or step % 10 == 0:
             plot_rewards(os.path.join(run_dir, "reward_curve.png"), history)
+        bad_steps = bad_steps + 1 if skipped else 0
+        if bad_steps >= t.max_bad_steps:
+            raise TrainingError(
+                f"{bad_steps} steps in a row had non-finite loss or gradients (last: step {step + 1}, "
+                f"{skipped} of {updates_per_step} updates skipped); the weights were not changed by those "
+                "updates. Lower trainer.lr or check the rewards; the last checkpoint is in checkpoints/."
+            )
+        if last or signals.received is not None or (t.save_every > 0 and (step + 1) % t.save_every == 0):
+            state = {"step": step + 1, "bad_steps": bad_steps, "history": history, "rng": rng_state(),
+                     "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                     "wandb_id": wandb_run.id if wandb_run is not None else None}  # fmt: skip
+            if critic is not None:
+                state |= {"critic_optimizer": critic_opt.state_dict(), "critic_schedule": critic_schedule.state_dict()}
+            save_training_state(run_dir, step + 1, state, policy, tokenizer, image_processor, critic, t.keep_last)
+        if signals.received is not None and not last:
+            if wandb_run is not None:
+                wandb_run.finish()
+            signals.stop()  # exits (or submitit requeues): a requeued job resumes from this checkpoint
+    signals.restore()
 
+    save_checkpoint(os.path.join(run_dir, "checkpoints", "final"), policy, tokenizer, image_processor, critic)
     link_latest(str(cfg.stage.name), run_dir)
     if wandb_run is not None:
         wandb_run.finish()
@@ -572,7 +741,7 @@ def main(cfg: DictConfig) -> None:
 
     try:
         run(cfg, HydraConfig.get().runtime.output_dir)
-    except (ConfigError, BadRow, FileNotFoundError) as e:  # config and data errors: the message is the help
+    except (ConfigError, BadRow, FileNotFoundError, TrainingError) as e:  # the message is the help
         sys.exit(f"error: {e}")
 
 
