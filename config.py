@@ -200,6 +200,25 @@ class LogConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """Where runs go. cluster=local: this machine. cluster=slurm: Hydra's submitit launcher renders
+    these into sbatch options (one task per GPU; SIGUSR2 before the time limit for a checkpoint and
+    a requeue)."""
+
+    name: str = "local"
+    partition: Optional[str] = None  # sbatch --partition
+    account: Optional[str] = None  # sbatch --account
+    qos: Optional[str] = None  # sbatch --qos
+    nodes: int = 1  # sbatch --nodes
+    gpus_per_node: int = 8  # sbatch --gpus-per-node; also tasks (training ranks) per node
+    cpus_per_task: int = 10  # sbatch --cpus-per-task
+    mem_gb: Optional[int] = None  # sbatch --mem, per node
+    timeout_min: int = 2880  # sbatch --time
+    max_requeues: int = 20  # requeues after preemption or the time limit (each resumes from the run dir)
+    signal_delay_s: int = 600  # SIGUSR2 this long before the limit: time to finish a step and checkpoint
+
+
+@dataclass
 class StageConfig:
     name: str = "fre_text"  # fre_text | fre_multi | mgt_geo | mgt_percereason | mgt_sokoban
 
@@ -207,6 +226,7 @@ class StageConfig:
 @dataclass
 class Config:
     stage: StageConfig = field(default_factory=StageConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
