@@ -479,9 +479,10 @@ def completion_positions(batch) -> Tuple[torch.Tensor, torch.Tensor]:
     return batch["seq_row"][i], batch["seq_start"][i] + batch["prompt_lens"][i] - 1 + j
 
 
-def _token_logp(h, targets, lm_head_weight, temperature: float, banned_ids, with_entropy: bool):
+def _token_logp(h, targets, lm_head, temperature: float, banned_ids, with_entropy: bool):
     # h: (n, H), targets: (n,) -> logp (n,), entropy (n,) or None. fp32 logits live for one chunk only.
-    logits = F.linear(h, lm_head_weight).float() / temperature  # (n, V)
+    # lm_head is called as a module: under ZeRO-3 its hooks gather the sharded weight.
+    logits = lm_head(h).float() / temperature  # (n, V)
     if banned_ids is not None:
         logits[:, banned_ids] = float("-inf")
     lse = torch.logsumexp(logits, dim=-1)
@@ -505,10 +506,9 @@ def sequence_logps(model, batch, temperature: float, chunk_size: int, banned_ids
     rows, cols = completion_positions(batch)
     h = h[rows, cols]  # (N, H)
     targets = batch["completion_ids"][batch["completion_mask"]]  # (N,)
-    weight = model.lm_head.weight
     logps, ents = [], []
     for s in range(0, h.shape[0], chunk_size):
-        args = (h[s : s + chunk_size], targets[s : s + chunk_size], weight, temperature, banned_ids, with_entropy)
+        args = (h[s : s + chunk_size], targets[s : s + chunk_size], model.lm_head, temperature, banned_ids, with_entropy)
         if torch.is_grad_enabled():
             lp, ent = checkpoint(_token_logp, *args, use_reentrant=False)
         else:

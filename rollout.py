@@ -1,7 +1,7 @@
 """Generation engines behind one small interface; the only file that knows vLLM.
 
 An engine has two methods:
-    generate(prompts, group_size, seed) -> Rollout   # group_size samples per prompt, grouped
+    generate(prompts, group_size, seeds) -> Rollout  # group_size samples per prompt, grouped; a seed per prompt
     sync_weights(model)                               # make the engine sample from `model`'s weights
 HFEngine samples with transformers' `generate` on the policy module itself (CPU, tests, debugging),
 so its sync is free. VLLMEngine runs an in-process vLLM `LLM` colocated with training: it sleeps
@@ -93,41 +93,41 @@ class HFEngine:
             eos_token_id=self.stop_ids,
             pad_token_id=self.pad_id,
             suppress_tokens=self.banned_ids,
+            output_scores=c.logprobs,
+            return_dict_in_generate=True,
         )
 
     @torch.no_grad()
-    def generate(self, prompts, group_size: int, seed: int) -> Rollout:
-        expanded = [i for i in range(len(prompts)) for _ in range(group_size)]  # grouped: p0 x G, p1 x G, ...
+    def generate(self, prompts, group_size: int, seeds: List[int]) -> Rollout:
+        """A group per prompt, each sampled from its own seed: a prompt's samples do not depend on
+        which other prompts share the call (or the rank), so data-parallel runs sample what one
+        process would."""
         device = next(self.model.parameters()).device
         was_training = self.model.training
         self.model.eval()
         gen_cfg = self.generation_config()
-        completions: List[List[int]] = []
-        logprobs: List[List[float]] = []
-        torch.manual_seed(seed)  # sampling RNG derived from (seed, step) by the caller
-        for s in range(0, len(expanded), self.cfg.micro_batch_size):
-            chunk = [prompts[i] for i in expanded[s : s + self.cfg.micro_batch_size]]
-            inputs = generation_inputs(self.model, chunk, self.pad_id, device)
-            out = self.model.generate(
-                **inputs, generation_config=gen_cfg, output_scores=self.cfg.logprobs, return_dict_in_generate=True
-            )
-            new_tokens = out.sequences[:, inputs["input_ids"].shape[1] :]  # (b, T)
-            completions += [self.trim(row) for row in new_tokens.tolist()]
-            if self.cfg.logprobs:
-                # the scores are the processed logits generate sampled from (temperature, top-k/p,
-                # suppressed tokens): these are the sampler's log-probs, as vLLM's processed_logprobs
-                scores = torch.stack(out.scores, dim=1).float()  # (b, T, V)
-                lp = F.log_softmax(scores, dim=-1).gather(2, new_tokens[..., None]).squeeze(-1)  # (b, T)
-                logprobs += [row[: len(c)] for row, c in zip(lp.tolist(), completions[-len(chunk) :])]
+        out = Rollout([], [], [], [], [] if self.cfg.logprobs else None)
+        for k, (prompt, seed) in enumerate(zip(prompts, seeds)):
+            torch.manual_seed(seed)
+            for s in range(0, group_size, self.cfg.micro_batch_size):
+                rows = min(self.cfg.micro_batch_size, group_size - s)
+                inputs = generation_inputs(self.model, [prompt] * rows, self.pad_id, device)
+                generated = self.model.generate(**inputs, generation_config=gen_cfg)
+                new_tokens = generated.sequences[:, inputs["input_ids"].shape[1] :]  # (rows, T)
+                completions = [self.trim(row) for row in new_tokens.tolist()]
+                if self.cfg.logprobs:
+                    # the scores are the processed logits generate sampled from (temperature, top-k/p,
+                    # suppressed tokens): these are the sampler's log-probs, as vLLM's processed_logprobs
+                    scores = torch.stack(generated.scores, dim=1).float()  # (rows, T, V)
+                    lp = F.log_softmax(scores, dim=-1).gather(2, new_tokens[..., None]).squeeze(-1)  # (rows, T)
+                    out.logprobs += [row[: len(c)] for row, c in zip(lp.tolist(), completions)]
+                out.prompt_index += [k] * rows
+                out.completion_ids += completions
         self.model.train(was_training)
-        texts = [self.tokenizer.decode(c[:-1] if self.stopped(c) else c, skip_special_tokens=False) for c in completions]
-        return Rollout(
-            prompt_index=expanded,
-            completion_ids=completions,
-            texts=texts,
-            truncated=[not self.stopped(c) for c in completions],
-            logprobs=logprobs if self.cfg.logprobs else None,
-        )
+        for c in out.completion_ids:
+            out.texts.append(self.tokenizer.decode(c[:-1] if self.stopped(c) else c, skip_special_tokens=False))
+            out.truncated.append(not self.stopped(c))
+        return out
 
     def stopped(self, ids: List[int]) -> bool:
         return bool(ids) and ids[-1] in self.stop_ids
@@ -243,7 +243,7 @@ class VLLMEngine:
         images = [load_image(item["image"]) for item in image_items(prompt.sample.messages)]
         return {"prompt_token_ids": ids} | ({"multi_modal_data": {"image": images}} if images else {})
 
-    def generate(self, prompts, group_size: int, seed: int) -> Rollout:
+    def generate(self, prompts, group_size: int, seeds: List[int]) -> Rollout:
         from vllm import SamplingParams
 
         c = self.cfg
@@ -252,18 +252,21 @@ class VLLMEngine:
         if self.stale_prefix_cache:  # its KV entries were computed with the old weights
             self.llm.reset_prefix_cache()
             self.stale_prefix_cache = False
-        params = SamplingParams(
-            n=group_size,
-            temperature=c.temperature,
-            top_p=c.top_p,
-            top_k=c.top_k,
-            max_tokens=c.max_new_tokens,
-            stop_token_ids=self.stop_ids,
-            logit_bias={t: -1e9 for t in self.banned_ids},  # never sample a vision token
-            logprobs=0 if c.logprobs else None,  # the sampled token's log-prob only
-            seed=seed,
-            skip_special_tokens=False,
-        )
+        params = [
+            SamplingParams(
+                n=group_size,
+                temperature=c.temperature,
+                top_p=c.top_p,
+                top_k=c.top_k,
+                max_tokens=c.max_new_tokens,
+                stop_token_ids=self.stop_ids,
+                logit_bias={t: -1e9 for t in self.banned_ids},  # never sample a vision token
+                logprobs=0 if c.logprobs else None,  # the sampled token's log-prob only
+                seed=seed,  # per prompt: its group does not depend on the batch it is in
+                skip_special_tokens=False,
+            )
+            for seed in seeds
+        ]
         outputs = self.llm.generate([self.vllm_prompt(p) for p in prompts], params, use_tqdm=False)
         self.sleep()
         rollout = Rollout([], [], [], [], [] if c.logprobs else None)

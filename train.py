@@ -125,10 +125,11 @@ def gae_advantages(rewards, values, mask, gamma: float, lam: float) -> Tuple[tor
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over the real tokens of the whole batch (REINFORCE++ / PPO normalisation)."""
-    n = mask.sum()
-    mean = (x * mask).sum() / n
-    var = (((x - mean) * mask) ** 2).sum() / n
+    """(x - mean) / std over the real tokens of the whole batch (REINFORCE++ / PPO normalisation);
+    under data parallel the batch is every rank's, so the sums are taken over all ranks."""
+    n = all_sum(mask.sum().float())
+    mean = all_sum((x * mask).sum()) / n
+    var = all_sum((((x - mean) * mask) ** 2).sum()) / n
     return (x - mean) * torch.rsqrt(var.clamp_min(eps)) * mask
 
 
@@ -216,6 +217,56 @@ def lr_factor(step: int, total: int, warmup_ratio: float, min_ratio: float) -> f
 def derive_seed(seed: int, *keys) -> int:
     """A seed for one (step, index, purpose): runs are reproducible and independent of call order."""
     return int(hashlib.sha256(repr((seed,) + keys).encode()).hexdigest()[:8], 16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data parallel: ranks split each step's prompts (a prompt's whole group on one rank)
+# ---------------------------------------------------------------------------------------------
+
+
+def distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def init_distributed(device_name: str) -> Tuple[int, int, torch.device]:
+    """(rank, world size, device). torchrun (or srun) sets WORLD_SIZE, RANK and LOCAL_RANK; the
+    process group starts once, gloo on CPU and nccl on GPUs. A single process is (0, 1, device)."""
+    device = pick_device(device_name)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not distributed():
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if not distributed():
+        return 0, 1, device
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+def all_sum(x: torch.Tensor) -> torch.Tensor:
+    """`x` summed over ranks (`x` itself in a single process)."""
+    if distributed():
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+    return x
+
+
+def gather(obj) -> list:
+    """[rank 0's obj, rank 1's, ...] on every rank (small Python objects: lists of rewards, counts)."""
+    if not distributed():
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def sync_gradients(params) -> None:
+    """Each rank's loss is its share of the global mean (normalised by global token counts), so the
+    full gradient is the sum of the ranks' gradients: all-reduce them before the optimizer step."""
+    if distributed():
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            torch.distributed.all_reduce(p.grad)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,8 +375,10 @@ class StopSignals:
             signal.signal(sig, handler)
 
     def stop(self) -> None:
-        """After the checkpoint is written: the previous handler (submitit's requeue), else exit."""
-        sig, previous = self.received, self.previous.get(self.received)
+        """After the checkpoint is written: the previous handler (submitit's requeue), else exit.
+        (A rank that got no signal itself stops with its peers, as if it had had SIGTERM.)"""
+        sig = self.received or signal.SIGTERM
+        previous = self.previous.get(sig)
         self.restore()
         if callable(previous):
             previous(sig, None)
@@ -488,9 +541,13 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
         problem = check_vllm() if model_path else "rollout.engine=vllm needs model.path (the tiny model runs on hf)"
         if problem:
             raise ConfigError(problem)
-    device = pick_device(t.device)
-    os.makedirs(run_dir, exist_ok=True)
-    write_run_info(run_dir, cfg)
+    rank, world, device = init_distributed(t.device)
+    main_rank = rank == 0  # only rank 0 writes files, logs and checkpoints
+    if r.prompts_per_step % world:
+        raise ConfigError(f"rollout.prompts_per_step={r.prompts_per_step} must divide among {world} ranks")
+    if main_rank:
+        os.makedirs(run_dir, exist_ok=True)
+        write_run_info(run_dir, cfg)
 
     # ---- set-up: models, data, engine, optimizers ----
     policy, tokenizer, image_processor = load_policy(cfg.model, t.seed, device)
@@ -502,7 +559,8 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
         return gold_problems(pool, [s.reward_row() for s in rows], list(weights), cfg.reward.timeout_s)
 
     samples, skipped = load_dataset(cfg.data, t.seed, tokenizer, image_processor, gold_check)
-    print(f"[data] {len(samples)} prompts" + (f", skipped {sum(skipped.values())}: {dict(skipped)}" if skipped else ""))
+    if main_rank:
+        print(f"[data] {len(samples)} prompts" + (f", skipped {sum(skipped.values())}: {dict(skipped)}" if skipped else ""))
     reference = frozen_copy(policy) if a.kl_coef > 0 else None
     critic = Critic(policy) if a.estimator == "gae" else None
     engine = make_engine(cfg, policy, tokenizer, model_path)
@@ -519,7 +577,9 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
     def logps(model, batch, **kw):
         return sequence_logps(model, batch, r.temperature, t.logp_chunk_size, banned_ids, **kw)
 
-    n_samples = r.prompts_per_step * r.group_size
+    n_samples = r.prompts_per_step * r.group_size  # over all ranks; this rank holds n_local from `offset` on
+    n_local = n_samples // world
+    offset = rank * n_local
     total_steps = t.max_steps if t.max_steps > 0 else t.episodes * steps_per_epoch(len(samples), r.prompts_per_step)
     updates_per_step = a.ppo_epochs * (n_samples // t.mini_batch_size)
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -551,12 +611,13 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
             critic_schedule.load_state_dict(state["critic_schedule"])
         set_rng_state(state["rng"])
         start_step, bad_steps, history, wandb_id = state["step"], state["bad_steps"], state["history"], state["wandb_id"]
-        rewrite_logs(run_dir, start_step)
+        if main_rank:
+            rewrite_logs(run_dir, start_step)
+            print(f"[resume] {checkpoint}: continuing at step {start_step + 1} of {total_steps}")
         engine.sync_weights(policy)
-        print(f"[resume] {checkpoint}: continuing at step {start_step + 1} of {total_steps}")
 
     wandb_run = None
-    if cfg.log.wandb != "disabled":
+    if cfg.log.wandb != "disabled" and main_rank:
         import wandb
 
         wandb_run = wandb.init(
@@ -575,13 +636,17 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
         next(batches)
     signals = StopSignals()
     bar = tqdm(range(start_step, total_steps), total=total_steps, initial=start_step, desc=str(cfg.stage.name),
-               disable=not cfg.log.progress, dynamic_ncols=True)  # fmt: skip
+               disable=not (cfg.log.progress and main_rank), dynamic_ncols=True)  # fmt: skip
     for step in bar:
         t0 = time.time()
         # ---- rollout ----
-        prompts = [encode_prompt(samples[i], tokenizer, image_processor) for i in next(batches)]
+        per_rank = r.prompts_per_step // world
+        mine = range(rank * per_rank, (rank + 1) * per_rank)  # positions in the step's prompt batch
+        step_prompts = next(batches)
+        prompts = [encode_prompt(samples[step_prompts[k]], tokenizer, image_processor) for k in mine]
         with autocast:
-            rollout = engine.generate(prompts, r.group_size, derive_seed(t.seed, step, "rollout"))
+            seeds = [derive_seed(t.seed, step, "rollout", k) for k in mine]  # the same samples at any world size
+            rollout = engine.generate(prompts, r.group_size, seeds)
         t_rollout = time.time() - t0
         vision_cut = cut_vision_tokens(rollout, banned_ids.tolist())
         items = [(prompts[p], c) for p, c in zip(rollout.prompt_index, rollout.completion_ids)]
@@ -596,9 +661,11 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
         rows = [prompts[p].sample.reward_row() for p in rollout.prompt_index]
         total, parts, failures = score(pool, rollout.texts, rows, weights, cfg.reward.timeout_s)
         t_reward = time.time() - t0 - t_rollout
-        rewards = torch.tensor(total, device=device)  # (N,)
+        rewards = torch.tensor(total, device=device)  # (N,) this rank's
+        ranks = gather([lengths.tolist(), total, parts, dict(failures), rollout.truncated, vision_cut])
+        all_lengths = [n for rk in ranks for n in rk[0]]  # (N_global,) every rank's, in rank order
         with autocast:
-            pre = rollout_forward(pre_models, items, T, micro_batches(list(range(n_samples)), seq_lens, t), make_batch)
+            pre = rollout_forward(pre_models, items, T, micro_batches(list(range(n_local)), seq_lens, t), make_batch)
         old_logp, ref_logp, old_values = pre.get("old_logp"), pre.get("ref_logp"), pre.get("values")
         kl_reward = None
         if a.kl_in_reward and ref_logp is not None:
@@ -617,9 +684,10 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
         skipped = 0  # updates skipped for a non-finite loss or gradient
         for epoch in range(a.ppo_epochs):
             order = torch.randperm(n_samples, generator=torch.Generator().manual_seed(derive_seed(t.seed, step, epoch))).tolist()
-            for mini in chunks(order, t.mini_batch_size):
-                num_tokens, num_seqs = max(1, int(lengths[mini].sum())), len(mini)
-                for idx in micro_batches(mini, seq_lens, t):
+            for mini in chunks(order, t.mini_batch_size):  # global sample ids: the same mini-batches at any world size
+                num_tokens, num_seqs = max(1, sum(all_lengths[g] for g in mini)), len(mini)
+                local = [g - offset for g in mini if offset <= g < offset + n_local]
+                for idx in micro_batches(local, seq_lens, t):
                     batch = make_batch([items[i] for i in idx])
                     m = batch["completion_mask"]  # (B, Tb)
                     Tb = m.shape[1]
@@ -657,8 +725,10 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
                         v_loss = agg(value_loss(values, old_values[idx, :Tb], returns[idx, :Tb], a.value_clip))
                         v_loss.backward()
                         stats["loss/value"] += v_loss.item()
+                sync_gradients(params)
                 norm = optimizer_step(params, optimizer, schedule, t.grad_clip)
                 if critic is not None:
+                    sync_gradients(critic_params)
                     norm += optimizer_step(critic_params, critic_opt, critic_schedule, t.grad_clip)
                 if math.isfinite(norm):
                     stats["loss/grad_norm"] += norm
@@ -669,45 +739,54 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
         engine.sync_weights(policy)
 
         # ---- log / save ----
+        # every rank's rewards and counts (gathered above); loss shares summed over ranks
+        all_rewards = torch.tensor([x for rk in ranks for x in rk[1]])  # (N_global,)
         metrics = {
             "step": step + 1,
-            "reward/mean": rewards.mean().item(),
-            "reward/std": rewards.std().item() if n_samples > 1 else 0.0,
+            "reward/mean": all_rewards.mean().item(),
+            "reward/std": all_rewards.std().item() if n_samples > 1 else 0.0,
         }
-        for name, values in parts.items():
-            metrics[f"reward/{name}"] = sum(values) / len(values)
+        for name in parts:
+            metrics[f"reward/{name}"] = sum(sum(rk[2][name]) for rk in ranks) / n_samples
         for kind in ("errors", "timeouts", "malformed"):  # counts of completions, by why they scored 0
-            metrics[f"reward/{kind}"] = failures[kind]
-        metrics.update({k: v / updates_per_step for k, v in stats.items()})
+            metrics[f"reward/{kind}"] = sum(rk[3].get(kind, 0) for rk in ranks)
+        shares = {k: v for k, v in stats.items() if k != "loss/grad_norm"}  # the norm is already global
+        summed = all_sum(torch.tensor(list(shares.values()), dtype=torch.float64)).tolist() if shares else []
+        metrics.update({k: v / updates_per_step for k, v in zip(shares, summed)})
+        if "loss/grad_norm" in stats:
+            metrics["loss/grad_norm"] = stats["loss/grad_norm"] / updates_per_step
         if kl_reward is not None:
-            metrics["loss/kl"] = (kl_reward.sum() / mask.sum()).item()  # the KL the rewards were charged
+            metrics["loss/kl"] = (
+                all_sum(kl_reward.sum()) / all_sum(mask.sum().float())
+            ).item()  # the KL the rewards were charged
         metrics["loss/lr"] = schedule.get_last_lr()[0]
-        metrics["rollout/response_len"] = lengths.float().mean().item()
-        metrics["rollout/response_len_max"] = T
-        metrics["rollout/truncated_frac"] = sum(rollout.truncated) / n_samples
-        metrics["rollout/vision_token_cut"] = vision_cut
+        metrics["rollout/response_len"] = sum(all_lengths) / n_samples
+        metrics["rollout/response_len_max"] = max(all_lengths)
+        metrics["rollout/truncated_frac"] = sum(sum(rk[4]) for rk in ranks) / n_samples
+        metrics["rollout/vision_token_cut"] = sum(rk[5] for rk in ranks)
         if sampler_logp is not None:
-            metrics["rollout/logp_diff"] = logp_gap / max(1, int(lengths.sum()))
-        metrics["rollout/prompt_len"] = sum(len(p.input_ids) for p in prompts) / len(prompts)
+            metrics["rollout/logp_diff"] = all_sum(torch.tensor(logp_gap, dtype=torch.float64)).item() / max(1, sum(all_lengths))
+        prompt_tokens = all_sum(torch.tensor(float(sum(len(p.input_ids) for p in prompts))))
+        metrics["rollout/prompt_len"] = prompt_tokens.item() / r.prompts_per_step
         metrics["perf/rollout_s"] = t_rollout
         metrics["perf/reward_s"] = t_reward
         metrics["perf/update_s"] = time.time() - t1
         metrics["perf/step_s"] = time.time() - t0
-        metrics["perf/tokens_per_s"] = int(lengths.sum()) / metrics["perf/step_s"]
+        metrics["perf/tokens_per_s"] = sum(all_lengths) / metrics["perf/step_s"]
         metrics["loss/skipped_updates"] = skipped
         history.append(metrics)
-        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        if cfg.log.samples_every > 0 and step % cfg.log.samples_every == 0:
-            write_samples(
-                os.path.join(run_dir, "samples.jsonl"), step + 1, prompts, rollout, total, parts, cfg.log.samples_per_step
-            )
-        if wandb_run is not None:
-            wandb_run.log(metrics, step=step + 1)
-        bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", len=f"{metrics['rollout/response_len']:.0f}")
         last = step + 1 == total_steps
-        if last or step % 10 == 0:
-            plot_rewards(os.path.join(run_dir, "reward_curve.png"), history)
+        if main_rank:
+            with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            if cfg.log.samples_every > 0 and step % cfg.log.samples_every == 0:
+                samples_path = os.path.join(run_dir, "samples.jsonl")
+                write_samples(samples_path, step + 1, prompts, rollout, total, parts, cfg.log.samples_per_step)
+            if wandb_run is not None:
+                wandb_run.log(metrics, step=step + 1)
+            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", len=f"{metrics['rollout/response_len']:.0f}")
+            if last or step % 10 == 0:
+                plot_rewards(os.path.join(run_dir, "reward_curve.png"), history)
         bad_steps = bad_steps + 1 if skipped else 0
         if bad_steps >= t.max_bad_steps:
             raise TrainingError(
@@ -715,21 +794,26 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
                 f"{skipped} of {updates_per_step} updates skipped); the weights were not changed by those "
                 "updates. Lower trainer.lr or check the rewards; the last checkpoint is in checkpoints/."
             )
-        if last or signals.received is not None or (t.save_every > 0 and (step + 1) % t.save_every == 0):
+        stopping = all_sum(torch.tensor(float(signals.received is not None))).item() > 0  # any rank signalled
+        if last or stopping or (t.save_every > 0 and (step + 1) % t.save_every == 0):
             state = {"step": step + 1, "bad_steps": bad_steps, "history": history, "rng": rng_state(),
                      "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                      "wandb_id": wandb_run.id if wandb_run is not None else None}  # fmt: skip
             if critic is not None:
                 state |= {"critic_optimizer": critic_opt.state_dict(), "critic_schedule": critic_schedule.state_dict()}
-            save_training_state(run_dir, step + 1, state, policy, tokenizer, image_processor, critic, t.keep_last)
-        if signals.received is not None and not last:
+            if main_rank:  # replicas hold the same weights and optimizer state
+                save_training_state(run_dir, step + 1, state, policy, tokenizer, image_processor, critic, t.keep_last)
+            if distributed():
+                torch.distributed.barrier()  # nobody stops or reads it before it is complete
+        if stopping and not last:
             if wandb_run is not None:
                 wandb_run.finish()
             signals.stop()  # exits (or submitit requeues): a requeued job resumes from this checkpoint
     signals.restore()
 
-    save_checkpoint(os.path.join(run_dir, "checkpoints", "final"), policy, tokenizer, image_processor, critic)
-    link_latest(str(cfg.stage.name), run_dir)
+    if main_rank:
+        save_checkpoint(os.path.join(run_dir, "checkpoints", "final"), policy, tokenizer, image_processor, critic)
+        link_latest(str(cfg.stage.name), run_dir)
     if wandb_run is not None:
         wandb_run.finish()
     return history[-1]
@@ -743,6 +827,9 @@ def main(cfg: DictConfig) -> None:
         run(cfg, HydraConfig.get().runtime.output_dir)
     except (ConfigError, BadRow, FileNotFoundError, TrainingError) as e:  # the message is the help
         sys.exit(f"error: {e}")
+    finally:
+        if distributed():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -18,6 +18,10 @@ from model import STOP_TOKENS, VISION_TOKENS, build_tiny_model, collate, save_ch
 from rollout import HFEngine, Rollout, VLLMEngine, check_vllm, weight_buckets
 
 
+def per_prompt(seed: int, prompts) -> list:
+    return [seed * 1000 + k for k in range(len(prompts))]
+
+
 def rcfg(**kw):
     return OmegaConf.merge(OmegaConf.structured(RolloutConfig), {"micro_batch_size": 5, "max_new_tokens": 12, **kw})
 
@@ -64,7 +68,7 @@ def favour_token(model, token_id: int, bias: float):
 
 
 def test_groups_are_consecutive_and_sizes_match(tiny_model, tokenizer, prompts):
-    out = HFEngine(tiny_model, tokenizer, rcfg()).generate(prompts, group_size=4, seed=0)
+    out = HFEngine(tiny_model, tokenizer, rcfg()).generate(prompts, group_size=4, seeds=per_prompt(0, prompts))
     assert out.prompt_index == [0] * 4 + [1] * 4 + [2] * 4
     assert len(out.completion_ids) == len(out.texts) == len(out.truncated) == 12
     assert all(1 <= len(c) <= 12 for c in out.completion_ids)
@@ -73,14 +77,14 @@ def test_groups_are_consecutive_and_sizes_match(tiny_model, tokenizer, prompts):
 def test_vision_tokens_are_never_sampled(tiny_model, tokenizer, prompts):
     banned = set(tokenizer.convert_tokens_to_ids(VISION_TOKENS))
     favour_token(tiny_model, tokenizer.convert_tokens_to_ids("<|image_pad|>"), 8.0)  # the model now wants them
-    out = HFEngine(tiny_model, tokenizer, rcfg(max_new_tokens=16)).generate(prompts, group_size=8, seed=0)
+    out = HFEngine(tiny_model, tokenizer, rcfg(max_new_tokens=16)).generate(prompts, group_size=8, seeds=per_prompt(0, prompts))
     assert not any(t in banned for c in out.completion_ids for t in c)
 
 
 def test_stops_at_im_end_and_reports_truncation(tiny_model, tokenizer, prompts):
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     favour_token(tiny_model, im_end, 4.0)
-    out = HFEngine(tiny_model, tokenizer, rcfg(max_new_tokens=12)).generate(prompts, group_size=8, seed=1)
+    out = HFEngine(tiny_model, tokenizer, rcfg(max_new_tokens=12)).generate(prompts, group_size=8, seeds=per_prompt(1, prompts))
     stops = set(tokenizer.convert_tokens_to_ids(STOP_TOKENS))
     stopped = [not t for t in out.truncated]
     assert any(stopped) and not all(stopped)  # both cases occur with this bias and seed
@@ -95,13 +99,13 @@ def test_stops_at_im_end_and_reports_truncation(tiny_model, tokenizer, prompts):
 
 def test_sampling_is_seeded(tiny_model, tokenizer, prompts):
     engine = HFEngine(tiny_model, tokenizer, rcfg())
-    a = engine.generate(prompts, 3, seed=7).completion_ids
-    assert a == engine.generate(prompts, 3, seed=7).completion_ids
-    assert a != engine.generate(prompts, 3, seed=8).completion_ids
+    a = engine.generate(prompts, 3, seeds=per_prompt(7, prompts)).completion_ids
+    assert a == engine.generate(prompts, 3, seeds=per_prompt(7, prompts)).completion_ids
+    assert a != engine.generate(prompts, 3, seeds=per_prompt(8, prompts)).completion_ids
 
 
 def test_greedy_when_temperature_is_zero(tiny_model, tokenizer, prompts):
-    out = HFEngine(tiny_model, tokenizer, rcfg(temperature=0.0)).generate(prompts, 3, seed=0)
+    out = HFEngine(tiny_model, tokenizer, rcfg(temperature=0.0)).generate(prompts, 3, seeds=per_prompt(0, prompts))
     assert out.completion_ids[0] == out.completion_ids[1] == out.completion_ids[2]
 
 
@@ -113,13 +117,13 @@ def test_checkpoint_generation_config_does_not_change_sampling(tiny_model, token
     engine = HFEngine(tiny_model, tokenizer, rcfg())
     gc = engine.generation_config()
     assert gc.top_k == 0 and gc.repetition_penalty == 1.0
-    out = engine.generate(prompts[:1], 6, seed=0)
+    out = engine.generate(prompts[:1], 6, seeds=per_prompt(0, prompts[:1]))
     assert len({tuple(c) for c in out.completion_ids}) > 1  # top_k=1 would make every sample identical
 
 
 def test_engine_restores_training_mode(tiny_model, tokenizer, prompts):
     tiny_model.train()
-    HFEngine(tiny_model, tokenizer, rcfg()).generate(prompts[:1], 2, seed=0)
+    HFEngine(tiny_model, tokenizer, rcfg()).generate(prompts[:1], 2, seeds=per_prompt(0, prompts[:1]))
     assert tiny_model.training
 
 
@@ -128,7 +132,7 @@ def test_engine_restores_training_mode(tiny_model, tokenizer, prompts):
 
 def test_contract_groups_sizes_and_stops(engine_and_model, tokenizer, prompts):
     make, _ = engine_and_model
-    out = make(max_new_tokens=10).generate(prompts, group_size=3, seed=0)
+    out = make(max_new_tokens=10).generate(prompts, group_size=3, seeds=per_prompt(0, prompts))
     assert isinstance(out, Rollout) and out.prompt_index == [0] * 3 + [1] * 3 + [2] * 3  # image, image, text prompts
     stops = set(tokenizer.convert_tokens_to_ids(STOP_TOKENS))
     banned = set(tokenizer.convert_tokens_to_ids(VISION_TOKENS))
@@ -143,9 +147,9 @@ def test_contract_groups_sizes_and_stops(engine_and_model, tokenizer, prompts):
 def test_contract_seeding_and_group_diversity(engine_and_model, prompts):
     make, _ = engine_and_model
     engine = make()
-    a = engine.generate(prompts, 4, seed=3)
-    assert a.completion_ids == engine.generate(prompts, 4, seed=3).completion_ids
-    assert a.completion_ids != engine.generate(prompts, 4, seed=4).completion_ids
+    a = engine.generate(prompts, 4, seeds=per_prompt(3, prompts))
+    assert a.completion_ids == engine.generate(prompts, 4, seeds=per_prompt(3, prompts)).completion_ids
+    assert a.completion_ids != engine.generate(prompts, 4, seeds=per_prompt(4, prompts)).completion_ids
     assert len({tuple(c) for c in a.completion_ids[:4]}) > 1  # a group's samples differ
 
 
@@ -153,7 +157,7 @@ def test_contract_sampler_logprobs_are_the_trainers(engine_and_model, tokenizer,
     """The engine's log-probs of what it sampled equal the trainer's log-probs of the same tokens
     (same temperature, vision tokens banned): the basis of rollout/logp_diff and algo.tis_clip."""
     make, model = engine_and_model
-    out = make(temperature=0.8, logprobs=True).generate(prompts, 2, seed=0)
+    out = make(temperature=0.8, logprobs=True).generate(prompts, 2, seeds=per_prompt(0, prompts))
     items = [(prompts[k], c) for k, c in zip(out.prompt_index, out.completion_ids)]
     device = next(model.parameters()).device
     banned = torch.tensor(tokenizer.convert_tokens_to_ids(VISION_TOKENS), device=device)
@@ -165,7 +169,7 @@ def test_contract_sampler_logprobs_are_the_trainers(engine_and_model, tokenizer,
 
 def test_logprobs_can_be_turned_off(engine_and_model, prompts):
     make, _ = engine_and_model
-    assert make(logprobs=False).generate(prompts[:1], 2, seed=0).logprobs is None
+    assert make(logprobs=False).generate(prompts[:1], 2, seeds=per_prompt(0, prompts[:1])).logprobs is None
 
 
 # ---- vLLM weight sync ----
@@ -178,16 +182,16 @@ def test_vllm_follows_the_trainers_weights_after_a_sync(tokenizer, tiny_cfg, tmp
     model, mcfg = vllm_ready_tiny_model(tokenizer, tiny_cfg, str(tmp_path))
     engine = VLLMEngine(str(tmp_path), tokenizer, rcfg(temperature=0.0), mcfg, max_model_len=2048, seed=0)
     hf = HFEngine(model, tokenizer, rcfg(temperature=0.0))
-    before = engine.generate(prompts, 1, seed=0)
-    assert before.completion_ids == hf.generate(prompts, 1, seed=0).completion_ids
+    before = engine.generate(prompts, 1, seeds=per_prompt(0, prompts))
+    assert before.completion_ids == hf.generate(prompts, 1, seeds=per_prompt(0, prompts)).completion_ids
     with torch.no_grad():
         for p in model.model.language_model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     engine.sync_weights(model)
-    after = engine.generate(prompts, 1, seed=0)
-    assert after.completion_ids == hf.generate(prompts, 1, seed=0).completion_ids
+    after = engine.generate(prompts, 1, seeds=per_prompt(0, prompts))
+    assert after.completion_ids == hf.generate(prompts, 1, seeds=per_prompt(0, prompts)).completion_ids
     assert after.completion_ids != before.completion_ids
-    for a, b in zip(after.logprobs, hf.generate(prompts, 1, seed=0).logprobs):
+    for a, b in zip(after.logprobs, hf.generate(prompts, 1, seeds=per_prompt(0, prompts)).logprobs):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-3, rtol=0)
 
 
@@ -225,3 +229,11 @@ def test_stages_default_to_vllm_and_say_what_is_missing_where_it_cannot_run(tmp_
         pytest.skip("vLLM and a GPU are present here: the stage would start")
     with pytest.raises(ConfigError, match="rollout.engine=vllm needs"):
         train.run(cfg, str(tmp_path / "run"))
+
+
+def test_a_prompts_group_does_not_depend_on_the_other_prompts(tiny_model, tokenizer, prompts):
+    """What lets data-parallel ranks sample exactly what a single process would."""
+    engine = HFEngine(tiny_model, tokenizer, rcfg(micro_batch_size=2))
+    together = engine.generate(prompts, 3, seeds=[11, 12, 13])
+    alone = engine.generate(prompts[1:2], 3, seeds=[12])
+    assert together.completion_ids[3:6] == alone.completion_ids and together.logprobs[3:6] == alone.logprobs
