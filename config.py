@@ -114,6 +114,8 @@ class TrainerConfig:
     warmup_ratio: float = 0.03  # linear warmup over this fraction of optimizer steps
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
     grad_clip: float = 1.0  # max global grad norm (0 = no clipping)
+    zero_stage: int = 0  # 0: plain PyTorch (data parallel by gradient all-reduce) | 1, 2, 3: DeepSpeed ZeRO
+    offload: str = "none"  # DeepSpeed: none | optimizer (states to CPU) | all (ZeRO-3: parameters too)
     episodes: int = 1  # passes over the prompt set (when max_steps <= 0)
     max_steps: int = -1  # RL steps (rollout + update); <= 0 means derived from episodes
     mini_batch_size: int = 256  # samples (completions) per optimizer step
@@ -250,6 +252,10 @@ def validate(cfg: Any) -> None:
         errors.append(
             f"trainer.mini_batch_size={t.mini_batch_size} must divide rollout.prompts_per_step * rollout.group_size = {samples}"
         )
+    if t.zero_stage not in (0, 1, 2, 3) or t.offload not in ("none", "optimizer", "all"):
+        errors.append(f"trainer.zero_stage={t.zero_stage} must be 0-3 and trainer.offload={t.offload} none|optimizer|all")
+    elif t.offload != "none" and t.zero_stage == 0 or t.offload == "all" and t.zero_stage != 3:
+        errors.append(f"trainer.offload={t.offload} needs DeepSpeed (zero_stage >= 1; 'all' needs zero_stage=3)")
     if t.keep_last < 1 or t.max_bad_steps < 1:
         errors.append(f"trainer.keep_last={t.keep_last} and trainer.max_bad_steps={t.max_bad_steps} must be >= 1")
     if t.max_tokens_per_micro < 1:

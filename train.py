@@ -228,11 +228,21 @@ def distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def init_distributed(device_name: str) -> Tuple[int, int, torch.device]:
-    """(rank, world size, device). torchrun (or srun) sets WORLD_SIZE, RANK and LOCAL_RANK; the
-    process group starts once, gloo on CPU and nccl on GPUs. A single process is (0, 1, device)."""
+def init_distributed(device_name: str, always: bool = False) -> Tuple[int, int, torch.device]:
+    """(rank, world size, device). torchrun sets WORLD_SIZE, RANK and LOCAL_RANK (under
+    cluster=slurm, submitit's tasks derive them from SLURM's); the process group starts once, gloo on
+    CPU and nccl on GPUs. A single process is (0, 1, device),
+    with a one-rank group when `always` (DeepSpeed needs one)."""
     device = pick_device(device_name)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not distributed():
+    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and "WORLD_SIZE" not in os.environ:
+        import submitit  # a task of cluster=slurm: its SLURM rank, world and master become torch's
+
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    if always:
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+            os.environ.setdefault(key, value)
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if (always or int(os.environ.get("WORLD_SIZE", "1")) > 1) and not distributed():
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
@@ -240,6 +250,56 @@ def init_distributed(device_name: str) -> Tuple[int, int, torch.device]:
     if not distributed():
         return 0, 1, device
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def all_max(n: int) -> int:
+    if not distributed():
+        return n
+    x = torch.tensor(n)
+    torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX)
+    return int(x)
+
+
+def in_step(micro: List[List[int]]) -> List[Tuple[List[int], bool]]:
+    """(indices, real) micro-batches, padded with zero-weight repeats of the first one so that every
+    rank runs as many forward/backward passes as the busiest: ZeRO's gathers and reductions are
+    collective, and a rank that stopped early would hang the others."""
+    micro = [m for m in micro if m]
+    n = all_max(len(micro))
+    filler = micro[0] if micro else [0]
+    return [(idx, True) for idx in micro] + [(filler, False)] * (n - len(micro))
+
+
+def deepspeed_engine(model, optimizer, schedule, t, bf16: bool):
+    """`model` under DeepSpeed ZeRO `t.zero_stage` (with our optimizer and schedule, or none for a
+    frozen model), gradients averaged across ranks, clipping done by DeepSpeed."""
+    import deepspeed
+
+    zero = {"stage": t.zero_stage}
+    if t.offload in ("optimizer", "all") and optimizer is not None:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if t.offload == "all":
+        zero["offload_param"] = {"device": "cpu"}
+    ds_config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,  # the loop marks the boundaries itself (micro-batch counts vary)
+        "gradient_clipping": t.grad_clip if optimizer is not None else 0.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,  # our AdamW also with offload: the same numbers as without
+        "steps_per_print": 1 << 30,
+    }
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
+    return engine
 
 
 def all_sum(x: torch.Tensor) -> torch.Tensor:
@@ -312,18 +372,46 @@ def step_checkpoints(run_dir: str) -> List[Tuple[int, str]]:
     return sorted(found)
 
 
-def save_training_state(run_dir: str, step: int, state: dict, policy, tokenizer, image_processor, critic, keep_last: int) -> str:
-    """checkpoints/step_<step>: the policy as a loadable HF dir (safetensors), the critic, and
-    `state` (optimizers, schedules, RNG, history); then only the newest `keep_last` are kept."""
+def save_training_state(run_dir: str, step: int, state: dict, policy, tokenizer, image_processor, critic, keep_last: int,
+                        engines: Dict[str, object]) -> str:  # fmt: skip
+    """checkpoints/step_<step>: the policy as a loadable HF dir (safetensors), the critic, `state`
+    (optimizers, schedules, RNG, history) and, under DeepSpeed, each engine's own sharded checkpoint
+    (every rank writes its part); then only the newest `keep_last` are kept. Rank 0 writes the rest."""
     root = os.path.join(run_dir, "checkpoints")
     tmp, final = os.path.join(root, f".tmp_step_{step}"), os.path.join(root, f"step_{step}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_checkpoint(tmp, policy, tokenizer, image_processor, critic)
-    torch.save(state, os.path.join(tmp, STATE_FILE))
-    publish(tmp, final)
-    for _, old in step_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old)
+    main_rank = not distributed() or torch.distributed.get_rank() == 0
+    if main_rank:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    for name, ds_engine in engines.items():
+        ds_engine.save_checkpoint(tmp, tag=name)  # optimizer partitions, schedule, module: collective
+    with gathered_weights(policy, critic):  # ZeRO-3 shards gathered for the HF copy
+        if main_rank:
+            save_checkpoint(tmp, policy, tokenizer, image_processor, critic)
+            torch.save(state, os.path.join(tmp, STATE_FILE))
+    barrier()
+    if main_rank:
+        publish(tmp, final)
+        for _, old in step_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old)
+    barrier()
     return final
+
+
+def barrier() -> None:
+    if distributed():
+        torch.distributed.barrier()
+
+
+def gathered_weights(*models):
+    """A context in which ZeRO-3-sharded parameters are whole (nothing to do for other models)."""
+    params = [p for m in models if m is not None for p in m.parameters()]
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params)
+    return nullcontext()
 
 
 def resume_point(run_dir: str, resume_from: Optional[str]) -> Optional[str]:
@@ -541,7 +629,9 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
         problem = check_vllm() if model_path else "rollout.engine=vllm needs model.path (the tiny model runs on hf)"
         if problem:
             raise ConfigError(problem)
-    rank, world, device = init_distributed(t.device)
+    if t.zero_stage > 0 and pick_device(t.device).type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU backend (gloo), for tests and debugging
+    rank, world, device = init_distributed(t.device, always=t.zero_stage > 0)
     main_rank = rank == 0  # only rank 0 writes files, logs and checkpoints
     if r.prompts_per_step % world:
         raise ConfigError(f"rollout.prompts_per_step={r.prompts_per_step} must divide among {world} ranks")
@@ -587,6 +677,33 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
     if critic is not None:
         critic_params = list(critic.parameters())
         critic_opt, critic_schedule = adamw_with_schedule(critic_params, a.critic_lr, t, total_steps * updates_per_step)
+    engines: Dict[str, object] = {}  # DeepSpeed engines by name; empty when zero_stage=0
+    if t.zero_stage > 0:
+        bf16 = str(cfg.model.dtype) == "bfloat16"
+        engines["policy"] = deepspeed_engine(policy, optimizer, schedule, t, bf16)
+        if critic is not None:
+            engines["critic"] = deepspeed_engine(critic, critic_opt, critic_schedule, t, bf16)
+        if reference is not None and t.zero_stage == 3:
+            deepspeed_engine(reference, None, None, t, bf16)  # sharded as well, forward only
+
+    def backward(name: str, loss, boundary: bool) -> None:
+        """Plain backward, or DeepSpeed's: it averages gradients over ranks, our losses are shares of
+        a global mean to be summed, hence the factor; the boundary tells ZeRO when to reduce."""
+        if name not in engines:
+            loss.backward()
+            return
+        engines[name].set_gradient_accumulation_boundary(boundary)
+        engines[name].backward(loss * world)
+
+    def update(name: str, model_params, opt, sched) -> float:
+        """One optimizer step; returns the gradient norm (non-finite: the step was skipped)."""
+        if name not in engines:
+            sync_gradients(model_params)
+            return optimizer_step(model_params, opt, sched, t.grad_clip)
+        engines[name].step()
+        norm = engines[name].get_global_grad_norm()
+        return float(norm) if norm is not None else 0.0
+
     # Before the first update the trainer's log-probs are the sampling policy's: with one update per
     # rollout old_logp = logp.detach() and that forward pass is skipped.
     pre_models = {}
@@ -603,12 +720,16 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
     checkpoint = resume_point(run_dir, t.resume_from)
     if checkpoint is not None:
         state = torch.load(os.path.join(checkpoint, STATE_FILE), weights_only=True)  # tensors and plain data only
-        load_weights(checkpoint, policy, critic)  # the reference stays the starting policy
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        if critic is not None:
-            critic_opt.load_state_dict(state["critic_optimizer"])
-            critic_schedule.load_state_dict(state["critic_schedule"])
+        if engines:  # DeepSpeed restores its modules, optimizer partitions and schedules itself
+            for name, ds_engine in engines.items():
+                ds_engine.load_checkpoint(checkpoint, tag=name)
+        else:
+            load_weights(checkpoint, policy, critic)  # the reference stays the starting policy
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            if critic is not None:
+                critic_opt.load_state_dict(state["critic_optimizer"])
+                critic_schedule.load_state_dict(state["critic_schedule"])
         set_rng_state(state["rng"])
         start_step, bad_steps, history, wandb_id = state["step"], state["bad_steps"], state["history"], state["wandb_id"]
         if main_rank:
@@ -644,8 +765,8 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
         mine = range(rank * per_rank, (rank + 1) * per_rank)  # positions in the step's prompt batch
         step_prompts = next(batches)
         prompts = [encode_prompt(samples[step_prompts[k]], tokenizer, image_processor) for k in mine]
-        with autocast:
-            seeds = [derive_seed(t.seed, step, "rollout", k) for k in mine]  # the same samples at any world size
+        seeds = [derive_seed(t.seed, step, "rollout", k) for k in mine]  # the same samples at any world size
+        with autocast, gathered_weights(policy) if r.engine == "hf" else nullcontext():  # HF samples the module
             rollout = engine.generate(prompts, r.group_size, seeds)
         t_rollout = time.time() - t0
         vision_cut = cut_vision_tokens(rollout, banned_ids.tolist())
@@ -665,7 +786,8 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
         ranks = gather([lengths.tolist(), total, parts, dict(failures), rollout.truncated, vision_cut])
         all_lengths = [n for rk in ranks for n in rk[0]]  # (N_global,) every rank's, in rank order
         with autocast:
-            pre = rollout_forward(pre_models, items, T, micro_batches(list(range(n_local)), seq_lens, t), make_batch)
+            micro = [idx for idx, _ in in_step(micro_batches(list(range(n_local)), seq_lens, t))]
+            pre = rollout_forward(pre_models, items, T, micro, make_batch)
         old_logp, ref_logp, old_values = pre.get("old_logp"), pre.get("ref_logp"), pre.get("values")
         kl_reward = None
         if a.kl_in_reward and ref_logp is not None:
@@ -687,7 +809,9 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
             for mini in chunks(order, t.mini_batch_size):  # global sample ids: the same mini-batches at any world size
                 num_tokens, num_seqs = max(1, sum(all_lengths[g] for g in mini)), len(mini)
                 local = [g - offset for g in mini if offset <= g < offset + n_local]
-                for idx in micro_batches(local, seq_lens, t):
+                micro = in_step(micro_batches(local, seq_lens, t))
+                for k, (idx, real) in enumerate(micro):
+                    boundary = k + 1 == len(micro)
                     batch = make_batch([items[i] for i in idx])
                     m = batch["completion_mask"]  # (B, Tb)
                     Tb = m.shape[1]
@@ -710,26 +834,25 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
                             logp_gap += ((old - sampled).abs() * m).sum().item()
                         if a.tis_clip is not None:
                             token_loss = token_loss * tis_weights(old, sampled, a.tis_clip)
-                    loss = agg(token_loss)
+                    weight = 1.0 if real else 0.0  # a filler pass (in_step) counts for nothing
+                    loss = agg(token_loss) * weight
                     stats["loss/policy"] += loss.item()
                     if ref_logp is not None and not a.kl_in_reward:
-                        kl = agg(kl_penalty(logp, ref_logp[idx, :Tb], str(a.kl_estimator)))
+                        kl = agg(kl_penalty(logp, ref_logp[idx, :Tb], str(a.kl_estimator))) * weight
                         stats["loss/kl"] += kl.item()
                         loss = loss + a.kl_coef * kl
-                    loss.backward()
-                    stats["loss/clip_frac"] += (clipped & m).sum().item() / num_tokens
-                    stats["loss/entropy"] += (entropy * m).sum().item() / num_tokens
+                    backward("policy", loss, boundary)
+                    stats["loss/clip_frac"] += weight * (clipped & m).sum().item() / num_tokens
+                    stats["loss/entropy"] += weight * (entropy * m).sum().item() / num_tokens
                     if critic is not None:
                         with autocast:
                             values = sequence_values(critic, batch)
-                        v_loss = agg(value_loss(values, old_values[idx, :Tb], returns[idx, :Tb], a.value_clip))
-                        v_loss.backward()
+                        v_loss = agg(value_loss(values, old_values[idx, :Tb], returns[idx, :Tb], a.value_clip)) * weight
+                        backward("critic", v_loss, boundary)
                         stats["loss/value"] += v_loss.item()
-                sync_gradients(params)
-                norm = optimizer_step(params, optimizer, schedule, t.grad_clip)
+                norm = update("policy", params, optimizer, schedule)
                 if critic is not None:
-                    sync_gradients(critic_params)
-                    norm += optimizer_step(critic_params, critic_opt, critic_schedule, t.grad_clip)
+                    norm += update("critic", critic_params, critic_opt, critic_schedule)
                 if math.isfinite(norm):
                     stats["loss/grad_norm"] += norm
                 else:
@@ -797,23 +920,22 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
         stopping = all_sum(torch.tensor(float(signals.received is not None))).item() > 0  # any rank signalled
         if last or stopping or (t.save_every > 0 and (step + 1) % t.save_every == 0):
             state = {"step": step + 1, "bad_steps": bad_steps, "history": history, "rng": rng_state(),
-                     "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                      "wandb_id": wandb_run.id if wandb_run is not None else None}  # fmt: skip
-            if critic is not None:
-                state |= {"critic_optimizer": critic_opt.state_dict(), "critic_schedule": critic_schedule.state_dict()}
-            if main_rank:  # replicas hold the same weights and optimizer state
-                save_training_state(run_dir, step + 1, state, policy, tokenizer, image_processor, critic, t.keep_last)
-            if distributed():
-                torch.distributed.barrier()  # nobody stops or reads it before it is complete
+            if not engines:  # (DeepSpeed saves its optimizer partitions and schedules itself)
+                state |= {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}
+                if critic is not None:
+                    state |= {"critic_optimizer": critic_opt.state_dict(), "critic_schedule": critic_schedule.state_dict()}
+            save_training_state(run_dir, step + 1, state, policy, tokenizer, image_processor, critic, t.keep_last, engines)
         if stopping and not last:
             if wandb_run is not None:
                 wandb_run.finish()
             signals.stop()  # exits (or submitit requeues): a requeued job resumes from this checkpoint
     signals.restore()
 
-    if main_rank:
-        save_checkpoint(os.path.join(run_dir, "checkpoints", "final"), policy, tokenizer, image_processor, critic)
-        link_latest(str(cfg.stage.name), run_dir)
+    with gathered_weights(policy, critic):
+        if main_rank:
+            save_checkpoint(os.path.join(run_dir, "checkpoints", "final"), policy, tokenizer, image_processor, critic)
+            link_latest(str(cfg.stage.name), run_dir)
     if wandb_run is not None:
         wandb_run.finish()
     return history[-1]

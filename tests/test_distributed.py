@@ -65,5 +65,35 @@ def assert_same_training(tmp_path, extra):
 
 
 @pytest.mark.slow
-def test_two_ranks_train_exactly_like_one_process(tmp_path):
-    assert_same_training(tmp_path, [])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ["trainer.zero_stage=0"],  # plain PyTorch: gradients all-reduced
+        ["trainer.zero_stage=2"],  # DeepSpeed: optimizer states and gradients sharded
+        ["trainer.zero_stage=3"],  # DeepSpeed: parameters sharded too (reference model as well)
+        ["trainer.zero_stage=3", "algo.estimator=gae", "algo.critic_lr=1e-3"],  # with a sharded value model
+    ],
+    ids=["ddp", "zero2", "zero3", "zero3-gae"],
+)
+def test_two_ranks_train_exactly_like_one_process(tmp_path, layout):
+    assert_same_training(tmp_path, layout)
+
+
+@pytest.mark.slow
+def test_deepspeed_run_resumes_from_its_sharded_checkpoint(tmp_path):
+    """A 2-rank ZeRO-2 run continued from its step-1 checkpoint (as a requeued job would) ends
+    with the same weights as the run that went straight through."""
+    import shutil
+
+    layout = ["trainer.zero_stage=2", "trainer.save_every=1"]
+    straight = launch(str(tmp_path / "straight"), layout, 2)
+    step_1 = tmp_path / "straight" / "checkpoints" / "step_1"
+    assert (step_1 / "policy").is_dir()  # DeepSpeed's own shards: optimizer partitions, schedule
+    os.makedirs(tmp_path / "resumed" / "checkpoints")
+    shutil.copytree(step_1, tmp_path / "resumed" / "checkpoints" / "step_1")
+    resumed = launch(str(tmp_path / "resumed"), layout, 2)
+    assert [m["step"] for m in resumed] == [2]  # only the step after the checkpoint ran (the file was new)
+    assert resumed[0]["loss/policy"] == straight[1]["loss/policy"]
+    w1 = load_file(tmp_path / "straight" / "checkpoints" / "final" / "model.safetensors")
+    w2 = load_file(tmp_path / "resumed" / "checkpoints" / "final" / "model.safetensors")
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
