@@ -47,7 +47,7 @@ def launch(run_dir, extra, nproc: int):
 def assert_same_training(tmp_path, extra):
     single = launch(str(tmp_path / "single"), extra, 1)
     ranks = launch(str(tmp_path / "ranks"), extra, 2)
-    assert [m["step"] for m in ranks] == [1, 2]
+    assert [m["step"] for m in ranks] == [1, 2]  # rank 0 alone writes the logs
     for a, b in zip(single, ranks):
         assert a["reward/mean"] == b["reward/mean"] and a["rollout/response_len"] == b["rollout/response_len"]  # same samples
         for key in ("loss/policy", "loss/kl", "loss/entropy", "loss/clip_frac"):
@@ -61,7 +61,6 @@ def assert_same_training(tmp_path, extra):
     # Adam's steps are ~lr * sign(grad): equal up to elements whose gradient is ~0 (below Adam's eps),
     # where fp32 summation-order noise can move an update by a fraction of lr (1e-3)
     assert diff.max() < 5e-5 and (diff > 1e-6).float().mean() < 1e-4
-    assert not os.path.exists(tmp_path / "ranks" / "wandb")  # rank 0 alone writes, and only what it should
 
 
 @pytest.mark.slow
@@ -72,8 +71,9 @@ def assert_same_training(tmp_path, extra):
         ["trainer.zero_stage=2"],  # DeepSpeed: optimizer states and gradients sharded
         ["trainer.zero_stage=3"],  # DeepSpeed: parameters sharded too (reference model as well)
         ["trainer.zero_stage=3", "algo.estimator=gae", "algo.critic_lr=1e-3"],  # with a sharded value model
+        ["trainer.zero_stage=3", "trainer.offload=all"],  # parameters and optimizer states on the CPU
     ],
-    ids=["ddp", "zero2", "zero3", "zero3-gae"],
+    ids=["ddp", "zero2", "zero3", "zero3-gae", "zero3-offload"],
 )
 def test_two_ranks_train_exactly_like_one_process(tmp_path, layout):
     assert_same_training(tmp_path, layout)
