@@ -221,6 +221,16 @@ class ClusterConfig:
 
 
 @dataclass
+class EvalConfig:
+    benchmarks: List[str] = field(default_factory=lambda: ["math500", "gpqa", "mathvista", "sokoban"])
+    data_dir: str = "data/eval"  # <data_dir>/<benchmark>/<public file>: see eval.py and scripts/get_benchmarks.md
+    predictions: Optional[str] = None  # a dir of <benchmark>.jsonl ({"id", "prediction"}) to score instead of generating
+    max_new_tokens: int = 4096  # greedy generation budget
+    max_items: int = -1  # first N items of each benchmark (-1 = all)
+    seed: int = 0  # GPQA's option shuffle
+
+
+@dataclass
 class StageConfig:
     name: str = "fre_text"  # fre_text | fre_multi | mgt_geo | mgt_percereason | mgt_sokoban
 
@@ -229,6 +239,7 @@ class StageConfig:
 class Config:
     stage: StageConfig = field(default_factory=StageConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)

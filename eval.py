@@ -1,0 +1,294 @@
+"""Evaluation: generate with the rollout engines, score with the training verifiers, write tables.
+
+    python eval.py model.path=CKPT eval.benchmarks=[math500,gpqa,mathvista,sokoban]
+    python eval.py eval.benchmarks=[math500] eval.predictions=preds/     # rescore <bench>.jsonl files
+
+Benchmarks are read from local files in their public release formats, `eval.data_dir/<name>/...`
+(nothing is downloaded; `scripts/get_benchmarks.md` says where each comes from):
+    math500    MATH-500 test.jsonl (problem, answer, subject, level, unique_id)     math equivalence
+    gpqa       GPQA-Diamond gpqa_diamond.csv (Question, Correct Answer, Incorrect Answer 1-3, ...):
+               the options are shuffled with a fixed seed per question, and the letters recorded
+    mathvista  MathVista testmini.json (pid -> question, image, choices, answer, question_type,
+               answer_type, precision, ...): choices by letter or text, numbers at their precision
+    sokoban    our held-out jsonl (sokoban.py build --split test): success rate by size/boxes/length
+Prompts use the training system prompt. Scoring is rule-based (the `math` and `choice` rewards,
+bounded by the same worker pool); results say so. Outputs in the run dir: <bench>/predictions.jsonl
+(per item: prediction and verdict), <bench>/results.json (overall and by sub-category), results.md
+and results.png across benchmarks.
+"""
+
+import csv
+import json
+import os
+import random
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import hydra
+from omegaconf import DictConfig
+
+import config  # noqa: F401  (registers the schema with Hydra's ConfigStore)
+import sokoban
+from config import ConfigError
+from data import LMM_R1_SYSTEM_PROMPT, Sample
+from rewards import choice_reward, final_answer, last_answer_span, normalise, reward_pool, score
+
+LETTERS = "ABCDEFGHIJ"
+
+
+@dataclass
+class Item:
+    """One benchmark question: the chat to send, the row the verifier sees, and its categories."""
+
+    id: str
+    messages: list
+    row: dict  # {"answer": gold, "choices": [...], "level": ...}: what the reward functions receive
+    groups: Dict[str, str] = field(default_factory=dict)  # sub-category name -> value, for the tables
+
+
+def user_turn(text: str, image: Optional[str] = None) -> list:
+    content = ([{"type": "image", "image": image}] if image else []) + [{"type": "text", "text": text}]
+    return [{"role": "system", "content": LMM_R1_SYSTEM_PROMPT}, {"role": "user", "content": content}]
+
+
+def options_text(choices: List[str]) -> str:
+    return "\n".join(f"({LETTERS[k]}) {c}" for k, c in enumerate(choices))
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers of the public release formats
+# ---------------------------------------------------------------------------------------------
+
+
+def read_math500(path: str, seed: int) -> List[Item]:
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [
+        Item(
+            r["unique_id"], user_turn(r["problem"]), {"answer": r["answer"]}, {"subject": r["subject"], "level": str(r["level"])}
+        )
+        for r in rows
+    ]
+
+
+def read_gpqa(path: str, seed: int) -> List[Item]:
+    """GPQA's correct answer is always first in the file: options are shuffled per question with
+    Random((seed, Record ID)), so the letters are fixed and recorded in each item's row."""
+    items = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            options = [r["Correct Answer"]] + [r[f"Incorrect Answer {k}"] for k in (1, 2, 3)]
+            options = [o.strip() for o in options]
+            order = list(range(4))
+            random.Random(f"{seed}:{r['Record ID']}").shuffle(order)
+            choices = [options[k] for k in order]
+            gold = LETTERS[order.index(0)]
+            question = f"{r['Question'].strip()}\n{options_text(choices)}\nAnswer with the letter of the correct option."
+            groups = {"domain": r.get("High-level domain", "")}
+            items.append(Item(r["Record ID"], user_turn(question), {"answer": gold, "choices": choices}, groups))
+    return items
+
+
+def read_mathvista(path: str, seed: int) -> List[Item]:
+    """testmini.json: {pid: item} (or a list). Multiple-choice golds are choice texts; the verifier
+    maps letters and texts through `choices`. Image paths are relative to the file's directory."""
+    with open(path) as f:
+        data = json.load(f)
+    rows = list(data.values()) if isinstance(data, dict) else data
+    base = os.path.dirname(os.path.abspath(path))
+    items = []
+    for r in rows:
+        question = r.get("query") or r["question"]
+        if r.get("choices") and not r.get("query"):
+            question += "\n" + options_text(r["choices"])
+        row = {"answer": str(r["answer"]), "answer_type": r["answer_type"], "precision": r.get("precision")}
+        if r.get("choices"):
+            row["choices"] = list(r["choices"])
+        groups = {"question_type": r["question_type"], "answer_type": r["answer_type"]}
+        if isinstance(r.get("metadata"), dict) and "task" in r["metadata"]:
+            groups["task"] = r["metadata"]["task"]
+        items.append(Item(str(r["pid"]), user_turn(question, os.path.join(base, r["image"])), row, groups))
+    return items
+
+
+def read_sokoban(path: str, seed: int) -> List[Item]:
+    base = os.path.dirname(os.path.abspath(path))
+    items = []
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)
+                messages = json.loads(r["message"]) if isinstance(r["message"], str) else r["message"]
+                for m in messages:
+                    for c in m["content"] if isinstance(m["content"], list) else []:
+                        if c["type"] == "image" and not os.path.isabs(c["image"]):
+                            c["image"] = os.path.join(base, c["image"])
+                fields = {k: r[k] for k in ("level", "optimal_moves") if k in r}
+                items.append(Item(r.get("question", str(len(items))), messages, {"answer": r["answer"], **fields}))
+    return items
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring (rule-based: the training verifiers)
+# ---------------------------------------------------------------------------------------------
+
+
+def mathvista_correct(prediction: str, row: dict, pool, timeout_s: float) -> bool:
+    """Multiple choice: the chosen letter or text. Floats: equal at the item's precision (decimal
+    places). Everything else: the `math` verifier."""
+    if row.get("choices"):
+        return choice_reward(prediction, row["answer"], row["choices"]) == 1.0
+    if row["answer_type"] == "float" and row.get("precision") is not None:
+        answer = final_answer(prediction)
+        try:
+            value = float(normalise(answer)) if answer is not None else None
+        except ValueError:
+            return False
+        return value is not None and round(value, int(row["precision"])) == round(float(row["answer"]), int(row["precision"]))
+    return score(pool, [prediction], [row], {"math": 1.0}, timeout_s)[0][0] == 1.0
+
+
+def verdicts(name: str, items: List[Item], predictions: List[str], pool, timeout_s: float) -> List[bool]:
+    if name == "math500":
+        return [v == 1.0 for v in score(pool, predictions, [i.row for i in items], {"math": 1.0}, timeout_s)[0]]
+    if name == "gpqa":
+        return [choice_reward(p, i.row["answer"], i.row["choices"]) == 1.0 for p, i in zip(predictions, items)]
+    if name == "mathvista":
+        return [mathvista_correct(p, i.row, pool, timeout_s) for p, i in zip(predictions, items)]
+    raise ValueError(name)
+
+
+BENCHMARKS: Dict[str, Tuple[str, Callable[[str, int], List[Item]]]] = {
+    "math500": ("math500/test.jsonl", read_math500),
+    "gpqa": ("gpqa/gpqa_diamond.csv", read_gpqa),
+    "mathvista": ("mathvista/testmini.json", read_mathvista),
+    "sokoban": ("sokoban/test.jsonl", read_sokoban),
+}
+
+
+def evaluate(name: str, items: List[Item], predictions: List[str], out_dir: str, pool, timeout_s: float) -> dict:
+    """Scores of one benchmark: `accuracy` overall and `<group>=<value>` accuracies; writes the
+    per-item predictions with verdicts and the results JSON into out_dir/<name>/."""
+    os.makedirs(os.path.join(out_dir, name), exist_ok=True)
+    if name == "sokoban":
+        metrics = sokoban.evaluate([i.row for i in items], predictions, os.path.join(out_dir, name))
+        correct = [sokoban.replay(i.row["level"], m)[1] if (m := moves_of(p)) else False for i, p in zip(items, predictions)]
+        results = {"accuracy": metrics["success"], **{k: v for k, v in metrics.items() if k != "success"}}
+    else:
+        correct = verdicts(name, items, predictions, pool, timeout_s)
+        results = {"accuracy": sum(correct) / max(1, len(correct))}
+        for key in sorted({k for i in items for k in i.groups}):
+            for value in sorted({i.groups.get(key, "") for i in items}):
+                hits = [c for c, i in zip(correct, items) if i.groups.get(key, "") == value]
+                results[f"{key}={value}"] = sum(hits) / len(hits)
+    results = {"benchmark": name, "n": len(items), "scoring": "rules", **results}
+    with open(os.path.join(out_dir, name, "predictions.jsonl"), "w") as f:
+        for item, prediction, ok in zip(items, predictions, correct):
+            f.write(
+                json.dumps({"id": item.id, "answer": item.row["answer"], "prediction": prediction, "correct": bool(ok)}) + "\n"
+            )
+    with open(os.path.join(out_dir, name, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    return results
+
+
+def moves_of(prediction: str) -> Optional[List[str]]:
+    span = last_answer_span(prediction)
+    return sokoban.parse_moves(span) if span is not None else None
+
+
+def read_predictions(path: str, items: List[Item]) -> List[str]:
+    """Predictions {"id", "prediction"} per line for every item (a missing one is an error, not a 0)."""
+    with open(path) as f:
+        by_id = {str(r["id"]): r["prediction"] for r in map(json.loads, filter(str.strip, f))}
+    missing = [i.id for i in items if i.id not in by_id]
+    if missing:
+        raise ConfigError(f"{path}: no prediction for {len(missing)} items (first: {missing[:3]})")
+    return [by_id[i.id] for i in items]
+
+
+def write_tables(out_dir: str, results: Dict[str, dict]) -> None:
+    """results.md (overall, then every sub-category) and results.png (overall accuracy per benchmark)."""
+    lines = ["| benchmark | n | accuracy | scoring |", "|---|---|---|---|"]
+    lines += [f"| {name} | {r['n']} | {100 * r['accuracy']:.1f} | {r['scoring']} |" for name, r in results.items()]
+    for name, r in results.items():
+        subs = [(k, v) for k, v in r.items() if "=" in k]
+        if subs:
+            lines += ["", f"**{name}**", "", "| group | accuracy |", "|---|---|"] + [f"| {k} | {100 * v:.1f} |" for k, v in subs]
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.2 * len(results) + 2, 3))
+    ax.bar(list(results), [100 * r["accuracy"] for r in results.values()])
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "results.png"), dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Run
+# ---------------------------------------------------------------------------------------------
+
+
+def generate(cfg, items: List[Item]) -> List[str]:
+    """Greedy completions (eval.max_new_tokens) from the model in cfg.model, with the HF engine."""
+    import torch
+
+    from data import encode_prompt
+    from model import load_policy
+    from rollout import HFEngine
+
+    device = torch.device("cuda" if cfg.trainer.device != "cpu" and torch.cuda.is_available() else "cpu")
+    model, tokenizer, image_processor = load_policy(cfg.model, cfg.trainer.seed, device)
+    rcfg = DictConfig({**cfg.rollout, "temperature": 0.0, "max_new_tokens": cfg.eval.max_new_tokens, "logprobs": False})
+    engine = HFEngine(model, tokenizer, rcfg)
+    prompts = [
+        encode_prompt(Sample(messages=i.messages, answer=str(i.row["answer"]), where=i.id), tokenizer, image_processor)
+        for i in items
+    ]
+    return engine.generate(prompts, 1, seeds=[0] * len(prompts)).texts
+
+
+def run_eval(cfg: DictConfig, out_dir: str) -> Dict[str, dict]:
+    unknown = [b for b in cfg.eval.benchmarks if b not in BENCHMARKS]
+    if unknown:
+        raise ConfigError(f"eval.benchmarks: unknown {unknown}; known: {sorted(BENCHMARKS)}")
+    pool = reward_pool(cfg.reward.workers)
+    results = {}
+    for name in cfg.eval.benchmarks:
+        relative, reader = BENCHMARKS[name]
+        path = os.path.join(cfg.eval.data_dir, relative)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{name}: {path} not found (see scripts/get_benchmarks.md for where it comes from)")
+        items = reader(path, cfg.eval.seed)
+        if cfg.eval.max_items > 0:
+            items = items[: cfg.eval.max_items]
+        if cfg.eval.predictions:
+            predictions = read_predictions(os.path.join(cfg.eval.predictions, f"{name}.jsonl"), items)
+        else:
+            predictions = generate(cfg, items)
+        results[name] = evaluate(name, items, predictions, out_dir, pool, cfg.reward.timeout_s)
+        print(f"[eval] {name}: {100 * results[name]['accuracy']:.1f}% of {len(items)} (rules)")
+    write_tables(out_dir, results)
+    return results
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        run_eval(cfg, HydraConfig.get().runtime.output_dir)
+    except (ConfigError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

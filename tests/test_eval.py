@@ -1,0 +1,153 @@
+"""eval.py on hand-written fixtures in the benchmarks' public formats: exact accuracies from a
+predictions file with known right and wrong answers, and generate-and-score on the tiny model."""
+
+import csv
+import json
+import os
+
+import pytest
+from PIL import Image
+
+import eval as evaluation
+import sokoban
+from conftest import TINY_DEFAULTS, compose_cfg
+from config import ConfigError
+
+
+def boxed(x: str) -> str:
+    return f"<think>...</think><answer>$\\boxed{{{x}}}$</answer>"
+
+
+@pytest.fixture()
+def data_dir(tmp_path):
+    root = tmp_path / "eval"
+    # MATH-500 (HuggingFaceH4/MATH-500 test.jsonl)
+    (root / "math500").mkdir(parents=True)
+    math_rows = [
+        {"problem": "Compute $1+1$.", "solution": "...", "answer": "2", "subject": "Algebra", "level": 1, "unique_id": "test/algebra/1.json"},
+        {"problem": "Simplify $\\frac{2}{4}$.", "solution": "...", "answer": "\\frac{1}{2}", "subject": "Algebra", "level": 2, "unique_id": "test/algebra/2.json"},
+        {"problem": "Area of a unit square?", "solution": "...", "answer": "1", "subject": "Geometry", "level": 1, "unique_id": "test/geometry/3.json"},
+    ]  # fmt: skip
+    (root / "math500" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in math_rows))
+    # GPQA-Diamond (gpqa_diamond.csv): the correct answer has its own column
+    (root / "gpqa").mkdir()
+    with open(root / "gpqa" / "gpqa_diamond.csv", "w", newline="") as f:
+        w = csv.DictWriter(
+            f,
+            [
+                "Question",
+                "Correct Answer",
+                "Incorrect Answer 1",
+                "Incorrect Answer 2",
+                "Incorrect Answer 3",
+                "Record ID",
+                "High-level domain",
+            ],
+        )
+        w.writeheader()
+        w.writerow(
+            {
+                "Question": "Which is a noble gas?",
+                "Correct Answer": "Neon",
+                "Incorrect Answer 1": "Iron",
+                "Incorrect Answer 2": "Carbon",
+                "Incorrect Answer 3": "Sodium",
+                "Record ID": "rec1",
+                "High-level domain": "Chemistry",
+            }
+        )
+        w.writerow({"Question": "Spin of an electron?", "Correct Answer": "1/2", "Incorrect Answer 1": "1", "Incorrect Answer 2": "0",
+                    "Incorrect Answer 3": "3/2", "Record ID": "rec2", "High-level domain": "Physics"})  # fmt: skip
+    # MathVista testmini.json: pid -> item, image paths relative to the file
+    (root / "mathvista" / "images").mkdir(parents=True)
+    for pid in ("1", "2", "3"):
+        Image.new("RGB", (56, 56), "white").save(root / "mathvista" / "images" / f"{pid}.png")
+    vista = {
+        "1": {"pid": "1", "question": "Which shape is shown?", "image": "images/1.png", "choices": ["circle", "square"], "answer": "square",
+              "question_type": "multi_choice", "answer_type": "text", "precision": None, "metadata": {"task": "figure QA"}},
+        "2": {"pid": "2", "question": "How many sides?", "image": "images/2.png", "choices": None, "answer": "4",
+              "question_type": "free_form", "answer_type": "integer", "precision": None, "metadata": {"task": "math word problem"}},
+        "3": {"pid": "3", "question": "Ratio?", "image": "images/3.png", "choices": None, "answer": "1.33",
+              "question_type": "free_form", "answer_type": "float", "precision": 2, "metadata": {"task": "math word problem"}},
+    }  # fmt: skip
+    (root / "mathvista" / "testmini.json").write_text(json.dumps(vista))
+    # Sokoban held-out set, as sokoban.py builds it
+    sokoban.build(2, 6, 1, seed=3, out=str(root / "sokoban"), split="test", min_moves=3)
+    return root
+
+
+def gpqa_letters(data_dir) -> dict:
+    items = evaluation.read_gpqa(str(data_dir / "gpqa" / "gpqa_diamond.csv"), seed=0)
+    return {i.id: (i.row["answer"], i.row["choices"]) for i in items}
+
+
+def write_predictions(path, rows):
+    path.write_text("".join(json.dumps({"id": k, "prediction": v}) + "\n" for k, v in rows.items()))
+
+
+def test_scores_from_predictions_files_are_exact(data_dir, tmp_path):
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    write_predictions(
+        preds / "math500.jsonl",
+        {"test/algebra/1.json": boxed("2"), "test/algebra/2.json": boxed("0.5"), "test/geometry/3.json": boxed("2")},
+    )
+    (gold1, choices1), (gold2, _) = gpqa_letters(data_dir)["rec1"], gpqa_letters(data_dir)["rec2"]
+    wrong2 = next(letter for letter in "ABCD" if letter != gold2)
+    write_predictions(preds / "gpqa.jsonl", {"rec1": boxed(gold1), "rec2": boxed(wrong2)})
+    write_predictions(preds / "mathvista.jsonl", {"1": boxed("B"), "2": boxed("4"), "3": boxed("1.334")})
+    rows = [json.loads(line) for line in open(data_dir / "sokoban" / "test.jsonl")]
+    write_predictions(
+        preds / "sokoban.jsonl",
+        {rows[0]["question"]: f"<think></think><answer>{rows[0]['answer']}</answer>", rows[1]["question"]: "<answer>Up</answer>"},
+    )
+    cfg = compose_cfg([*TINY_DEFAULTS, f"eval.data_dir={data_dir}", f"eval.predictions={preds}"])
+    out = tmp_path / "out"
+    results = evaluation.run_eval(cfg, str(out))
+    # MATH-500: 2 right (2; 0.5 = 1/2), 1 wrong; by subject and level
+    assert results["math500"]["accuracy"] == pytest.approx(2 / 3)
+    assert results["math500"]["subject=Algebra"] == 1.0 and results["math500"]["subject=Geometry"] == 0.0
+    assert results["math500"]["level=1"] == 0.5
+    # GPQA: the shuffled letters are fixed by the seed; one right
+    assert results["gpqa"]["accuracy"] == 0.5 and results["gpqa"]["domain=Chemistry"] == 1.0
+    assert choices1.index("Neon") == "ABCD".index(gold1)
+    # MathVista: letter B = "square"; integer 4; 1.334 rounds to 1.33 at precision 2
+    assert results["mathvista"]["accuracy"] == 1.0 and results["mathvista"]["question_type=free_form"] == 1.0
+    # Sokoban: the optimal answer solves, "Up" does not
+    assert results["sokoban"]["accuracy"] == 0.5
+    for name in results:
+        assert json.load(open(out / name / "results.json"))["scoring"] == "rules"
+        lines = [json.loads(line) for line in open(out / name / "predictions.jsonl")]
+        assert len(lines) == results[name]["n"] and {"id", "prediction", "correct"} <= set(lines[0])
+    table = (out / "results.md").read_text()
+    assert "| math500 | 3 | 66.7 | rules |" in table and (out / "results.png").stat().st_size > 0
+
+
+def test_mathvista_precision_and_wrong_choices(data_dir, tmp_path):
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    write_predictions(preds / "mathvista.jsonl", {"1": boxed("circle"), "2": boxed("5"), "3": boxed("1.3")})
+    cfg = compose_cfg([*TINY_DEFAULTS, f"eval.data_dir={data_dir}", f"eval.predictions={preds}", "eval.benchmarks=[mathvista]"])
+    results = evaluation.run_eval(cfg, str(tmp_path / "out"))
+    assert results["mathvista"]["accuracy"] == 0.0  # wrong choice text, wrong integer, 1.30 != 1.33
+
+
+def test_missing_predictions_and_unknown_benchmarks_are_errors(data_dir, tmp_path):
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    write_predictions(preds / "math500.jsonl", {"test/algebra/1.json": boxed("2")})
+    cfg = compose_cfg([*TINY_DEFAULTS, f"eval.data_dir={data_dir}", f"eval.predictions={preds}", "eval.benchmarks=[math500]"])
+    with pytest.raises(ConfigError, match="no prediction for 2 items"):
+        evaluation.run_eval(cfg, str(tmp_path / "out"))
+    with pytest.raises(ConfigError, match="unknown"):
+        evaluation.run_eval(compose_cfg([*TINY_DEFAULTS, "eval.benchmarks=[mmlu]"]), str(tmp_path / "out"))
+
+
+@pytest.mark.slow
+def test_generate_and_score_on_the_tiny_model(data_dir, tmp_path):
+    cfg = compose_cfg([*TINY_DEFAULTS, f"eval.data_dir={data_dir}", "eval.benchmarks=[math500,sokoban]", "eval.max_new_tokens=8"])
+    results = evaluation.run_eval(cfg, str(tmp_path / "out"))
+    assert set(results) == {"math500", "sokoban"} and results["math500"]["n"] == 3 and results["sokoban"]["n"] == 2
+    lines = [json.loads(line) for line in open(tmp_path / "out" / "math500" / "predictions.jsonl")]
+    assert all(isinstance(line["prediction"], str) and line["correct"] is False for line in lines)  # a random model
+    assert os.path.isdir(tmp_path / "out" / "sokoban" / "sokoban_replays")
