@@ -222,7 +222,9 @@ class ClusterConfig:
 
 @dataclass
 class EvalConfig:
-    benchmarks: List[str] = field(default_factory=lambda: ["math500", "gpqa", "mathvista", "sokoban"])
+    benchmarks: List[str] = field(
+        default_factory=lambda: ["mathvista", "mathverse", "mathvision", "olympiadbench", "mmstar", "math500", "gpqa", "sokoban"]
+    )
     data_dir: str = "data/eval"  # <data_dir>/<benchmark>/<public file>: see eval.py and scripts/get_benchmarks.md
     predictions: Optional[str] = None  # a dir of <benchmark>.jsonl ({"id", "prediction"}) to score instead of generating
     max_new_tokens: int = 4096  # greedy generation budget

@@ -1,18 +1,23 @@
 """Evaluation: generate with the rollout engines, score with the training verifiers, write tables.
 
-    python eval.py model.path=CKPT eval.benchmarks=[math500,gpqa,mathvista,sokoban]
+    python eval.py model.path=CKPT eval.benchmarks=[mathvista,mathverse,mathvision,olympiadbench,mmstar,math500,gpqa,sokoban]
     python eval.py eval.benchmarks=[math500] eval.predictions=preds/     # rescore <bench>.jsonl files
 
 Benchmarks are read from local files in their public release formats, `eval.data_dir/<name>/...`
 (nothing is downloaded; `scripts/get_benchmarks.md` says where each comes from):
-    math500    MATH-500 test.jsonl (problem, answer, subject, level, unique_id)     math equivalence
-    gpqa       GPQA-Diamond gpqa_diamond.csv (Question, Correct Answer, Incorrect Answer 1-3, ...):
-               the options are shuffled with a fixed seed per question, and the letters recorded
-    mathvista  MathVista testmini.json (pid -> question, image, choices, answer, question_type,
-               answer_type, precision, ...): choices by letter or text, numbers at their precision
-    sokoban    our held-out jsonl (sokoban.py build --split test): success rate by size/boxes/length
-Prompts use the training system prompt. Scoring is rule-based (the `math` and `choice` rewards,
-bounded by the same worker pool); results say so. Outputs in the run dir: <bench>/predictions.jsonl
+    mathvista      testmini.json (pid -> question, image, choices, answer, question_type, answer_type,
+                   precision): choices by letter or text, floats at their precision, by question type
+    mathverse      testmini.json (five problem versions per problem): letters for multi-choice, math
+                   equivalence for free-form, by problem version
+    mathvision     test.jsonl (question, options, image, answer, level, subject): letters or math
+    olympiadbench  OE_en.json (open-ended English: final_answer, error tolerance, image_1..): math,
+                   within `error` for numbers
+    mmstar         mmstar.jsonl (question with options, image, answer letter, category): letters
+    math500        test.jsonl (problem, answer, subject, level, unique_id): math equivalence
+    gpqa           gpqa_diamond.csv: options shuffled with a fixed seed per question, letters recorded
+    sokoban        our held-out jsonl (sokoban.py build --split test): success by size/boxes/length
+Prompts use the training system prompt. Scoring is rule-based (the `choice` and `math` verifiers,
+bounded by the same worker pool); every result says so. Outputs in the run dir: <bench>/predictions.jsonl
 (per item: prediction and verdict), <bench>/results.json (overall and by sub-category), results.md
 and results.png across benchmarks.
 """
@@ -112,6 +117,76 @@ def read_mathvista(path: str, seed: int) -> List[Item]:
     return items
 
 
+def read_mathverse(path: str, seed: int) -> List[Item]:
+    """MathVerse testmini.json: a list of items, five problem versions of each problem (Text
+    Dominant ... Vision Only); multi-choice golds are letters with the options in the question."""
+    with open(path) as f:
+        rows = json.load(f)
+    base = os.path.dirname(os.path.abspath(path))
+    items = []
+    for r in rows:
+        question = r.get("query_cot") or r.get("question_for_eval") or r["question"]
+        image = os.path.join(base, "images", r["image"]) if r.get("image") else None
+        groups = {"problem_version": r["problem_version"], "question_type": r["question_type"]}
+        if isinstance(r.get("metadata"), dict) and "subject" in r["metadata"]:
+            groups["subject"] = r["metadata"]["subject"]
+        items.append(Item(str(r["sample_index"]), user_turn(question, image), {"answer": str(r["answer"])}, groups))
+    return items
+
+
+def read_mathvision(path: str, seed: int) -> List[Item]:
+    """MATH-Vision test.jsonl (id, question, options, image, answer, level, subject): with options
+    the gold is a letter among them, otherwise a math answer."""
+    base = os.path.dirname(os.path.abspath(path))
+    items = []
+    with open(path) as f:
+        for r in map(json.loads, filter(str.strip, f)):
+            question = r["question"] + ("\n" + options_text(r["options"]) if r.get("options") else "")
+            row = {"answer": str(r["answer"])} | ({"choices": list(r["options"])} if r.get("options") else {})
+            groups = {"subject": r.get("subject", ""), "level": str(r.get("level", ""))}
+            items.append(Item(str(r["id"]), user_turn(question, os.path.join(base, r["image"])), row, groups))
+    return items
+
+
+def read_olympiadbench(path: str, seed: int) -> List[Item]:
+    """OlympiadBench open-ended English (a JSON list: id, question, final_answer [..], unit,
+    answer_type, error (a numeric tolerance or null), subject, image_1...): math equivalence, within
+    `error` for numbers."""
+    with open(path) as f:
+        rows = json.load(f)
+    base = os.path.dirname(os.path.abspath(path))
+    items = []
+    for r in rows:
+        images = [os.path.join(base, r[k]) for k in ("image_1", "image_2", "image_3", "image_4", "image_5") if r.get(k)]
+        content = [{"type": "image", "image": p} for p in images] + [
+            {"type": "text", "text": (r.get("context") or "") + r["question"]}
+        ]
+        messages = [{"role": "system", "content": LMM_R1_SYSTEM_PROMPT}, {"role": "user", "content": content}]
+        gold = r["final_answer"][0] if isinstance(r["final_answer"], list) else r["final_answer"]
+        row = {"answer": gold.strip().strip("$"), "error": r.get("error")}
+        groups = {
+            "subject": r.get("subject", ""),
+            "answer_type": r.get("answer_type", ""),
+            "modality": "image" if images else "text",
+        }
+        items.append(Item(str(r["id"]), messages, row, groups))
+    return items
+
+
+def read_mmstar(path: str, seed: int) -> List[Item]:
+    """MMStar as jsonl (index, question with its options, image path, answer letter, category,
+    l2_category): letter extraction."""
+    base = os.path.dirname(os.path.abspath(path))
+    items = []
+    with open(path) as f:
+        for r in map(json.loads, filter(str.strip, f)):
+            groups = {"category": r["category"], "l2_category": r.get("l2_category", "")}
+            items.append(
+                Item(str(r["index"]), user_turn(r["question"], os.path.join(base, r["image"])), {"answer": r["answer"]}, groups)
+            )
+    return items
+
+
 def read_sokoban(path: str, seed: int) -> List[Item]:
     base = os.path.dirname(os.path.abspath(path))
     items = []
@@ -149,20 +224,45 @@ def mathvista_correct(prediction: str, row: dict, pool, timeout_s: float) -> boo
     return score(pool, [prediction], [row], {"math": 1.0}, timeout_s)[0][0] == 1.0
 
 
+def within_tolerance(prediction: str, gold: str, tolerance) -> bool:
+    """|prediction - gold| <= tolerance for numeric answers (OlympiadBench's `error`)."""
+    answer = final_answer(prediction)
+    try:
+        return abs(float(normalise(answer)) - float(normalise(gold))) <= float(tolerance)
+    except (TypeError, ValueError):
+        return False
+
+
 def verdicts(name: str, items: List[Item], predictions: List[str], pool, timeout_s: float) -> List[bool]:
-    if name == "math500":
-        return [v == 1.0 for v in score(pool, predictions, [i.row for i in items], {"math": 1.0}, timeout_s)[0]]
-    if name == "gpqa":
-        return [choice_reward(p, i.row["answer"], i.row["choices"]) == 1.0 for p, i in zip(predictions, items)]
+    """Right or wrong per item, by the benchmark's rule: letters for choices, the `math` verifier
+    (math-verify with the documented policy) for the rest, tolerances and precisions where given."""
+    rows = [i.row for i in items]
+    if name in ("gpqa", "mmstar"):
+        return [choice_reward(p, r["answer"], r.get("choices")) == 1.0 for p, r in zip(predictions, rows)]
     if name == "mathvista":
-        return [mathvista_correct(p, i.row, pool, timeout_s) for p, i in zip(predictions, items)]
-    raise ValueError(name)
+        return [mathvista_correct(p, r, pool, timeout_s) for p, r in zip(predictions, rows)]
+    math_ok = [v == 1.0 for v in score(pool, predictions, rows, {"math": 1.0}, timeout_s)[0]]
+    if name == "mathvision":
+        return [
+            choice_reward(p, r["answer"], r["choices"]) == 1.0 if r.get("choices") else ok
+            for p, r, ok in zip(predictions, rows, math_ok)
+        ]
+    if name == "olympiadbench":
+        return [
+            ok or (r["error"] is not None and within_tolerance(p, r["answer"], r["error"]))
+            for p, r, ok in zip(predictions, rows, math_ok)
+        ]
+    return math_ok  # math500, mathverse (a letter gold is graded as a choice letter by `math`)
 
 
 BENCHMARKS: Dict[str, Tuple[str, Callable[[str, int], List[Item]]]] = {
+    "mathvista": ("mathvista/testmini.json", read_mathvista),
+    "mathverse": ("mathverse/testmini.json", read_mathverse),
+    "mathvision": ("mathvision/test.jsonl", read_mathvision),
+    "olympiadbench": ("olympiadbench/OE_en.json", read_olympiadbench),
+    "mmstar": ("mmstar/mmstar.jsonl", read_mmstar),
     "math500": ("math500/test.jsonl", read_math500),
     "gpqa": ("gpqa/gpqa_diamond.csv", read_gpqa),
-    "mathvista": ("mathvista/testmini.json", read_mathvista),
     "sokoban": ("sokoban/test.jsonl", read_sokoban),
 }
 

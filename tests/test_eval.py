@@ -71,6 +71,37 @@ def data_dir(tmp_path):
               "question_type": "free_form", "answer_type": "float", "precision": 2, "metadata": {"task": "math word problem"}},
     }  # fmt: skip
     (root / "mathvista" / "testmini.json").write_text(json.dumps(vista))
+    # MathVerse testmini.json: a list, one item per problem version; images under images/
+    (root / "mathverse" / "images").mkdir(parents=True)
+    Image.new("RGB", (56, 56), "white").save(root / "mathverse" / "images" / "v1.png")
+    verse = [
+        {"sample_index": "1", "problem_index": "1", "problem_version": "Text Dominant", "question": "x? Choices: A:1 B:2",
+         "image": "v1.png", "answer": "B", "question_type": "multi-choice", "metadata": {"subject": "plane geometry"}},
+        {"sample_index": "2", "problem_index": "1", "problem_version": "Vision Only", "question": "Find x.",
+         "image": "v1.png", "answer": "\\frac{3}{2}", "question_type": "free-form", "metadata": {"subject": "plane geometry"}},
+    ]  # fmt: skip
+    (root / "mathverse" / "testmini.json").write_text(json.dumps(verse))
+    # MATH-Vision test.jsonl: options (letters) or free answers
+    (root / "mathvision" / "images").mkdir(parents=True)
+    Image.new("RGB", (56, 56), "white").save(root / "mathvision" / "images" / "1.png")
+    mv = [
+        {"id": "1", "question": "Which?", "options": ["2", "3", "4", "5", "6"], "image": "images/1.png", "answer": "C", "level": 2, "subject": "counting"},
+        {"id": "2", "question": "How many?", "options": [], "image": "images/1.png", "answer": "12", "level": 3, "subject": "arithmetic"},
+    ]  # fmt: skip
+    (root / "mathvision" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mv))
+    # OlympiadBench OE English: final_answer list, a numeric tolerance, text-only here
+    (root / "olympiadbench").mkdir()
+    ob = [
+        {"id": 7, "question": "Compute g.", "final_answer": ["$9.81$"], "error": "0.01", "answer_type": "Numerical", "subject": "Physics"},
+        {"id": 8, "question": "Solve.", "final_answer": ["$x=2$"], "error": None, "answer_type": "Equation", "subject": "Math"},
+    ]  # fmt: skip
+    (root / "olympiadbench" / "OE_en.json").write_text(json.dumps(ob))
+    # MMStar (jsonl export): options inside the question, a letter answer
+    (root / "mmstar" / "images").mkdir(parents=True)
+    Image.new("RGB", (56, 56), "white").save(root / "mmstar" / "images" / "0.png")
+    star = [{"index": 0, "question": "What color? Options: A: red, B: white", "image": "images/0.png", "answer": "B",
+             "category": "coarse perception", "l2_category": "image scene"}]  # fmt: skip
+    (root / "mmstar" / "mmstar.jsonl").write_text("".join(json.dumps(r) + "\n" for r in star))
     # Sokoban held-out set, as sokoban.py builds it
     sokoban.build(2, 6, 1, seed=3, out=str(root / "sokoban"), split="test", min_moves=3)
     return root
@@ -101,6 +132,10 @@ def test_scores_from_predictions_files_are_exact(data_dir, tmp_path):
         preds / "sokoban.jsonl",
         {rows[0]["question"]: f"<think></think><answer>{rows[0]['answer']}</answer>", rows[1]["question"]: "<answer>Up</answer>"},
     )
+    write_predictions(preds / "mathverse.jsonl", {"1": boxed("B"), "2": boxed("1.5")})
+    write_predictions(preds / "mathvision.jsonl", {"1": boxed("C"), "2": boxed("13")})
+    write_predictions(preds / "olympiadbench.jsonl", {"7": boxed("9.805"), "8": boxed("x=3")})
+    write_predictions(preds / "mmstar.jsonl", {"0": "The answer is B."})
     cfg = compose_cfg([*TINY_DEFAULTS, f"eval.data_dir={data_dir}", f"eval.predictions={preds}"])
     out = tmp_path / "out"
     results = evaluation.run_eval(cfg, str(out))
@@ -113,6 +148,14 @@ def test_scores_from_predictions_files_are_exact(data_dir, tmp_path):
     assert choices1.index("Neon") == "ABCD".index(gold1)
     # MathVista: letter B = "square"; integer 4; 1.334 rounds to 1.33 at precision 2
     assert results["mathvista"]["accuracy"] == 1.0 and results["mathvista"]["question_type=free_form"] == 1.0
+    # MathVerse: a letter and 1.5 = 3/2, by problem version
+    assert results["mathverse"]["accuracy"] == 1.0 and results["mathverse"]["problem_version=Vision Only"] == 1.0
+    # MATH-Vision: the letter right, 13 != 12
+    assert results["mathvision"]["accuracy"] == 0.5 and results["mathvision"]["subject=counting"] == 1.0
+    # OlympiadBench: 9.805 is within the item's 0.01 of 9.81 (math equivalence alone would say no); x=3 != x=2
+    assert results["olympiadbench"]["accuracy"] == 0.5 and results["olympiadbench"]["subject=Physics"] == 1.0
+    # MMStar: "The answer is B."
+    assert results["mmstar"]["accuracy"] == 1.0 and results["mmstar"]["category=coarse perception"] == 1.0
     # Sokoban: the optimal answer solves, "Up" does not
     assert results["sokoban"]["accuracy"] == 0.5
     for name in results:
@@ -127,9 +170,12 @@ def test_mathvista_precision_and_wrong_choices(data_dir, tmp_path):
     preds = tmp_path / "preds"
     preds.mkdir()
     write_predictions(preds / "mathvista.jsonl", {"1": boxed("circle"), "2": boxed("5"), "3": boxed("1.3")})
-    cfg = compose_cfg([*TINY_DEFAULTS, f"eval.data_dir={data_dir}", f"eval.predictions={preds}", "eval.benchmarks=[mathvista]"])
+    write_predictions(preds / "olympiadbench.jsonl", {"7": boxed("9.7"), "8": boxed("2")})
+    benchmarks = "eval.benchmarks=[mathvista,olympiadbench]"
+    cfg = compose_cfg([*TINY_DEFAULTS, f"eval.data_dir={data_dir}", f"eval.predictions={preds}", benchmarks])
     results = evaluation.run_eval(cfg, str(tmp_path / "out"))
     assert results["mathvista"]["accuracy"] == 0.0  # wrong choice text, wrong integer, 1.30 != 1.33
+    assert results["olympiadbench"]["accuracy"] == 0.5  # 9.7 is outside 0.01; "2" for "x=2" is accepted by math-verify
 
 
 def test_missing_predictions_and_unknown_benchmarks_are_errors(data_dir, tmp_path):
