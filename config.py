@@ -230,6 +230,7 @@ class EvalConfig:
     max_new_tokens: int = 4096  # greedy generation budget
     max_items: int = -1  # first N items of each benchmark (-1 = all)
     seed: int = 0  # GPQA's option shuffle
+    every: int = 0  # train.py: evaluate every N steps on eval.benchmarks (eval.max_items each), log eval/*; 0 = never
 
 
 @dataclass

@@ -337,45 +337,54 @@ def write_tables(out_dir: str, results: Dict[str, dict]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def generate(cfg, items: List[Item]) -> List[str]:
-    """Greedy completions (eval.max_new_tokens) from the model in cfg.model, with the HF engine."""
+def greedy_completions(engine, tokenizer, image_processor, items: List[Item], max_new_tokens: int) -> List[str]:
+    """One greedy completion per item from a rollout engine (HF or vLLM)."""
+    from data import encode_prompt
+
+    greedy = engine.with_sampling(temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens, logprobs=False)
+    samples = [Sample(messages=i.messages, answer=str(i.row["answer"]), where=i.id) for i in items]
+    prompts = [encode_prompt(s, tokenizer, image_processor) for s in samples]
+    return greedy.generate(prompts, 1, seeds=[0] * len(prompts)).texts
+
+
+def load_engine(cfg):
+    """(engine, tokenizer, image_processor) for the model in cfg.model, with cfg.rollout's engine."""
     import torch
 
-    from data import encode_prompt
-    from model import load_policy
-    from rollout import HFEngine
+    from model import load_policy, resolve_model_path
+    from rollout import make_engine
 
     device = torch.device("cuda" if cfg.trainer.device != "cpu" and torch.cuda.is_available() else "cpu")
     model, tokenizer, image_processor = load_policy(cfg.model, cfg.trainer.seed, device)
-    rcfg = DictConfig({**cfg.rollout, "temperature": 0.0, "max_new_tokens": cfg.eval.max_new_tokens, "logprobs": False})
-    engine = HFEngine(model, tokenizer, rcfg)
-    prompts = [
-        encode_prompt(Sample(messages=i.messages, answer=str(i.row["answer"]), where=i.id), tokenizer, image_processor)
-        for i in items
-    ]
-    return engine.generate(prompts, 1, seeds=[0] * len(prompts)).texts
+    return make_engine(cfg, model, tokenizer, resolve_model_path(cfg.model.path)), tokenizer, image_processor
 
 
-def run_eval(cfg: DictConfig, out_dir: str) -> Dict[str, dict]:
+def benchmark_items(cfg, name: str) -> List[Item]:
+    relative, reader = BENCHMARKS[name]
+    path = os.path.join(cfg.eval.data_dir, relative)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{name}: {path} not found (see scripts/get_benchmarks.md for where it comes from)")
+    items = reader(path, cfg.eval.seed)
+    return items[: cfg.eval.max_items] if cfg.eval.max_items > 0 else items
+
+
+def run_eval(cfg: DictConfig, out_dir: str, engine=None) -> Dict[str, dict]:
+    """Every benchmark of cfg.eval.benchmarks: predictions from cfg.eval.predictions, or generated
+    with `engine` (a (engine, tokenizer, image_processor) triple; default: loaded from cfg.model)."""
     unknown = [b for b in cfg.eval.benchmarks if b not in BENCHMARKS]
     if unknown:
         raise ConfigError(f"eval.benchmarks: unknown {unknown}; known: {sorted(BENCHMARKS)}")
     pool = reward_pool(cfg.reward.workers)
     results = {}
     for name in cfg.eval.benchmarks:
-        relative, reader = BENCHMARKS[name]
-        path = os.path.join(cfg.eval.data_dir, relative)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{name}: {path} not found (see scripts/get_benchmarks.md for where it comes from)")
-        items = reader(path, cfg.eval.seed)
-        if cfg.eval.max_items > 0:
-            items = items[: cfg.eval.max_items]
+        items = benchmark_items(cfg, name)
         if cfg.eval.predictions:
             predictions = read_predictions(os.path.join(cfg.eval.predictions, f"{name}.jsonl"), items)
         else:
-            predictions = generate(cfg, items)
+            engine = engine or load_engine(cfg)
+            predictions = greedy_completions(*engine, items, cfg.eval.max_new_tokens)
         results[name] = evaluate(name, items, predictions, out_dir, pool, cfg.reward.timeout_s)
-        print(f"[eval] {name}: {100 * results[name]['accuracy']:.1f}% of {len(items)} (rules)")
+        print(f"[eval] {name}: {100 * results[name]['accuracy']:.1f}% of {len(items)} ({results[name]['scoring']})")
     write_tables(out_dir, results)
     return results
 

@@ -3,17 +3,20 @@
 An engine has two methods:
     generate(prompts, group_size, seeds) -> Rollout  # group_size samples per prompt, grouped; a seed per prompt
     sync_weights(model)                               # make the engine sample from `model`'s weights
+    with_sampling(**overrides) -> engine              # the same engine, other sampling knobs (greedy eval)
 HFEngine samples with transformers' `generate` on the policy module itself (CPU, tests, debugging),
 so its sync is free. VLLMEngine runs an in-process vLLM `LLM` colocated with training: it sleeps
 while the policy trains and receives the new weights bucket by bucket after every update.
 """
 
+import copy
 import os
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from transformers import GenerationConfig
 
 from data import image_items, load_image
@@ -77,6 +80,10 @@ class HFEngine:
 
     def sync_weights(self, model) -> None:
         self.model = model  # samples from the training module itself: nothing to copy
+
+    def with_sampling(self, **overrides) -> "HFEngine":
+        """The same engine with other sampling settings (greedy evaluation: temperature=0.0)."""
+        return HFEngine(self.model, self.tokenizer, OmegaConf.merge(self.cfg, overrides))
 
     def generation_config(self) -> GenerationConfig:
         c = self.cfg
@@ -286,6 +293,12 @@ class VLLMEngine:
                 if c.logprobs:
                     rollout.logprobs.append([step[t].logprob for step, t in zip(sample.logprobs, ids)])
         return rollout
+
+    def with_sampling(self, **overrides) -> "VLLMEngine":
+        """The same engine (the same vLLM instance and its state) with other sampling settings."""
+        other = copy.copy(self)
+        other.cfg = OmegaConf.merge(self.cfg, overrides)
+        return other
 
     def sync_weights(self, model) -> None:
         """Push the policy's trainable weights into vLLM bucket by bucket (only the weights wake up;

@@ -34,6 +34,7 @@ from tqdm import tqdm
 import config  # noqa: F401  (registers the schema with Hydra's ConfigStore)
 from config import ConfigError, validate
 from data import BadRow, encode_prompt, load_dataset, prompt_batches, steps_per_epoch
+from eval import run_eval
 from model import (
     VISION_TOKENS,
     Critic,
@@ -861,6 +862,16 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
         # ---- sync weights ----
         engine.sync_weights(policy)
 
+        # ---- evaluate: greedy, with the rollout engine, every eval.every steps ----
+        eval_scores = {}
+        if cfg.eval.every > 0 and (step + 1) % cfg.eval.every == 0:
+            with gathered_weights(policy):  # (ZeRO-3: every rank gathers, rank 0 evaluates)
+                if main_rank:
+                    out = os.path.join(run_dir, "eval", f"step_{step + 1}")
+                    results = run_eval(cfg, out, (engine, tokenizer, image_processor))
+                    eval_scores = {f"eval/{name}": r["accuracy"] for name, r in results.items()}
+            barrier()
+
         # ---- log / save ----
         # every rank's rewards and counts (gathered above); loss shares summed over ranks
         all_rewards = torch.tensor([x for rk in ranks for x in rk[1]])  # (N_global,)
@@ -897,6 +908,7 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
         metrics["perf/step_s"] = time.time() - t0
         metrics["perf/tokens_per_s"] = sum(all_lengths) / metrics["perf/step_s"]
         metrics["loss/skipped_updates"] = skipped
+        metrics.update(eval_scores)
         history.append(metrics)
         last = step + 1 == total_steps
         if main_rank:

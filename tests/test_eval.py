@@ -197,3 +197,17 @@ def test_generate_and_score_on_the_tiny_model(data_dir, tmp_path):
     lines = [json.loads(line) for line in open(tmp_path / "out" / "math500" / "predictions.jsonl")]
     assert all(isinstance(line["prediction"], str) and line["correct"] is False for line in lines)  # a random model
     assert os.path.isdir(tmp_path / "out" / "sokoban" / "sokoban_replays")
+
+
+@pytest.mark.slow
+def test_training_evaluates_every_n_steps_and_logs_eval_metrics(data_dir, tmp_path):
+    import train
+
+    args = [*TINY_DEFAULTS, "trainer.max_steps=2", "eval.every=1", "eval.benchmarks=[math500,mathvista]",
+            f"eval.data_dir={data_dir}", "eval.max_items=2", "eval.max_new_tokens=4"]  # fmt: skip
+    train.run(compose_cfg(args), str(tmp_path / "run"))
+    metrics = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert all(m["eval/math500"] == 0.0 and "eval/mathvista" in m for m in metrics)  # a random model
+    assert (tmp_path / "run" / "eval" / "step_2" / "results.md").exists()
+    lines = open(tmp_path / "run" / "eval" / "step_1" / "math500" / "predictions.jsonl").readlines()
+    assert len(lines) == 2
