@@ -221,6 +221,17 @@ class ClusterConfig:
 
 
 @dataclass
+class JudgeConfig:
+    """An LLM that only extracts each response's final answer (any OpenAI-compatible endpoint); the
+    rules still decide right or wrong. Off unless url is set; results say which scoring was used."""
+
+    url: Optional[str] = None  # e.g. http://localhost:8000/v1 (vLLM serve) or https://api.openai.com/v1
+    model: str = "gpt-4o-mini"
+    api_key_env: str = "OPENAI_API_KEY"  # the environment variable holding the key (if the endpoint needs one)
+    timeout_s: float = 60.0
+
+
+@dataclass
 class EvalConfig:
     benchmarks: List[str] = field(
         default_factory=lambda: ["mathvista", "mathverse", "mathvision", "olympiadbench", "mmstar", "math500", "gpqa", "sokoban"]
@@ -230,6 +241,7 @@ class EvalConfig:
     max_new_tokens: int = 4096  # greedy generation budget
     max_items: int = -1  # first N items of each benchmark (-1 = all)
     seed: int = 0  # GPQA's option shuffle
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
     every: int = 0  # train.py: evaluate every N steps on eval.benchmarks (eval.max_items each), log eval/*; 0 = never
 
 

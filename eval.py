@@ -17,7 +17,8 @@ Benchmarks are read from local files in their public release formats, `eval.data
     gpqa           gpqa_diamond.csv: options shuffled with a fixed seed per question, letters recorded
     sokoban        our held-out jsonl (sokoban.py build --split test): success by size/boxes/length
 Prompts use the training system prompt. Scoring is rule-based (the `choice` and `math` verifiers,
-bounded by the same worker pool); every result says so. Outputs in the run dir: <bench>/predictions.jsonl
+bounded by the same worker pool); with eval.judge.url an LLM behind any OpenAI-compatible endpoint
+first extracts each final answer, and the rules grade that. Every result says which was used. Outputs in the run dir: <bench>/predictions.jsonl
 (per item: prediction and verdict), <bench>/results.json (overall and by sub-category), results.md
 and results.png across benchmarks.
 """
@@ -267,27 +268,64 @@ BENCHMARKS: Dict[str, Tuple[str, Callable[[str, int], List[Item]]]] = {
 }
 
 
-def evaluate(name: str, items: List[Item], predictions: List[str], out_dir: str, pool, timeout_s: float) -> dict:
+JUDGE_PROMPT = (
+    "Below is a question and a model's response. Reply with the response's final answer only, exactly as "
+    "the response gives it (a number, expression, option letter or short text), or NONE if it gives none. "
+    "Do not solve the question yourself.\n\nQuestion:\n{question}\n\nResponse:\n{response}"
+)
+
+
+def judge_extract(judge, question: str, response: str) -> Optional[str]:
+    """The final answer an OpenAI-compatible chat endpoint reads in `response`, or None (none given,
+    or the call failed: then the rules read the response as it is)."""
+    import urllib.request
+
+    prompt = JUDGE_PROMPT.format(question=question, response=response)
+    body = {"model": judge.model, "temperature": 0, "messages": [{"role": "user", "content": prompt}]}
+    headers = {"Content-Type": "application/json"}
+    if os.environ.get(judge.api_key_env):
+        headers["Authorization"] = f"Bearer {os.environ[judge.api_key_env]}"
+    request = urllib.request.Request(judge.url.rstrip("/") + "/chat/completions", json.dumps(body).encode(), headers)
+    try:
+        with urllib.request.urlopen(request, timeout=judge.timeout_s) as reply:
+            answer = json.load(reply)["choices"][0]["message"]["content"].strip()
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+    return None if not answer or answer.upper() == "NONE" else answer
+
+
+def question_text(item: Item) -> str:
+    user = item.messages[-1]["content"]
+    return user if isinstance(user, str) else " ".join(c["text"] for c in user if c["type"] == "text")
+
+
+def evaluate(name: str, items: List[Item], predictions: List[str], out_dir: str, pool, timeout_s: float, judge=None) -> dict:
     """Scores of one benchmark: `accuracy` overall and `<group>=<value>` accuracies; writes the
-    per-item predictions with verdicts and the results JSON into out_dir/<name>/."""
+    per-item predictions with verdicts and the results JSON into out_dir/<name>/. With a judge
+    (eval.judge.url) an LLM first extracts each final answer, which the rules then grade."""
     os.makedirs(os.path.join(out_dir, name), exist_ok=True)
+    scoring, extracted, graded = "rules", [None] * len(items), predictions
+    if judge is not None and judge.url and name != "sokoban":
+        extracted = [judge_extract(judge, question_text(i), p) for i, p in zip(items, predictions)]
+        graded = [p if x is None else f"<answer>$\\boxed{{{x}}}$</answer>" for x, p in zip(extracted, predictions)]
+        left = sum(x is None for x in extracted)
+        scoring = f"judge extraction ({judge.model}; {left} of {len(items)} left to the rules) + rules"
     if name == "sokoban":
         metrics = sokoban.evaluate([i.row for i in items], predictions, os.path.join(out_dir, name))
         correct = [sokoban.replay(i.row["level"], m)[1] if (m := moves_of(p)) else False for i, p in zip(items, predictions)]
         results = {"accuracy": metrics["success"], **{k: v for k, v in metrics.items() if k != "success"}}
     else:
-        correct = verdicts(name, items, predictions, pool, timeout_s)
+        correct = verdicts(name, items, graded, pool, timeout_s)
         results = {"accuracy": sum(correct) / max(1, len(correct))}
         for key in sorted({k for i in items for k in i.groups}):
             for value in sorted({i.groups.get(key, "") for i in items}):
                 hits = [c for c, i in zip(correct, items) if i.groups.get(key, "") == value]
                 results[f"{key}={value}"] = sum(hits) / len(hits)
-    results = {"benchmark": name, "n": len(items), "scoring": "rules", **results}
+    results = {"benchmark": name, "n": len(items), "scoring": scoring, **results}
     with open(os.path.join(out_dir, name, "predictions.jsonl"), "w") as f:
-        for item, prediction, ok in zip(items, predictions, correct):
-            f.write(
-                json.dumps({"id": item.id, "answer": item.row["answer"], "prediction": prediction, "correct": bool(ok)}) + "\n"
-            )
+        for item, prediction, x, ok in zip(items, predictions, extracted, correct):
+            line = {"id": item.id, "answer": item.row["answer"], "prediction": prediction, "correct": bool(ok)}
+            f.write(json.dumps(line | ({"judge_extracted": x} if x is not None else {})) + "\n")
     with open(os.path.join(out_dir, name, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     return results
@@ -383,7 +421,7 @@ def run_eval(cfg: DictConfig, out_dir: str, engine=None) -> Dict[str, dict]:
         else:
             engine = engine or load_engine(cfg)
             predictions = greedy_completions(*engine, items, cfg.eval.max_new_tokens)
-        results[name] = evaluate(name, items, predictions, out_dir, pool, cfg.reward.timeout_s)
+        results[name] = evaluate(name, items, predictions, out_dir, pool, cfg.reward.timeout_s, cfg.eval.judge)
         print(f"[eval] {name}: {100 * results[name]['accuracy']:.1f}% of {len(items)} ({results[name]['scoring']})")
     write_tables(out_dir, results)
     return results

@@ -211,3 +211,84 @@ def test_training_evaluates_every_n_steps_and_logs_eval_metrics(data_dir, tmp_pa
     assert (tmp_path / "run" / "eval" / "step_2" / "results.md").exists()
     lines = open(tmp_path / "run" / "eval" / "step_1" / "math500" / "predictions.jsonl").readlines()
     assert len(lines) == 2
+
+
+class ChatServer:
+    """A local OpenAI-compatible /chat/completions endpoint (the protocol a judge speaks), answering
+    from a fixed table keyed by text in the response; it records the requests it got."""
+
+    def __init__(self, answers: dict):
+        import threading
+        from http.server import BaseHTTPRequestHandler, HTTPServer
+
+        self.requests = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests.append((self.path, body, self.headers.get("Authorization")))
+                prompt = body["messages"][0]["content"]
+                content = next((v for k, v in answers.items() if k in prompt), "NONE")
+                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = HTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}/v1"
+
+
+def test_optional_judge_extracts_answers_the_rules_then_grade(data_dir, tmp_path, monkeypatch):
+    server = ChatServer({"two halves": "\\frac{1}{2}", "plainly 2": "2"})
+    monkeypatch.setenv("JUDGE_KEY", "secret")
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    write_predictions(
+        preds / "math500.jsonl",
+        {
+            "test/algebra/1.json": "It is plainly 2.",
+            "test/algebra/2.json": "I get two halves of a quarter... ",
+            "test/geometry/3.json": "no idea",
+        },
+    )
+    judged = [
+        "eval.benchmarks=[math500]",
+        f"eval.judge.url={server.url}",
+        "eval.judge.model=tiny-judge",
+        "eval.judge.api_key_env=JUDGE_KEY",
+    ]
+    cfg = compose_cfg([*TINY_DEFAULTS, f"eval.data_dir={data_dir}", f"eval.predictions={preds}", *judged])
+    results = evaluation.run_eval(cfg, str(tmp_path / "judged"))
+    # the rules alone find no final answer in these responses; the judge's extractions are graded
+    assert results["math500"]["accuracy"] == pytest.approx(2 / 3)
+    assert results["math500"]["scoring"] == "judge extraction (tiny-judge; 1 of 3 left to the rules) + rules"
+    path, body, auth = server.requests[0]
+    assert (
+        path == "/v1/chat/completions" and body["model"] == "tiny-judge" and body["temperature"] == 0 and auth == "Bearer secret"
+    )
+    lines = [json.loads(line) for line in open(tmp_path / "judged" / "math500" / "predictions.jsonl")]
+    assert lines[1]["judge_extracted"] == "\\frac{1}{2}" and "judge_extracted" not in lines[2]
+    cfg = compose_cfg([*TINY_DEFAULTS, f"eval.data_dir={data_dir}", f"eval.predictions={preds}", "eval.benchmarks=[math500]"])
+    rules = evaluation.run_eval(cfg, str(tmp_path / "rules"))
+    assert rules["math500"]["accuracy"] == 0.0 and rules["math500"]["scoring"] == "rules"
+    # an unreachable judge leaves every item to the rules instead of failing the evaluation
+    server.httpd.shutdown()
+    server.httpd.server_close()
+    cfg = compose_cfg(
+        [
+            *TINY_DEFAULTS,
+            f"eval.data_dir={data_dir}",
+            f"eval.predictions={preds}",
+            *judged[:1],
+            f"eval.judge.url={server.url}",
+            "eval.judge.timeout_s=2",
+        ]
+    )
+    down = evaluation.run_eval(cfg, str(tmp_path / "down"))
+    assert down["math500"]["accuracy"] == 0.0 and "3 of 3 left to the rules" in down["math500"]["scoring"]
