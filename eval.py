@@ -325,6 +325,8 @@ def evaluate(name: str, items: List[Item], predictions: List[str], out_dir: str,
     with open(os.path.join(out_dir, name, "predictions.jsonl"), "w") as f:
         for item, prediction, x, ok in zip(items, predictions, extracted, correct):
             line = {"id": item.id, "answer": item.row["answer"], "prediction": prediction, "correct": bool(ok)}
+            if "choices" in item.row:  # the options as shown (GPQA's shuffle, recorded)
+                line["choices"] = item.row["choices"]
             f.write(json.dumps(line | ({"judge_extracted": x} if x is not None else {})) + "\n")
     with open(os.path.join(out_dir, name, "results.json"), "w") as f:
         json.dump(results, f, indent=2)

@@ -146,6 +146,8 @@ def test_scores_from_predictions_files_are_exact(data_dir, tmp_path):
     # GPQA: the shuffled letters are fixed by the seed; one right
     assert results["gpqa"]["accuracy"] == 0.5 and results["gpqa"]["domain=Chemistry"] == 1.0
     assert choices1.index("Neon") == "ABCD".index(gold1)
+    shown = json.loads(open(out / "gpqa" / "predictions.jsonl").readline())
+    assert shown["choices"] == choices1 and shown["answer"] == gold1  # the shuffle is recorded
     # MathVista: letter B = "square"; integer 4; 1.334 rounds to 1.33 at precision 2
     assert results["mathvista"]["accuracy"] == 1.0 and results["mathvista"]["question_type=free_form"] == 1.0
     # MathVerse: a letter and 1.5 = 3/2, by problem version
