@@ -167,6 +167,16 @@ class AlgoConfig:
     # truncated importance sampling: weight each token's loss by min(exp(logp_trainer - logp_sampler),
     # tis_clip), correcting for the sampler (vLLM) and trainer disagreeing; null = off
     tis_clip: Optional[float] = None
+    std_normalize: bool = True  # grpo: divide by the group's std (false: centring only, as Dr. GRPO)
+    kl_target: Optional[float] = None  # adaptive KL: steer kl_coef toward this KL per token (PPO's controller); null = fixed
+    kl_horizon: int = 10000  # adaptive KL: samples over which the coefficient may change by ~e
+    entropy_coef: float = 0.0  # > 0: an entropy bonus, - entropy_coef * entropy in the loss
+    mask_truncated: bool = False  # DAPO: completions cut at rollout.max_new_tokens take no part in the loss
+    overlong_buffer: int = 0  # DAPO's soft overlong punishment over the last N tokens before max_new_tokens (0 = off)
+    overlong_penalty: float = 1.0  # ... reaching -overlong_penalty at max_new_tokens
+    dynamic_sampling: bool = False  # DAPO: replace groups whose rewards all agree with freshly sampled ones
+    max_sampling_rounds: int = 3  # dynamic sampling: rollout rounds per step at most (then all-equal groups stay)
+    critic_path: Optional[str] = None  # gae: the value model's backbone from this checkpoint (default: a copy of the policy's)
 
 
 @dataclass
@@ -292,6 +302,10 @@ def validate(cfg: Any) -> None:
         errors.append(f"algo.clip_low={a.clip_low} must be in [0, 1) and algo.clip_high={a.clip_high} >= 0")
     if a.dual_clip is not None and a.dual_clip <= 1:
         errors.append(f"algo.dual_clip={a.dual_clip} must be > 1 (or null)")
+    if a.kl_target is not None and (a.kl_target <= 0 or a.kl_coef <= 0):
+        errors.append(f"algo.kl_target={a.kl_target} needs a positive target and algo.kl_coef > 0 to adapt")
+    if a.overlong_buffer < 0 or a.overlong_buffer >= r.max_new_tokens or a.max_sampling_rounds < 1:
+        errors.append("algo.overlong_buffer must be in [0, rollout.max_new_tokens) and algo.max_sampling_rounds >= 1")
     if a.kl_coef < 0:
         errors.append(f"algo.kl_coef={a.kl_coef} must be >= 0")
     if cfg.data.on_error not in ("raise", "skip"):

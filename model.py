@@ -479,7 +479,7 @@ def completion_positions(batch) -> Tuple[torch.Tensor, torch.Tensor]:
     return batch["seq_row"][i], batch["seq_start"][i] + batch["prompt_lens"][i] - 1 + j
 
 
-def _token_logp(h, targets, lm_head, temperature: float, banned_ids, with_entropy: bool):
+def _token_logp(h, targets, lm_head, temperature: float, banned_ids, with_entropy: bool, entropy_grad: bool = False):
     # h: (n, H), targets: (n,) -> logp (n,), entropy (n,) or None. fp32 logits live for one chunk only.
     # lm_head is called as a module: under ZeRO-3 its hooks gather the sharded weight.
     logits = lm_head(h).float() / temperature  # (n, V)
@@ -488,14 +488,14 @@ def _token_logp(h, targets, lm_head, temperature: float, banned_ids, with_entrop
     lse = torch.logsumexp(logits, dim=-1)
     logp = logits.gather(1, targets[:, None]).squeeze(1) - lse
     entropy = None
-    if with_entropy:  # a metric, not a loss term: no graph
-        with torch.no_grad():
+    if with_entropy:  # a metric (no graph), or with entropy_grad a loss term (an entropy bonus)
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
             p = torch.softmax(logits, dim=-1)
             entropy = lse - (p * logits.masked_fill(p == 0, 0)).sum(-1)
     return logp, entropy
 
 
-def sequence_logps(model, batch, temperature: float, chunk_size: int, banned_ids=None, with_entropy=False):
+def sequence_logps(model, batch, temperature: float, chunk_size: int, banned_ids=None, with_entropy=False, entropy_grad=False):
     """Log-probs (B, Tc) of the completion tokens under `model`, logits divided by the sampling
     temperature; optionally also the entropy (B, Tc). Padding positions hold 0.
 
@@ -508,7 +508,15 @@ def sequence_logps(model, batch, temperature: float, chunk_size: int, banned_ids
     targets = batch["completion_ids"][batch["completion_mask"]]  # (N,)
     logps, ents = [], []
     for s in range(0, h.shape[0], chunk_size):
-        args = (h[s : s + chunk_size], targets[s : s + chunk_size], model.lm_head, temperature, banned_ids, with_entropy)
+        args = (
+            h[s : s + chunk_size],
+            targets[s : s + chunk_size],
+            model.lm_head,
+            temperature,
+            banned_ids,
+            with_entropy,
+            entropy_grad,
+        )
         if torch.is_grad_enabled():
             lp, ent = checkpoint(_token_logp, *args, use_reentrant=False)
         else:

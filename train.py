@@ -20,8 +20,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Dict, List, Optional, Tuple
 
@@ -50,17 +51,20 @@ from model import (
     sequence_values,
 )
 from rewards import gold_problems, resolve, reward_pool, score
-from rollout import check_vllm, cut_vision_tokens, make_engine
+from rollout import Rollout, check_vllm, cut_vision_tokens, make_engine
 
 # ---------------------------------------------------------------------------------------------
 # Algorithm: advantages
 # ---------------------------------------------------------------------------------------------
 
 
-def compute_advantages(rewards: torch.Tensor, group_size: int, estimator: str, eps: float = 1e-6) -> torch.Tensor:
+def compute_advantages(
+    rewards: torch.Tensor, group_size: int, estimator: str, eps: float = 1e-6, std_normalize: bool = True
+) -> torch.Tensor:
     """Per-sequence advantages (N,) from rewards (N,) laid out as consecutive groups of `group_size`.
 
-    grpo:               (r - mean_g) / (std_g + eps)   (unbiased std, as GRPO/TRL/OpenRLHF)
+    grpo:               (r - mean_g) / (std_g + eps)   (unbiased std, as GRPO/TRL/OpenRLHF;
+                        std_normalize=False: r - mean_g)
     dr_grpo:            r - mean_g                     (no std: Dr. GRPO)
     rloo:               r - mean of the other G-1 of the group = (r - mean_g) * G / (G - 1)
     reinforce_baseline: r - mean_g                     (whitened over the batch afterwards)
@@ -69,7 +73,7 @@ def compute_advantages(rewards: torch.Tensor, group_size: int, estimator: str, e
     r = rewards.float().view(-1, group_size)  # (P, G)
     centered = r - r.mean(dim=1, keepdim=True)
     if estimator == "grpo":
-        adv = centered / (r.std(dim=1, keepdim=True) + eps)
+        adv = centered / (r.std(dim=1, keepdim=True) + eps) if std_normalize else centered
     elif estimator in ("dr_grpo", "reinforce_baseline"):
         adv = centered
     elif estimator == "rloo":
@@ -134,17 +138,18 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tens
     return (x - mean) * torch.rsqrt(var.clamp_min(eps)) * mask
 
 
-def token_advantages(algo, rewards, mask, group_size, kl=None, values=None):
+def token_advantages(algo, rewards, mask, group_size, kl=None, values=None, kl_coef: Optional[float] = None):
     """Token advantages (N, T) (and returns for the value model when estimator=gae).
 
     Group estimators baseline the sequence reward first; with algo.kl_in_reward the per-token KL
     penalty then enters the reward-to-go, as in LMM-R1's recipes (OpenRLHF's compute_reward).
+    `kl_coef` is the current coefficient (adaptive KL changes it); default algo.kl_coef.
     """
-    kl_coef = algo.kl_coef if algo.kl_in_reward else 0.0
+    kl_coef = (algo.kl_coef if kl_coef is None else kl_coef) if algo.kl_in_reward else 0.0
     if algo.estimator == "gae":
         adv, returns = gae_advantages(token_rewards(rewards, mask, kl, kl_coef), values, mask, algo.gamma, algo.lam)
     else:
-        seq_adv = compute_advantages(rewards, group_size, str(algo.estimator), algo.eps)
+        seq_adv = compute_advantages(rewards, group_size, str(algo.estimator), algo.eps, algo.std_normalize)
         adv, returns = cumulative_returns(token_rewards(seq_adv, mask, kl, kl_coef), mask, 1.0), None
     whiten_on = algo.whiten_advantages
     if whiten_on is None:
@@ -152,6 +157,35 @@ def token_advantages(algo, rewards, mask, group_size, kl=None, values=None):
     if whiten_on:
         adv = whiten(adv, mask)
     return adv * mask, returns
+
+
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, penalty: float) -> torch.Tensor:
+    """DAPO's soft overlong punishment (N,): 0 up to max_len - buffer tokens, then falling linearly
+    to -penalty at max_len (a completion that ran out of tokens)."""
+    over = (lengths.float() - (max_len - buffer)).clamp(min=0)
+    return -penalty * (over / buffer).clamp(max=1.0)
+
+
+def adaptive_kl_coef(coef: float, kl: float, target: float, horizon: int, n_samples: int) -> float:
+    """PPO's adaptive KL controller (Ziegler et al., 2019): move the coefficient by the proportional
+    error, clipped to +-0.2, times n_samples / horizon."""
+    error = max(-0.2, min(0.2, kl / target - 1.0))
+    return coef * (1.0 + error * n_samples / horizon)
+
+
+def zero_std_fraction(rewards: torch.Tensor, group_size: int) -> float:
+    """Share of groups whose rewards all agree: they carry no group-relative signal."""
+    r = rewards.view(-1, group_size)
+    return (r.max(dim=1).values == r.min(dim=1).values).float().mean().item()
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns) over real tokens: 1 is a perfect value model, <= 0 useless."""
+    n = mask.sum()
+    r, v = returns[mask.bool()], values[mask.bool()]
+    var_r = ((r - r.mean()) ** 2).sum() / n
+    var_e = ((r - v - (r - v).mean()) ** 2).sum() / n
+    return (1 - var_e / var_r).item() if var_r > 0 else float("nan")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,6 +509,62 @@ class StopSignals:
 
 
 # ---------------------------------------------------------------------------------------------
+# Dynamic sampling (DAPO): refill groups whose rewards all agree
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Scored:
+    """A rank's scored rollout: groups of group_size consecutive samples, prompt k's at k*G..(k+1)*G."""
+
+    prompts: list
+    rollout: Rollout
+    total: List[float]  # (N,) weighted rewards
+    parts: Dict[str, List[float]]  # reward name -> (N,)
+    failures: Counter
+    vision_cut: int
+    rollout_s: float
+    reward_s: float
+    rounds: List[int] = field(default_factory=lambda: [0])  # sampling rounds that went into it
+
+
+def flat(total: List[float], g: int, group_size: int) -> bool:
+    values = total[g * group_size : (g + 1) * group_size]
+    return max(values) == min(values)
+
+
+def has_flat_group(total: List[float], group_size: int) -> bool:
+    return any(flat(total, g, group_size) for g in range(len(total) // group_size))
+
+
+def replace_flat_groups(current: Scored, fresh: Scored, group_size: int) -> Scored:
+    """`current` with each group whose rewards all agree replaced, in order, by the next group of
+    `fresh` that has a spread; fresh's other groups are dropped. Counts and timings add up."""
+    spare = [g for g in range(len(fresh.prompts)) if not flat(fresh.total, g, group_size)]
+    chosen = [
+        (fresh, spare.pop(0)) if flat(current.total, g, group_size) and spare else (current, g)
+        for g in range(len(current.prompts))
+    ]
+    G = group_size
+    out = Scored([], Rollout([], [], [], [], [] if current.rollout.logprobs is not None else None), [], {n: [] for n in current.parts},
+                 current.failures + fresh.failures, current.vision_cut + fresh.vision_cut, current.rollout_s + fresh.rollout_s,
+                 current.reward_s + fresh.reward_s, current.rounds + [len(current.rounds)])  # fmt: skip
+    for k, (source, g) in enumerate(chosen):
+        span = slice(g * G, (g + 1) * G)
+        out.prompts.append(source.prompts[g])
+        out.rollout.prompt_index += [k] * G
+        out.rollout.completion_ids += source.rollout.completion_ids[span]
+        out.rollout.texts += source.rollout.texts[span]
+        out.rollout.truncated += source.rollout.truncated[span]
+        if out.rollout.logprobs is not None:
+            out.rollout.logprobs += source.rollout.logprobs[span]
+        out.total += source.total[span]
+        for name in out.parts:
+            out.parts[name] += source.parts[name][span]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Run
 # ---------------------------------------------------------------------------------------------
 
@@ -653,7 +743,10 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
     if main_rank:
         print(f"[data] {len(samples)} prompts" + (f", skipped {sum(skipped.values())}: {dict(skipped)}" if skipped else ""))
     reference = frozen_copy(policy) if a.kl_coef > 0 else None
-    critic = Critic(policy) if a.estimator == "gae" else None
+    critic = None
+    if a.estimator == "gae":  # a value head on a copy of the policy's backbone, or of algo.critic_path's
+        source = load_policy(OmegaConf.merge(cfg.model, {"path": a.critic_path}), t.seed, device)[0] if a.critic_path else policy
+        critic = Critic(source).float()
     engine = make_engine(cfg, policy, tokenizer, model_path)
     autocast = autocast_ctx(device, str(cfg.model.dtype))
     banned_ids = torch.tensor(tokenizer.convert_tokens_to_ids(VISION_TOKENS), device=device)
@@ -717,7 +810,7 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
 
     # ---- resume: this run dir's newest checkpoint (a requeued job), or trainer.resume_from ----
     history: List[Dict[str, float]] = []
-    start_step, bad_steps, wandb_id = 0, 0, None
+    start_step, bad_steps, wandb_id, kl_coef, batches_used = 0, 0, None, a.kl_coef, 0
     checkpoint = resume_point(run_dir, t.resume_from)
     if checkpoint is not None:
         state = torch.load(os.path.join(checkpoint, STATE_FILE), weights_only=True)  # tensors and plain data only
@@ -733,6 +826,7 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
                 critic_schedule.load_state_dict(state["critic_schedule"])
         set_rng_state(state["rng"])
         start_step, bad_steps, history, wandb_id = state["step"], state["bad_steps"], state["history"], state["wandb_id"]
+        kl_coef, batches_used = state["kl_coef"], state["batches_used"]
         if main_rank:
             rewrite_logs(run_dir, start_step)
             print(f"[resume] {checkpoint}: continuing at step {start_step + 1} of {total_steps}")
@@ -754,8 +848,23 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
         )
 
     batches = prompt_batches(len(samples), r.prompts_per_step, t.seed, cfg.data.shuffle)
-    for _ in range(start_step):  # the data order continues where the checkpoint left it
+    for _ in range(batches_used):  # the data order continues where the checkpoint left it
         next(batches)
+
+    def sample_and_score(batch_ids: List[int], step: int, round_: int, mine: range) -> Scored:
+        """This rank's share (`mine`) of a prompt batch: generated with a seed per prompt (the same
+        samples at any world size), cut before sampled vision tokens, scored."""
+        t_start = time.time()
+        prompts = [encode_prompt(samples[batch_ids[k]], tokenizer, image_processor) for k in mine]
+        seeds = [derive_seed(t.seed, step, "rollout", round_, k) for k in mine]
+        with autocast, gathered_weights(policy) if r.engine == "hf" else nullcontext():  # HF samples the module
+            rollout = engine.generate(prompts, r.group_size, seeds)
+        vision_cut = cut_vision_tokens(rollout, banned_ids.tolist())
+        t_generated = time.time()
+        rows = [prompts[p].sample.reward_row() for p in rollout.prompt_index]
+        total, parts, failures = score(pool, rollout.texts, rows, weights, cfg.reward.timeout_s)
+        return Scored(prompts, rollout, total, parts, failures, vision_cut, t_generated - t_start, time.time() - t_generated)
+
     signals = StopSignals()
     bar = tqdm(range(start_step, total_steps), total=total_steps, initial=start_step, desc=str(cfg.stage.name),
                disable=not (cfg.log.progress and main_rank), dynamic_ncols=True)  # fmt: skip
@@ -764,13 +873,18 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
         # ---- rollout ----
         per_rank = r.prompts_per_step // world
         mine = range(rank * per_rank, (rank + 1) * per_rank)  # positions in the step's prompt batch
-        step_prompts = next(batches)
-        prompts = [encode_prompt(samples[step_prompts[k]], tokenizer, image_processor) for k in mine]
-        seeds = [derive_seed(t.seed, step, "rollout", k) for k in mine]  # the same samples at any world size
-        with autocast, gathered_weights(policy) if r.engine == "hf" else nullcontext():  # HF samples the module
-            rollout = engine.generate(prompts, r.group_size, seeds)
-        t_rollout = time.time() - t0
-        vision_cut = cut_vision_tokens(rollout, banned_ids.tolist())
+
+        scored = sample_and_score(next(batches), step, 0, mine)
+        batches_used += 1
+        for round_ in range(1, a.max_sampling_rounds if a.dynamic_sampling else 1):
+            # DAPO's dynamic sampling: groups whose rewards all agree teach nothing; refill them from
+            # fresh prompts (every rank samples while any rank still has such a group)
+            if all_sum(torch.tensor(float(has_flat_group(scored.total, r.group_size)))).item() == 0:
+                break
+            scored = replace_flat_groups(scored, sample_and_score(next(batches), step, round_, mine), r.group_size)
+            batches_used += 1
+        prompts, rollout, total, parts, failures = scored.prompts, scored.rollout, scored.total, scored.parts, scored.failures
+        vision_cut, t_rollout, t_reward = scored.vision_cut, scored.rollout_s, scored.reward_s
         items = [(prompts[p], c) for p, c in zip(rollout.prompt_index, rollout.completion_ids)]
         lengths = torch.tensor([len(c) for c in rollout.completion_ids])  # (N,)
         seq_lens = [len(p.input_ids) + len(c) for p, c in items]  # (N,) prompt + completion tokens
@@ -780,11 +894,13 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
         sampler_logp = None if rollout.logprobs is None else right_pad(rollout.logprobs, T, device)  # (N, T)
 
         # ---- reward & advantage ----
-        rows = [prompts[p].sample.reward_row() for p in rollout.prompt_index]
-        total, parts, failures = score(pool, rollout.texts, rows, weights, cfg.reward.timeout_s)
-        t_reward = time.time() - t0 - t_rollout
         rewards = torch.tensor(total, device=device)  # (N,) this rank's
-        ranks = gather([lengths.tolist(), total, parts, dict(failures), rollout.truncated, vision_cut])
+        if a.overlong_buffer > 0:  # DAPO: completions near the token limit pay for their length
+            shaping = overlong_penalty(lengths, r.max_new_tokens, a.overlong_buffer, a.overlong_penalty).to(device)
+            rewards = rewards + shaping
+        # DAPO: truncated completions take no part in the loss (their tokens are not counted either)
+        keep = ~torch.tensor(rollout.truncated) if a.mask_truncated else torch.ones(len(items), dtype=torch.bool)  # (N,)
+        ranks = gather([(lengths * keep).tolist(), total, parts, dict(failures), rollout.truncated, vision_cut, lengths.tolist()])
         all_lengths = [n for rk in ranks for n in rk[0]]  # (N_global,) every rank's, in rank order
         with autocast:
             micro = [idx for idx, _ in in_step(micro_batches(list(range(n_local)), seq_lens, t))]
@@ -793,7 +909,7 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
         kl_reward = None
         if a.kl_in_reward and ref_logp is not None:
             kl_reward = kl_penalty(old_logp, ref_logp, str(a.kl_estimator)) * mask  # (N, T)
-        advantages, returns = token_advantages(a, rewards, mask, r.group_size, kl_reward, old_values)
+        advantages, returns = token_advantages(a, rewards, mask, r.group_size, kl_reward, old_values, kl_coef)
         # the sampler's vs the trainer's log-probs of the same tokens under the same weights: from the
         # old_logp pass if there is one, else from the update itself (one update: all before its step)
         logp_gap = 0.0
@@ -814,7 +930,7 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
                 for k, (idx, real) in enumerate(micro):
                     boundary = k + 1 == len(micro)
                     batch = make_batch([items[i] for i in idx])
-                    m = batch["completion_mask"]  # (B, Tb)
+                    m = batch["completion_mask"] & keep[idx].to(device)[:, None]  # (B, Tb)
                     Tb = m.shape[1]
                     # this micro-batch's share of the mini-batch mean of any (B, Tb) per-token value
                     agg = partial(
@@ -826,7 +942,7 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
                         max_len=r.max_new_tokens,
                     )
                     with autocast:
-                        logp, entropy = logps(policy, batch, with_entropy=True)  # (B, Tb)
+                        logp, entropy = logps(policy, batch, with_entropy=True, entropy_grad=a.entropy_coef > 0)  # (B, Tb)
                     old = old_logp[idx, :Tb] if old_logp is not None else logp.detach()
                     token_loss, clipped = policy_loss(logp, old, advantages[idx, :Tb], a.clip_low, a.clip_high, a.dual_clip)
                     if sampler_logp is not None:
@@ -841,10 +957,14 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
                     if ref_logp is not None and not a.kl_in_reward:
                         kl = agg(kl_penalty(logp, ref_logp[idx, :Tb], str(a.kl_estimator))) * weight
                         stats["loss/kl"] += kl.item()
-                        loss = loss + a.kl_coef * kl
+                        loss = loss + kl_coef * kl
+                    if a.entropy_coef > 0:  # exploration bonus
+                        loss = loss - a.entropy_coef * agg(entropy) * weight
                     backward("policy", loss, boundary)
                     stats["loss/clip_frac"] += weight * (clipped & m).sum().item() / num_tokens
-                    stats["loss/entropy"] += weight * (entropy * m).sum().item() / num_tokens
+                    stats["loss/entropy"] += weight * (entropy.detach() * m).sum().item() / num_tokens
+                    approx_kl = kl_penalty(logp.detach(), old, "k3")  # how far the update has moved from the sampler
+                    stats["loss/approx_kl"] += weight * (approx_kl * m).sum().item() / num_tokens
                     if critic is not None:
                         with autocast:
                             values = sequence_values(critic, batch)
@@ -869,7 +989,7 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
                 if main_rank:
                     out = os.path.join(run_dir, "eval", f"step_{step + 1}")
                     results = run_eval(cfg, out, (engine, tokenizer, image_processor))
-                    eval_scores = {f"eval/{name}": r["accuracy"] for name, r in results.items()}
+                    eval_scores = {f"eval/{name}": res["accuracy"] for name, res in results.items()}
             barrier()
 
         # ---- log / save ----
@@ -894,19 +1014,31 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
                 all_sum(kl_reward.sum()) / all_sum(mask.sum().float())
             ).item()  # the KL the rewards were charged
         metrics["loss/lr"] = schedule.get_last_lr()[0]
-        metrics["rollout/response_len"] = sum(all_lengths) / n_samples
-        metrics["rollout/response_len_max"] = max(all_lengths)
+        response_lengths = [n for rk in ranks for n in rk[6]]
+        metrics["rollout/response_len"] = sum(response_lengths) / n_samples
+        metrics["rollout/response_len_max"] = max(response_lengths)
         metrics["rollout/truncated_frac"] = sum(sum(rk[4]) for rk in ranks) / n_samples
+        metrics["rollout/zero_std_groups"] = zero_std_fraction(all_rewards, r.group_size)
+        if a.overlong_buffer > 0:
+            metrics["reward/overlong"] = all_sum(shaping.sum()).item() / n_samples
+        if critic is not None:
+            metrics["loss/explained_var"] = explained_variance(old_values, returns, mask)
+        if a.kl_target is not None:  # adaptive KL: steer the coefficient toward the target KL per token
+            kl_coef = adaptive_kl_coef(kl_coef, metrics.get("loss/kl", 0.0), a.kl_target, a.kl_horizon, n_samples)
+            metrics["loss/kl_coef"] = kl_coef
         metrics["rollout/vision_token_cut"] = sum(rk[5] for rk in ranks)
         if sampler_logp is not None:
-            metrics["rollout/logp_diff"] = all_sum(torch.tensor(logp_gap, dtype=torch.float64)).item() / max(1, sum(all_lengths))
+            metrics["rollout/logp_diff"] = all_sum(torch.tensor(logp_gap, dtype=torch.float64)).item() / max(
+                1, sum(response_lengths)
+            )
         prompt_tokens = all_sum(torch.tensor(float(sum(len(p.input_ids) for p in prompts))))
         metrics["rollout/prompt_len"] = prompt_tokens.item() / r.prompts_per_step
         metrics["perf/rollout_s"] = t_rollout
+        metrics["rollout/sampling_rounds"] = len(scored.rounds)
         metrics["perf/reward_s"] = t_reward
         metrics["perf/update_s"] = time.time() - t1
         metrics["perf/step_s"] = time.time() - t0
-        metrics["perf/tokens_per_s"] = sum(all_lengths) / metrics["perf/step_s"]
+        metrics["perf/tokens_per_s"] = sum(response_lengths) / metrics["perf/step_s"]
         metrics["loss/skipped_updates"] = skipped
         metrics.update(eval_scores)
         history.append(metrics)
@@ -931,7 +1063,7 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
             )
         stopping = all_sum(torch.tensor(float(signals.received is not None))).item() > 0  # any rank signalled
         if last or stopping or (t.save_every > 0 and (step + 1) % t.save_every == 0):
-            state = {"step": step + 1, "bad_steps": bad_steps, "history": history, "rng": rng_state(),
+            state = {"step": step + 1, "bad_steps": bad_steps, "history": history, "rng": rng_state(), "kl_coef": kl_coef, "batches_used": batches_used,
                      "wandb_id": wandb_run.id if wandb_run is not None else None}  # fmt: skip
             if not engines:  # (DeepSpeed saves its optimizer partitions and schedules itself)
                 state |= {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}

@@ -1,15 +1,24 @@
 """The algorithm's pure functions against hand-computed values."""
 
 import math
+from collections import Counter
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from config import AlgoConfig
+from rollout import Rollout
 from train import (
+    Scored,
+    adaptive_kl_coef,
     aggregate,
     compute_advantages,
+    explained_variance,
+    has_flat_group,
+    overlong_penalty,
+    replace_flat_groups,
+    zero_std_fraction,
     cumulative_returns,
     gae_advantages,
     kl_penalty,
@@ -230,3 +239,56 @@ def test_truncated_importance_weights_hand_values():
     w = tis_weights(old, sampled, clip=1.5)
     close(w, [[1.5, math.exp(-1.0), 1.0]])  # exp(0.5) = 1.65 truncated to 1.5; below 1 kept; equal -> 1
     assert not w.requires_grad
+
+
+def test_grpo_without_std_scaling_only_centres():
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0, 2.0, 2.0, 2.0, 5.0])
+    close(compute_advantages(r, 4, "grpo", std_normalize=False), [0.75, -0.25, -0.25, -0.25, -0.75, -0.75, -0.75, 2.25])
+
+
+def test_overlong_penalty_hand_values():
+    # limit 10, buffer 4: free up to 6 tokens, then linear down to -penalty at 10 (and beyond)
+    close(overlong_penalty(torch.tensor([5, 6, 8, 10, 12]), 10, 4, 0.5), [0.0, 0.0, -0.25, -0.5, -0.5])
+
+
+def test_adaptive_kl_moves_toward_the_target_and_is_clipped():
+    assert adaptive_kl_coef(0.1, kl=0.02, target=0.01, horizon=1000, n_samples=100) == pytest.approx(0.1 * (1 + 0.2 * 0.1))
+    assert adaptive_kl_coef(0.1, kl=0.011, target=0.01, horizon=1000, n_samples=100) == pytest.approx(0.1 * (1 + 0.1 * 0.1))
+    assert adaptive_kl_coef(0.1, kl=0.0, target=0.01, horizon=1000, n_samples=100) == pytest.approx(0.1 * (1 - 0.2 * 0.1))
+
+
+def test_zero_std_groups_and_explained_variance():
+    assert zero_std_fraction(torch.tensor([1.0, 1.0, 0.0, 1.0, 0.5, 0.5]), 2) == pytest.approx(2 / 3)
+    returns = torch.tensor([[1.0, 2.0, 3.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    assert explained_variance(returns, returns, mask) == pytest.approx(1.0)
+    assert explained_variance(torch.zeros_like(returns), returns, mask) == pytest.approx(0.0)
+    assert explained_variance(returns + 1.0, returns, mask) == pytest.approx(1.0)  # a constant offset is not variance
+
+
+def scored(rewards, prompts):
+    """A Scored of groups of 2 with the given rewards; completions name their prompt and sample."""
+    n = len(rewards)
+    ids = [[k // 2, k % 2] for k in range(n)]
+    rollout = Rollout(
+        [k // 2 for k in range(n)], ids, [f"{prompts[k // 2]}/{k % 2}" for k in range(n)], [False] * n, [[0.0, 0.0]] * n
+    )
+    return Scored(list(prompts), rollout, list(rewards), {"toy": list(rewards)}, Counter(errors=1), 0, 1.0, 1.0)
+
+
+def test_dynamic_sampling_replaces_flat_groups_in_order_and_keeps_the_rest():
+    current = scored([1, 1, 0, 1, 0, 0], "abc")  # groups a and c are flat
+    fresh = scored([0, 0, 1, 0, 0, 1], "xyz")  # x is flat: y and z have a spread
+    merged = replace_flat_groups(current, fresh, 2)
+    assert merged.prompts == ["y", "b", "z"] and merged.total == [1, 0, 0, 1, 0, 1]
+    assert merged.rollout.texts == ["y/0", "y/1", "b/0", "b/1", "z/0", "z/1"] and merged.rollout.prompt_index == [
+        0,
+        0,
+        1,
+        1,
+        2,
+        2,
+    ]
+    assert merged.parts["toy"] == merged.total and merged.failures["errors"] == 2 and not has_flat_group(merged.total, 2)
+    short = replace_flat_groups(current, scored([0, 0, 1, 0], "uv"), 2)  # one spread group for two flat slots
+    assert short.prompts == ["v", "b", "c"] and has_flat_group(short.total, 2)  # the rest waits for the next round

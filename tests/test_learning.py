@@ -38,7 +38,7 @@ def learned(curve) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("estimator", ["grpo", "reinforce_baseline", "gae"])
+@pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_baseline", "gae"])
 def test_rl_loop_raises_a_toy_reward(tmp_path, estimator):
     curve = reward_curve(tmp_path, estimator)
     assert 0.1 < sum(curve[:3]) / 3 < 0.35, curve  # starts near the random level

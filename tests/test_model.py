@@ -220,3 +220,17 @@ def test_freeze_vision(tiny_cfg):
     model, _, _ = load_policy(mcfg, seed=0, device=torch.device("cpu"))
     assert not any(p.requires_grad for p in model.model.visual.parameters())
     assert all(p.requires_grad for p in model.model.language_model.parameters())
+
+
+def test_entropy_bonus_has_a_gradient_only_when_asked(tiny_model, tokenizer, image_processor):
+    prompts = mixed_prompts(tokenizer, image_processor)[:2]
+    batch = collate(
+        [(prompts[0], [30, 31, 32]), (prompts[1], [40])], tokenizer.pad_token_id, tiny_model.config.image_token_id, "cpu"
+    )
+    _, plain = sequence_logps(tiny_model, batch, 1.0, 2, with_entropy=True)
+    _, bonus = sequence_logps(tiny_model, batch, 1.0, 2, with_entropy=True, entropy_grad=True)
+    assert not plain.requires_grad and bonus.requires_grad
+    torch.testing.assert_close(plain, bonus.detach())
+    tiny_model.zero_grad()
+    bonus.sum().backward()
+    assert tiny_model.lm_head.weight.grad.abs().sum() > 0

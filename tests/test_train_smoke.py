@@ -107,3 +107,47 @@ def test_truncated_importance_sampling_runs_and_is_neutral_when_sampler_and_trai
     assert tis["loss/policy"] == pytest.approx(plain["loss/policy"], abs=1e-6)  # weights are exp(~0) = 1
     with pytest.raises(ConfigError, match="tis_clip"):
         train.run(compose_cfg([*common, "algo.tis_clip=2.0", "rollout.logprobs=false"]), str(tmp_path / "bad"))
+
+
+@pytest.mark.slow
+def test_dapo_options_run_and_masking_truncated_completions_stops_their_updates(tmp_path):
+    toy = ["+reward.weights={toy_rewards\\:digit_fraction: 1.0}", "~reward.weights.format", "~reward.weights.math"]
+    common = [*TINY_DEFAULTS, *toy, "trainer.max_steps=1", "algo.kl_coef=0", "rollout.max_new_tokens=6"]
+    # the random tiny model almost never stops within 6 tokens: every completion is truncated
+    masked = train.run(compose_cfg([*common, "algo.mask_truncated=true"]), str(tmp_path / "masked"))
+    assert masked["rollout/truncated_frac"] == 1.0
+    assert masked["loss/policy"] == 0.0 and masked["loss/grad_norm"] == 0.0  # nothing left to learn from
+    dapo = ["algo.clip_high=0.28", "algo.overlong_buffer=4", "algo.overlong_penalty=1.0", "algo.entropy_coef=0.01",
+            "algo.kl_coef=0.01", "algo.kl_target=0.01", "algo.estimator=grpo", "algo.std_normalize=false"]  # fmt: skip
+    last = train.run(compose_cfg([*common, *dapo]), str(tmp_path / "dapo"))
+    assert last["reward/overlong"] < 0  # every completion reached the limit: penalised
+    assert last["loss/kl_coef"] != 0.01 and last["loss/approx_kl"] >= 0 and 0 <= last["rollout/zero_std_groups"] <= 1
+
+
+@pytest.mark.slow
+def test_dynamic_sampling_fills_the_batch_with_groups_that_teach(tmp_path):
+    coin = ["+reward.weights={toy_rewards\\:odd_answer_coin: 1.0}", "~reward.weights.format", "~reward.weights.math"]
+    common = [*TINY_DEFAULTS, *coin, "trainer.max_steps=2", "algo.kl_coef=0", "rollout.max_new_tokens=6"]
+    plain = train.run(compose_cfg(common), str(tmp_path / "plain"))
+    assert plain["rollout/zero_std_groups"] > 0 and plain["rollout/sampling_rounds"] == 1  # even answers: flat groups
+    dynamic = train.run(
+        compose_cfg([*common, "algo.dynamic_sampling=true", "algo.max_sampling_rounds=10"]), str(tmp_path / "dyn")
+    )
+    assert dynamic["rollout/zero_std_groups"] == 0.0 and dynamic["rollout/sampling_rounds"] > 1
+    capped = train.run(compose_cfg([*common, "algo.dynamic_sampling=true", "algo.max_sampling_rounds=1"]), str(tmp_path / "cap"))
+    assert capped["rollout/sampling_rounds"] == 1  # the cap holds: flat groups may stay
+
+
+@pytest.mark.slow
+def test_value_model_from_its_own_checkpoint(tmp_path, tokenizer, tiny_cfg):
+    from model import build_tiny_model, save_checkpoint
+
+    critic_source = build_tiny_model(tokenizer, tiny_cfg.model.tiny, seed=7)  # not the policy's weights
+    save_checkpoint(str(tmp_path / "critic_src"), critic_source, tokenizer, None)
+    args = [*TINY_DEFAULTS, "algo.estimator=gae", f"algo.critic_path={tmp_path / 'critic_src'}", "trainer.max_steps=1"]
+    last = train.run(compose_cfg(args), str(tmp_path / "run"))
+    assert "loss/value" in last and "loss/explained_var" in last
+    critic = load_file(tmp_path / "run" / "checkpoints" / "final" / "critic.safetensors")
+    embed = critic["backbone.language_model.embed_tokens.weight"]
+    # with the random model every reward and value is 0: the step leaves the loaded backbone as it was
+    assert torch.equal(embed, critic_source.model.language_model.embed_tokens.weight.detach())

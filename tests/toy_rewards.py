@@ -39,3 +39,11 @@ def length(completion: str, sample: dict) -> float:
 def level_seen(completion: str, sample: dict) -> float:
     """Domain fields of the row (here a Sokoban `level`) reach reward functions."""
     return float(sample["level"] in completion)
+
+
+def odd_answer_coin(completion: str, sample: dict) -> float:
+    """A fixed coin flip of the completion text for prompts with an odd answer; always 0 for even
+    ones: groups of even-answer prompts never have a reward spread (dynamic sampling's test)."""
+    import zlib
+
+    return float(int(sample["answer"]) % 2 * (zlib.crc32(completion.encode()) % 2))
