@@ -31,7 +31,9 @@ from rewards import (
 from test_data import write_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MARGIN_S = 0.75  # killing and reading back a worker; the bound under test is timeout_s + this
+# Killing and reading back a worker; the bound under test is timeout_s + this. Generous for a loaded
+# 2-core CI machine, and still far below what an unbounded call costs (math-verify alone waits 5 s).
+MARGIN_S = 1.5
 
 
 @pytest.mark.parametrize(
