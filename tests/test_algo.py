@@ -292,3 +292,25 @@ def test_dynamic_sampling_replaces_flat_groups_in_order_and_keeps_the_rest():
     assert merged.parts["toy"] == merged.total and merged.failures["errors"] == 2 and not has_flat_group(merged.total, 2)
     short = replace_flat_groups(current, scored([0, 0, 1, 0], "uv"), 2)  # one spread group for two flat slots
     assert short.prompts == ["v", "b", "c"] and has_flat_group(short.total, 2)  # the rest waits for the next round
+
+
+def gae_by_definition(rewards, values, gamma, lam):
+    """A_t = sum_l (gamma * lam)^l * delta_{t+l}, delta_t = r_t + gamma * V_{t+1} - V_t, V past the end 0:
+    the textbook sum, one sequence and one t at a time (no recursion shared with the implementation)."""
+    T = len(rewards)
+    v = list(values) + [0.0]
+    deltas = [rewards[t] + gamma * v[t + 1] - v[t] for t in range(T)]
+    return [sum((gamma * lam) ** k * deltas[t + k] for k in range(T - t)) for t in range(T)]
+
+
+@pytest.mark.parametrize("gamma, lam", [(1.0, 1.0), (0.99, 0.95), (0.9, 0.0), (1.0, 0.5)])
+def test_gae_matches_the_textbook_sum_on_random_padded_batches(gamma, lam):
+    g = torch.Generator().manual_seed(3)
+    rewards, values = torch.randn(3, 7, generator=g), torch.randn(3, 7, generator=g)
+    lengths = [7, 4, 1]
+    mask = torch.arange(7)[None, :] < torch.tensor(lengths)[:, None]
+    adv, ret = gae_advantages(rewards, values, mask, gamma=gamma, lam=lam)
+    for i, n in enumerate(lengths):
+        expected = gae_by_definition(rewards[i, :n].tolist(), values[i, :n].tolist(), gamma, lam)
+        torch.testing.assert_close(adv[i, :n], torch.tensor(expected), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ret[i, :n], adv[i, :n] + values[i, :n])
