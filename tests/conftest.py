@@ -52,3 +52,17 @@ def tiny_model(tokenizer, tiny_cfg):
     model = build_tiny_model(tokenizer, tiny_cfg.model.tiny, seed=0).eval()
     use_varlen_attention(model, "sdpa")  # as load_policy sets it up
     return model
+
+
+def tiny_text_model(tokenizer, layers: int = 2):
+    """A random text-only Qwen2 (the text-model path of load_policy, packing, ...), varlen attention set."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from model import use_varlen_attention
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    model = Qwen2ForCausalLM(config).eval()
+    use_varlen_attention(model, "sdpa")
+    return model

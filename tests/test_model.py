@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2ForCausalLM
 
 from data import encode_prompt, synthetic_samples
+from conftest import tiny_text_model
 from model import (
     QWEN_SPECIAL_TOKENS,
     VISION_TOKENS,
@@ -187,16 +188,7 @@ def test_load_policy_from_checkpoint_and_text_only_qwen2(tmp_path, tiny_model, t
     mcfg.path = str(tmp_path / "vl")
     model, tok, proc = load_policy(mcfg, seed=0, device=torch.device("cpu"))
     assert isinstance(model, Qwen2_5_VLForConditionalGeneration) and proc is not None
-    text_model = Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-        )
-    )
+    text_model = tiny_text_model(tokenizer, layers=1)
     save_checkpoint(str(tmp_path / "text"), text_model, tokenizer, None)
     mcfg.path = str(tmp_path / "text")
     model, tok, proc = load_policy(mcfg, seed=0, device=torch.device("cpu"))

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from conftest import tiny_text_model
 from data import Sample, encode_prompt, synthetic_samples
-from model import VISION_TOKENS, collate, pack, sequence_logps, sequence_values, use_varlen_attention, Critic
+from model import VISION_TOKENS, collate, pack, sequence_logps, sequence_values, Critic
 from rollout import Rollout, cut_vision_tokens
 from train import aggregate, first_fit_decreasing, micro_batches, policy_loss
 
@@ -196,18 +196,7 @@ def test_a_sampled_image_token_never_asks_for_image_features(tiny_model, tokeniz
 
 
 def test_text_only_qwen2_packs_too(tokenizer, items):
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )  # fmt: skip
-    ).eval()
-    use_varlen_attention(model, "sdpa")
+    model = tiny_text_model(tokenizer)
     text = [(copy.copy(items[0][0]), items[0][1]), (copy.copy(items[3][0]), items[3][1])]
     for p, _ in text:
         p.positions = None
