@@ -901,7 +901,7 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
         # DAPO: truncated completions take no part in the loss (their tokens are not counted either)
         keep = ~torch.tensor(rollout.truncated) if a.mask_truncated else torch.ones(len(items), dtype=torch.bool)  # (N,)
         ranks = gather([(lengths * keep).tolist(), total, parts, dict(failures), rollout.truncated, vision_cut, lengths.tolist()])
-        all_lengths = [n for rk in ranks for n in rk[0]]  # (N_global,) every rank's, in rank order
+        loss_lengths = [n for rk in ranks for n in rk[0]]  # (N_global,) tokens each sample adds to the loss, in rank order
         with autocast:
             micro = [idx for idx, _ in in_step(micro_batches(list(range(n_local)), seq_lens, t))]
             pre = rollout_forward(pre_models, items, T, micro, make_batch)
@@ -924,7 +924,7 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
         for epoch in range(a.ppo_epochs):
             order = torch.randperm(n_samples, generator=torch.Generator().manual_seed(derive_seed(t.seed, step, epoch))).tolist()
             for mini in chunks(order, t.mini_batch_size):  # global sample ids: the same mini-batches at any world size
-                num_tokens, num_seqs = max(1, sum(all_lengths[g] for g in mini)), len(mini)
+                num_tokens, num_seqs = max(1, sum(loss_lengths[g] for g in mini)), len(mini)
                 local = [g - offset for g in mini if offset <= g < offset + n_local]
                 micro = in_step(micro_batches(local, seq_lens, t))
                 for k, (idx, real) in enumerate(micro):
