@@ -50,8 +50,10 @@ def assert_same_training(tmp_path, extra):
     assert [m["step"] for m in ranks] == [1, 2]  # rank 0 alone writes the logs
     for a, b in zip(single, ranks):
         assert a["reward/mean"] == b["reward/mean"] and a["rollout/response_len"] == b["rollout/response_len"]  # same samples
+        # these are means of O(1) per-token terms that nearly cancel (whitened advantages): fp32
+        # summation order moves them by ~1e-7 absolute, a sharding mistake by ~1e-1
         for key in ("loss/policy", "loss/kl", "loss/entropy", "loss/clip_frac"):
-            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), key
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
         assert b["loss/grad_norm"] == pytest.approx(a["loss/grad_norm"], rel=1e-4)
     assert single[0]["reward/std"] > 0 and single[0]["loss/grad_norm"] > 0  # real updates
     w1 = load_file(tmp_path / "single" / "checkpoints" / "final" / "model.safetensors")
