@@ -139,7 +139,8 @@ def read_rows(path: str) -> Iterator[Tuple[str, Any]]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _user(text: str, image=None) -> Dict[str, Any]:
+def user_message(text: str, image=None) -> Dict[str, Any]:
+    """A user turn: the image first (if any), then the text."""
     content = ([{"type": "image", "image": image}] if image is not None else []) + [{"type": "text", "text": text}]
     return {"role": "user", "content": content}
 
@@ -147,7 +148,7 @@ def _user(text: str, image=None) -> Dict[str, Any]:
 def arithmetic_sample(rng: random.Random) -> Tuple[Dict[str, Any], str]:
     a, b = rng.randint(0, 20), rng.randint(0, 20)
     op, value = rng.choice([("+", a + b), ("-", a - b), ("\\times", a * b)])
-    return _user(f"What is ${a} {op} {b}$?"), str(value)
+    return user_message(f"What is ${a} {op} {b}$?"), str(value)
 
 
 def shapes_sample(rng: random.Random, size: int) -> Tuple[Dict[str, Any], str]:
@@ -162,7 +163,7 @@ def shapes_sample(rng: random.Random, size: int) -> Tuple[Dict[str, Any], str]:
             color = rng.choice(["red", "blue", "green", "black"])
             (draw.ellipse if kind == "circles" else draw.rectangle)([x - r, y - r, x + r, y + r], outline=color, width=2)
     kind = rng.choice(sorted(counts))
-    return _user(f"How many {kind} are in the image?", img), str(counts[kind])
+    return user_message(f"How many {kind} are in the image?", img), str(counts[kind])
 
 
 def geometry_sample(rng: random.Random, size: int) -> Tuple[Dict[str, Any], str]:
@@ -178,8 +179,8 @@ def geometry_sample(rng: random.Random, size: int) -> Tuple[Dict[str, Any], str]
     x0, y0 = rng.randint(0, cells - w), rng.randint(0, cells - h)
     draw.rectangle([x0 * step, y0 * step, (x0 + w) * step, (y0 + h) * step], outline="blue", width=2)
     if rng.random() < 0.5:
-        return _user("Each grid square has side 1. What is the area of the blue rectangle?", img), str(w * h)
-    return _user("Each grid square has side 1. What is the perimeter of the blue rectangle?", img), str(2 * (w + h))
+        return user_message("Each grid square has side 1. What is the area of the blue rectangle?", img), str(w * h)
+    return user_message("Each grid square has side 1. What is the perimeter of the blue rectangle?", img), str(2 * (w + h))
 
 
 def sokoban_sample(rng: random.Random) -> Tuple[List[Dict[str, Any]], str, Dict[str, Any]]:

@@ -37,7 +37,7 @@ from omegaconf import DictConfig
 import config  # noqa: F401  (registers the schema with Hydra's ConfigStore)
 import sokoban
 from config import ConfigError
-from data import LMM_R1_SYSTEM_PROMPT, Sample
+from data import LMM_R1_SYSTEM_PROMPT, BadRow, Sample, parse_row, read_rows, user_message
 from rewards import choice_reward, final_answer, last_answer_span, normalise, reward_pool, score
 
 LETTERS = "ABCDEFGHIJ"
@@ -54,8 +54,7 @@ class Item:
 
 
 def user_turn(text: str, image: Optional[str] = None) -> list:
-    content = ([{"type": "image", "image": image}] if image else []) + [{"type": "text", "text": text}]
-    return [{"role": "system", "content": LMM_R1_SYSTEM_PROMPT}, {"role": "user", "content": content}]
+    return [{"role": "system", "content": LMM_R1_SYSTEM_PROMPT}, user_message(text, image)]
 
 
 def options_text(choices: List[str]) -> str:
@@ -189,19 +188,15 @@ def read_mmstar(path: str, seed: int) -> List[Item]:
 
 
 def read_sokoban(path: str, seed: int) -> List[Item]:
+    """Our Sokoban rows, read as training reads them (data.read_rows / parse_row): relative image
+    paths resolved, the row's level and optimal length kept for the verifier."""
     base = os.path.dirname(os.path.abspath(path))
     items = []
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                r = json.loads(line)
-                messages = json.loads(r["message"]) if isinstance(r["message"], str) else r["message"]
-                for m in messages:
-                    for c in m["content"] if isinstance(m["content"], list) else []:
-                        if c["type"] == "image" and not os.path.isabs(c["image"]):
-                            c["image"] = os.path.join(base, c["image"])
-                fields = {k: r[k] for k in ("level", "optimal_moves") if k in r}
-                items.append(Item(r.get("question", str(len(items))), messages, {"answer": r["answer"], **fields}))
+    for where, obj in read_rows(path):
+        if isinstance(obj, BadRow):
+            raise obj
+        sample = parse_row(obj, base, where)
+        items.append(Item(str(sample.meta.get("question", where)), sample.messages, sample.reward_row()))
     return items
 
 

@@ -66,3 +66,25 @@ def tiny_text_model(tokenizer, layers: int = 2):
     model = Qwen2ForCausalLM(config).eval()
     use_varlen_attention(model, "sdpa")
     return model
+
+
+def completion_logprobs(model, prompt, completion, temperature: float, banned=None) -> torch.Tensor:
+    """(len(completion), V) log-softmax over the vocabulary at each completion position, from
+    transformers' own forward of the one sequence and its full logits (the slow, obvious way)."""
+    import torch.nn.functional as F
+
+    from model import collate
+
+    batch = collate([(prompt, completion)], 0, model.config.image_token_id, "cpu")
+    keys = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
+    logits = model(**{k: batch[k] for k in keys if k in batch}).logits[0].float() / temperature
+    if banned is not None:
+        logits[:, banned] = float("-inf")
+    P = len(prompt.input_ids)
+    return F.log_softmax(logits[P - 1 : P - 1 + len(completion)], -1)
+
+
+def reference_logps(model, prompt, completion, temperature: float, banned=None) -> torch.Tensor:
+    """Log-probs (len(completion),) of one sequence's completion tokens, the obvious way."""
+    logprobs = completion_logprobs(model, prompt, completion, temperature, banned)
+    return logprobs.gather(1, torch.tensor(completion)[:, None]).squeeze(1)

@@ -9,7 +9,7 @@ from PIL import Image
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2ForCausalLM
 
 from data import encode_prompt, synthetic_samples
-from conftest import tiny_text_model
+from conftest import reference_logps, tiny_text_model
 from model import (
     QWEN_SPECIAL_TOKENS,
     VISION_TOKENS,
@@ -84,18 +84,6 @@ def test_image_processor_resizes_within_pixel_budget(image_processor):
 
 
 # ---- log-probs ----
-
-
-def reference_logps(model, prompt, completion, temperature, banned=None):
-    """Log-probs of one sequence alone, from the full logits (the slow, obvious way)."""
-    batch = collate([(prompt, completion)], 0, model.config.image_token_id, "cpu")
-    keys = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
-    logits = model(**{k: batch[k] for k in keys if k in batch}).logits[0].float() / temperature
-    if banned is not None:
-        logits[:, banned] = float("-inf")
-    P = len(prompt.input_ids)
-    logp = F.log_softmax(logits[P - 1 : P - 1 + len(completion)], -1)
-    return logp.gather(1, torch.tensor(completion)[:, None]).squeeze(1)
 
 
 def test_batched_chunked_logps_equal_one_sequence_at_a_time(tiny_model, tokenizer, image_processor):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import tiny_text_model
+from conftest import completion_logprobs, reference_logps, tiny_text_model
 from data import Sample, encode_prompt, synthetic_samples
 from model import VISION_TOKENS, collate, pack, sequence_logps, sequence_values, Critic
 from rollout import Rollout, cut_vision_tokens
@@ -42,17 +42,6 @@ def items(tokenizer, image_processor):
     return [(p, torch.randint(20, 400, (n,), generator=g).tolist()) for p, n in zip(prompts, lengths)]
 
 
-def one_at_a_time(model, prompt, completion, temperature: float, banned=None) -> torch.Tensor:
-    """Log-probs of one sequence through transformers' own forward and full logits."""
-    batch = collate([(prompt, completion)], 0, model.config.image_token_id, "cpu")
-    keys = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
-    logits = model(**{k: batch[k] for k in keys if k in batch}).logits[0].float() / temperature
-    if banned is not None:
-        logits[:, banned] = float("-inf")
-    P = len(prompt.input_ids)
-    return F.log_softmax(logits[P - 1 : P - 1 + len(completion)], -1).gather(1, torch.tensor(completion)[:, None]).squeeze(1)
-
-
 def test_the_batch_mixes_what_the_issue_asks(items):
     n_images = [0 if p.image_grid_thw is None else len(p.image_grid_thw) for p, _ in items]
     assert n_images == [0, 1, 2, 0, 1]
@@ -72,7 +61,7 @@ def test_packed_logps_and_gradients_equal_one_sequence_at_a_time(tiny_model, tok
     packed_grads = {n: p.grad.clone() for n, p in tiny_model.named_parameters() if p.grad is not None}
     tiny_model.zero_grad()
     for i, (p, c) in enumerate(items):
-        ref = one_at_a_time(tiny_model, p, c, 0.7, banned)
+        ref = reference_logps(tiny_model, p, c, 0.7, banned)
         torch.testing.assert_close(logp[i, : len(c)].detach(), ref.detach(), atol=1e-5, rtol=0)
         assert (logp[i, len(c) :] == 0).all()
         ref.sum().backward()
@@ -109,12 +98,8 @@ def test_chunked_logps_equal_full_logits_and_entropy(tiny_model, tokenizer, item
             torch.testing.assert_close(entropy, results[-1][1], atol=1e-5, rtol=0)
         logp, entropy = results[0]
         for i, (p, c) in enumerate(items):  # the naive way: full fp32 logits of the whole sequence
-            torch.testing.assert_close(logp[i, : len(c)], one_at_a_time(tiny_model, p, c, 1.3), atol=1e-5, rtol=0)
-            batch1 = collate([(p, c)], 0, tiny_model.config.image_token_id, "cpu")
-            keys = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
-            logits = tiny_model(**{k: batch1[k] for k in keys if k in batch1}).logits[0].float() / 1.3
-            P = len(p.input_ids)
-            logprobs = F.log_softmax(logits[P - 1 : P - 1 + len(c)], -1)
+            torch.testing.assert_close(logp[i, : len(c)], reference_logps(tiny_model, p, c, 1.3), atol=1e-5, rtol=0)
+            logprobs = completion_logprobs(tiny_model, p, c, 1.3)
             torch.testing.assert_close(entropy[i, : len(c)], -(logprobs.exp() * logprobs).sum(-1), atol=1e-5, rtol=0)
 
 
