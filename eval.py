@@ -38,7 +38,7 @@ import config  # noqa: F401  (registers the schema with Hydra's ConfigStore)
 import sokoban
 from config import ConfigError
 from data import LMM_R1_SYSTEM_PROMPT, BadRow, Sample, parse_row, read_rows, user_message
-from rewards import choice_reward, final_answer, last_answer_span, normalise, reward_pool, score
+from rewards import choice_reward, final_answer, normalise, reward_pool, score
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -307,7 +307,9 @@ def evaluate(name: str, items: List[Item], predictions: List[str], out_dir: str,
         scoring = f"judge extraction ({judge.model}; {left} of {len(items)} left to the rules) + rules"
     if name == "sokoban":
         metrics = sokoban.evaluate([i.row for i in items], predictions, os.path.join(out_dir, name))
-        correct = [sokoban.replay(i.row["level"], m)[1] if (m := moves_of(p)) else False for i, p in zip(items, predictions)]
+        correct = [
+            sokoban.replay(i.row["level"], m)[1] if (m := sokoban.answer_moves(p)) else False for i, p in zip(items, predictions)
+        ]
         results = {"accuracy": metrics["success"], **{k: v for k, v in metrics.items() if k != "success"}}
     else:
         correct = verdicts(name, items, graded, pool, timeout_s)
@@ -326,11 +328,6 @@ def evaluate(name: str, items: List[Item], predictions: List[str], out_dir: str,
     with open(os.path.join(out_dir, name, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     return results
-
-
-def moves_of(prediction: str) -> Optional[List[str]]:
-    span = last_answer_span(prediction)
-    return sokoban.parse_moves(span) if span is not None else None
 
 
 def read_predictions(path: str, items: List[Item]) -> List[str]:

@@ -539,6 +539,15 @@ def length_bucket(moves: int, width: int = 10) -> str:
     return f"{lo:02d}-{lo + width - 1:02d}"
 
 
+def answer_moves(completion: str) -> Optional[List[str]]:
+    """The moves in a completion's last <answer> span, strict format or not (evaluation's reading;
+    the training reward also demands the format: rewards.sokoban_moves); None if there are none."""
+    from rewards import last_answer_span  # rewards imports this module: import at call time
+
+    span = last_answer_span(completion)
+    return parse_moves(span) if span is not None else None
+
+
 def evaluate(rows: List[dict], completions: List[str], out_dir: Optional[str] = None, gifs: int = 4) -> Dict[str, float]:
     """Scores of one completion per row (rows with `level`; `optimal_moves` is computed if absent).
 
@@ -548,7 +557,7 @@ def evaluate(rows: List[dict], completions: List[str], out_dir: Optional[str] = 
     `format` and `efficiency` (optimal / used moves, over solved levels). With `out_dir`, the
     first `gifs` episodes are saved as `out_dir/sokoban_replays/<k>_{solved|failed}.gif`.
     """
-    from rewards import format_reward, last_answer_span  # rewards imports this module: import at call time
+    from rewards import format_reward  # rewards imports this module: import at call time
 
     groups: Dict[str, List[float]] = {}
     efficiency, answered, formatted = [], 0, 0
@@ -556,8 +565,7 @@ def evaluate(rows: List[dict], completions: List[str], out_dir: Optional[str] = 
         level = row["level"]
         optimal = row.get("optimal_moves")
         optimal = optimal if optimal is not None else len(solve(level) or "")
-        span = last_answer_span(completion)
-        moves = parse_moves(span) if span is not None else None
+        moves = answer_moves(completion)
         boards = trajectory(level, moves or [])
         solved = moves is not None and boards[-1].solved
         answered += moves is not None
