@@ -6,7 +6,7 @@
 Benchmarks are read from local files in their public release formats, `eval.data_dir/<name>/...`
 (nothing is downloaded; `scripts/get_benchmarks.md` says where each comes from):
     mathvista      testmini.json (pid -> question, image, choices, answer, question_type, answer_type,
-                   precision): choices by letter or text, floats at their precision, by question type
+                   precision): MathVista's own answer normalisation by answer type, by question type
     mathverse      testmini.json (five problem versions per problem): letters for multi-choice, math
                    equivalence for free-form, by problem version
     mathvision     test.jsonl (question, options, image, answer, level, subject): letters or math
@@ -17,7 +17,8 @@ Benchmarks are read from local files in their public release formats, `eval.data
     gpqa           gpqa_diamond.csv: options shuffled with a fixed seed per question, letters recorded
     sokoban        our held-out jsonl (sokoban.py build --split test): success by size/boxes/length
 Prompts use the training system prompt. Scoring is rule-based (the `choice` and `math` verifiers,
-bounded by the same worker pool); with eval.judge.url an LLM behind any OpenAI-compatible endpoint
+bounded by the same worker pool; MathVista's and OlympiadBench's own rules where they publish them,
+see `verdicts`); with eval.judge.url an LLM behind any OpenAI-compatible endpoint
 first extracts each final answer, and the rules grade that. Every result says which was used. Outputs in the run dir: <bench>/predictions.jsonl
 (per item: prediction and verdict), <bench>/results.json (overall and by sub-category), results.md
 and results.png across benchmarks.
@@ -38,7 +39,7 @@ import config  # noqa: F401  (registers the schema with Hydra's ConfigStore)
 import sokoban
 from config import ConfigError
 from data import LMM_R1_SYSTEM_PROMPT, BadRow, Sample, parse_row, read_rows, user_message
-from rewards import choice_reward, final_answer, normalise, reward_pool, score
+from rewards import choice_letter, choice_reward, final_answer, normalise, reward_pool, score, unwrap_text
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -201,54 +202,77 @@ def read_sokoban(path: str, seed: int) -> List[Item]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Scoring (rule-based: the training verifiers)
+# Scoring (rule-based: the training verifiers, and the benchmarks' own rules where published)
 # ---------------------------------------------------------------------------------------------
 
 
-def mathvista_correct(prediction: str, row: dict, pool, timeout_s: float) -> bool:
-    """Multiple choice: the chosen letter or text. Floats: equal at the item's precision (decimal
-    places). Everything else: the `math` verifier."""
-    if row.get("choices"):
-        return choice_reward(prediction, row["answer"], row["choices"]) == 1.0
-    if row["answer_type"] == "float" and row.get("precision") is not None:
-        answer = final_answer(prediction)
-        try:
-            value = float(normalise(answer)) if answer is not None else None
-        except ValueError:
-            return False
-        return value is not None and round(value, int(row["precision"])) == round(float(row["answer"]), int(row["precision"]))
-    return score(pool, [prediction], [row], {"math": 1.0}, timeout_s)[0][0] == 1.0
-
-
-def within_tolerance(prediction: str, gold: str, tolerance) -> bool:
-    """|prediction - gold| <= tolerance for numeric answers (OlympiadBench's `error`)."""
+def mathvista_correct(prediction: str, row: dict) -> bool:
+    """MathVista's own scoring (evaluation/calculate_score.py: normalize_extracted_answer, then ==
+    against the gold string) applied to the answer our rules extract (`final_answer`; delimiters,
+    units and separators removed by `normalise`). By the item's type:
+      multiple choice  the letter's choice (`choice_letter`), else the choice nearest in edit distance
+      integer          str(int(float(x))): `4.0` and `4.7` both read 4
+      float            str(round(float(x), precision))
+      list             the text, spacing aside
+    No final answer is wrong (the scorer's --ignore_empty_extractions; without it, an empty
+    extraction gets the nearest choice, the shortest one)."""
     answer = final_answer(prediction)
-    try:
-        return abs(float(normalise(answer)) - float(normalise(gold))) <= float(tolerance)
-    except (TypeError, ValueError):
+    if answer is None:
         return False
+    if row.get("choices"):
+        return nearest_choice(answer, row["choices"]) == row["answer"]
+    if row["answer_type"] not in ("integer", "float"):
+        return normalise(answer) == normalise(row["answer"])
+    try:
+        value = float(normalise(answer))
+        read = str(int(value)) if row["answer_type"] == "integer" else str(round(value, int(row["precision"])))
+    except (ValueError, OverflowError):  # not a plain number (`\frac{3}{2}`, `nan`, `inf`): no reading
+        return False
+    return read == row["answer"]
+
+
+def nearest_choice(answer: str, choices: List[str]) -> str:
+    """The choice an answer selects for MathVista: its letter (`B`, `(B)`, `\\boxed{B}`, the text of a
+    choice), else the first choice with the fewest edits from it, as MathVista's scorer picks."""
+    letter = choice_letter(answer, choices)
+    if letter is not None:
+        return choices[ord(letter) - ord("A")]
+    text = unwrap_text(answer)
+    return min(choices, key=lambda choice: edit_distance(text, choice))
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance (insertions, deletions, substitutions), as MathVista's scorer measures."""
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        previous, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (x != y))
+    return row[-1]
+
+
+# OlympiadBench's numeric tolerances; a reward of the pool (it parses model text), not of training
+TOLERANCE = "rewards:tolerance_score"
 
 
 def verdicts(name: str, items: List[Item], predictions: List[str], pool, timeout_s: float) -> List[bool]:
-    """Right or wrong per item, by the benchmark's rule: letters for choices, the `math` verifier
-    (math-verify with the documented policy) for the rest, tolerances and precisions where given."""
+    """Right or wrong per item, by the benchmark's rule: letters for choices, MathVista's own
+    normalisation, the `math` verifier (math-verify with the documented policy) for the rest, and
+    OlympiadBench's tolerances where an item gives one."""
     rows = [i.row for i in items]
     if name in ("gpqa", "mmstar"):
         return [choice_reward(p, r["answer"], r.get("choices")) == 1.0 for p, r in zip(predictions, rows)]
     if name == "mathvista":
-        return [mathvista_correct(p, r, pool, timeout_s) for p, r in zip(predictions, rows)]
-    math_ok = [v == 1.0 for v in score(pool, predictions, rows, {"math": 1.0}, timeout_s)[0]]
+        return [mathvista_correct(p, r) for p, r in zip(predictions, rows)]
+    weights = {"math": 1.0, TOLERANCE: 1.0} if name == "olympiadbench" else {"math": 1.0}
+    parts = score(pool, predictions, rows, weights, timeout_s)[1]
+    ok = [any(parts[w][k] == 1.0 for w in weights) for k in range(len(rows))]  # olympiadbench: either rule
     if name == "mathvision":
         return [
-            choice_reward(p, r["answer"], r["choices"]) == 1.0 if r.get("choices") else ok
-            for p, r, ok in zip(predictions, rows, math_ok)
+            choice_reward(p, r["answer"], r["choices"]) == 1.0 if r.get("choices") else o
+            for p, r, o in zip(predictions, rows, ok)
         ]
-    if name == "olympiadbench":
-        return [
-            ok or (r["error"] is not None and within_tolerance(p, r["answer"], r["error"]))
-            for p, r, ok in zip(predictions, rows, math_ok)
-        ]
-    return math_ok  # math500, mathverse (a letter gold is graded as a choice letter by `math`)
+    return ok  # math500, mathverse (a letter gold is graded as a choice letter by `math`), olympiadbench
 
 
 BENCHMARKS: Dict[str, Tuple[str, Callable[[str, int], List[Item]]]] = {

@@ -11,16 +11,30 @@ its worker killed and replaced and scores 0; a call that raises scores 0; both a
 counted as `reward/malformed` instead. Model text is never given to
 eval/exec/sympify: it reaches sympy only through math-verify's own LaTeX and expression parsers.
 
-Grading policy of `math` (each rule has its cases, with reasons, in tests/test_rewards.py)
+Grading policy of `math` (each rule has its cases, with reasons, in tests/test_math_policy.py)
 - Final answer: the last <answer>…</answer> span, else the last \\boxed{} in the completion. Inside
   it, the boxed content if any; several boxes with different contents are a hedge: wrong.
-- Hedges are wrong: `\\pm`/`\\mp`, or the word "or", in an answer whose gold has none.
+- Hedges are wrong: `\\pm`/`\\mp`, or the word "or", in an answer whose gold has none. One exception:
+  a single `\\pm` against a gold of exactly two values names both (`y=\\pm a` = `a, -a` = `\\{-a, a\\}`);
+  against a single value it stays a hedge (`\\pm 2` != `2`).
 - Gold first: math-verify's verify(gold, pred) is asymmetric. So a prediction in interval notation
   matches an inequality gold (`1<x<2` vs `(1,2)`), but an inequality does not match an interval gold.
-- Percent, degrees, `\\$` and units are annotations of the number, stripped from both sides before
-  comparing: `10\\%` = `10`, `30^\\circ` = `30`, `5\\text{ cm}` = `5 cm` = `5`. The question fixes the
-  unit, so no conversion: `10\\%` != `0.1`, `30^\\circ` != `\\frac{\\pi}{6}`, `5 m` = `5 cm` (the number
-  is graded).
+- An equation whose left side is a name (a letter or command with subscripts and primes: `x`, `a_n`,
+  `I_{\\max}`, `k_{\\mathrm{B}}`, `v'`) labels its value: `I_{\\max}=X` accepts `X`, and `I_\\max=Y`
+  when Y = X. A different name is a different answer, case included (`V=10` != `v=10`), however
+  latex2sympy reads the two (it lower-cases `V`, reads `E_{k}` and `E_{p}` both as e, and `I_{max}`
+  and `I_{min}` both as the imaginary unit).
+- Percent: a number written with a percent sign is that number and its hundredth, `60\\%` = `60` =
+  `0.6` (so `10\\%` = `0.1`). Degrees, `\\$` and units are annotations of the number, stripped from
+  both sides before comparing: `30^\\circ` = `30`, `5\\text{ cm}` = `5 cm` = `5`. The question fixes
+  the unit, so no conversion: `30^\\circ` != `\\frac{\\pi}{6}`, `5 m` = `5 cm` (the number is graded).
+- A name's subscript is a label: its `\\mathrm{}`/`\\text{}` wrappers and command backslashes go, so
+  `k_{\\mathrm{B}}` = `k_B` (latex2sympy read `k_{\\text{b}}`, and the unit rule stripped `\\mathrm{B}`
+  from an answer with a number) and `R_{\\odot}`, `I_{\\max}`, `n_{\\gamma}` parse (latex2sympy cannot
+  read those commands in a subscript). An operator's subscript keeps its meaning
+  (`\\int_{-\\pi}^{\\pi}`, `\\log_{\\pi}`, `\\lim_{x\\to 0}`).
+- A power too large to evaluate (`10^{10^{10^{10}}}`: an exponent beyond floating point) is equal
+  only as written; evaluating it would never finish (OlympiadBench's judge refuses it too).
 - Thousands separators `1,000`, `1{,}000`, `1\\,000` are the number 1000 when they make up the whole
   answer; `1,5` stays a pair, never the decimal 1.5.
 - `(1,2)` is one object whether read as an ordered pair or an open interval; it differs from `[1,2]`
@@ -33,10 +47,20 @@ Grading policy of `math` (each rule has its cases, with reasons, in tests/test_r
 - A gold that is a single capital letter is a choice letter: graded by `choice_reward` (so `b` does
   not match `B`), with the sample's `choices` if any. A gold that is a word (`\\text{Evelyn}`, `odd`)
   is compared as text, case-insensitively (math-verify reads `Evelyn` as the product E*v*e*l*y*n).
+
+Where OlympiadBench's official judge (eval/auto_scoring_judge.py) would give the other verdict, on
+purpose: it drops any left side of an equation (`x^2+y^2=1` would accept `1`: a constant rewarded for
+a curve) and scales every number by 100 both ways, sign or not (gold 5 would accept 500 and 0.05):
+both reward wrong answers, so we drop only a name and rescale only a written percent. It reads
+several boxes as one comma list; we keep them a hedge (a box per candidate is the common hedge). It
+compares numbers to an absolute 1e-8 (so 10^{-20} = 10^{-21}, and 1/3 != 0.333333) and accepts
+expressions that differ by a constant under 1e-3; we keep the exact and 6-significant-figure rules.
 """
 
 import atexit
+import ctypes
 import functools
+import gc
 import importlib
 import json
 import logging
@@ -45,6 +69,8 @@ import os
 import re
 import resource
 import selectors
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -52,6 +78,7 @@ import time
 import traceback
 from collections import Counter
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import sokoban
@@ -128,7 +155,7 @@ def final_answer(completion: str) -> Optional[str]:
     if text is None:
         return None
     boxes = boxed_contents(text)
-    if len({normalise(b) for b in set(boxes)}) > 1:
+    if len(set(boxes)) > 1 and len({normalise(b) for b in set(boxes)}) > 1:  # one box needs no normalising
         return None  # `\boxed{1}, \boxed{2}`: a hedge
     answer = boxes[-1] if boxes else text
     return answer if answer.strip() else None
@@ -150,6 +177,15 @@ TRAILING_UNIT = re.compile(rf"(?<=[\d}}])\s*(?:{UNIT_WORDS})\b\.?(\^\{{?[23]\}}?
 THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 DELIMITED = re.compile(r"\$+([^$]*)\$+|\\\((.*)\\\)|\\\[(.*)\\\]", re.DOTALL)  # one whole $…$, \(…\) or \[…\]
 PROSE = re.compile(r"(?:^|(?<=\s))[A-Za-z]{3,}\b")  # a free-standing word (not \command{arg}): a sentence
+PERCENT = re.compile(r"\\%|%|\\percent\b")
+TEXT_WRAPPER = re.compile(r"\\(?:text|mathrm|mbox|textrm|rm)\s*\{([^{}]*)\}")
+# A name's subscript (`k_{\mathrm{B}}`, `T_\text{s}`, `I_{\max}`, `n_\gamma`), spelled out as a label below;
+# not an operator's (`\lim_{x\to 0}`, `\int_{-\pi}`, `\log_{\alpha}` keep their meaning)
+OPERATOR = r"(?:lim|limsup|liminf|sum|prod|coprod|int|iint|iiint|oint|log|ln|lg|max|min|sup|inf|arg\w*|big\w+)(?![A-Za-z])"
+SUBSCRIPT = re.compile(
+    rf"((?<![\\A-Za-z])[A-Za-z]+|\\(?!{OPERATOR})[A-Za-z]+|\}})_\s*"
+    r"(?:\{((?:[^{}]|\{[^{}]*\})*)\}|(\\(?:text|mathrm|mbox|textrm|rm)\s*\{[^{}]*\}|\\[A-Za-z]+))"
+)
 
 
 def normalise(answer: str) -> str:
@@ -165,10 +201,11 @@ def normalise(answer: str) -> str:
     if len(boxes) == 1 and s.startswith("\\boxed{") and s.endswith("}") and len(boxes[0]) == len(s) - 8:
         s = boxes[0]
     s = re.sub(r"\\(?:left|right)(?![A-Za-z])", "", s)
+    s = SUBSCRIPT.sub(subscript_label, s)
     s = re.sub(r"\\[dt]frac", r"\\frac", s)
     s = re.sub(r"(\d)(?:\\[,;: !]|\{,\}|~)(?=\d{3}\b)", r"\1", s)  # 1\,000 and 1{,}000 -> 1000
     s = re.sub(r"\\!|\\,|\\;|\\:|~|\\ ", " ", s)
-    s = re.sub(r"\\%|%|\\percent\b", "", s)
+    s = PERCENT.sub("", s)
     s = re.sub(r"\^\s*\{?\\circ\}?|°|\\degree\b", "", s)
     s = s.replace("\\$", "")
     if re.search(r"\d", s):
@@ -181,10 +218,22 @@ def normalise(answer: str) -> str:
     return s
 
 
+def subscript_label(m: re.Match) -> str:
+    """A name's subscript is part of the name: its text wrappers and command backslashes go (`k_{\\mathrm{B}}`
+    -> `k_{B}`, `R_{\\odot}` -> `R_{odot}`). TEXT_UNIT would strip `\\mathrm{B}` as a unit, and
+    latex2sympy cannot parse `\\max`, `\\gamma` or `\\odot` in a subscript."""
+    label = TEXT_WRAPPER.sub(r"\1", m[2] if m[2] is not None else m[3])
+    return m[0] if "{" in label else m[1] + "_{" + re.sub(r"\\(?=[A-Za-z])", "", label) + "}"
+
+
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")  # golds that need no parse to be known good
 CHOICE_GOLD = re.compile(r"\(?([A-Z])\)?\.?")
 TEXT_GOLD = re.compile(r"[A-Za-z][A-Za-z '\-]*[A-Za-z]")
 HEDGE = re.compile(r"\\pm|\\mp|±|∓|\bor\b|\\lor\b")
+PLUS_MINUS = re.compile(r"\\(?:pm|mp)(?![A-Za-z])|±|∓")
+# a name (`x`, `a_{n}`, `I_{\max}`, `\omega_0`, `v'`) = a right side holding no other relation (normalised text)
+NAME = r"(?:\\[A-Za-z]+|[A-Za-z])(?:_(?:\{[^{}]*\}|[A-Za-z0-9])|'|\^\{?\\prime\}?)*"
+NAMED_EQUATION = re.compile(rf"({NAME})=([^=<>]+)")
 
 
 def unwrap_text(answer: str) -> str:
@@ -229,7 +278,7 @@ def choice_letter(text: str, choices: Optional[Sequence[str]] = None) -> Optiona
     """
     text = text.replace("$", "")
     boxes = set(boxed_contents(text))
-    if len({normalise(b) for b in boxes}) > 1:
+    if len(boxes) > 1 and len({normalise(b) for b in boxes}) > 1:  # one box needs no normalising
         return None  # `\boxed{A} or \boxed{B}`: a hedge
     plain = re.sub(r"\\text\s*\{([^{}]*)\}", r"\1", text)
     for letters in (
@@ -309,6 +358,8 @@ def numbers_agree(gold, pred) -> Optional[bool]:
 
     if not (isinstance(gold, Expr) and isinstance(pred, Expr) and gold.is_number and pred.is_number):
         return None
+    if too_large(gold) or too_large(pred):
+        return gold == pred  # equal only as written
     g, p = gold.evalf(40), pred.evalf(40)
     if not (g.is_real and p.is_real and g.is_finite and p.is_finite):
         return None
@@ -318,6 +369,16 @@ def numbers_agree(gold, pred) -> Optional[bool]:
     if gold.has(Float) or pred.has(Float):  # equal to 6 significant figures (1/3 = 0.333333)
         return f"{float(g):.6g}" == f"{float(p):.6g}" or bool(diff <= 1e-6 * abs(g))
     return bool(diff <= 1e-25 * max(abs(g), abs(p)))
+
+
+def too_large(number) -> bool:
+    """Whether a number holds a power whose exponent overflows a float (`10^{10^{10^{10}}}`): evalf
+    would never finish it (OlympiadBench's judge refuses such powers too). Inner powers first."""
+    from sympy import Pow, postorder_traversal
+
+    return any(
+        isinstance(n, Pow) and n.exp.is_number and math.isinf(float(abs(n.exp.evalf(15)))) for n in postorder_traversal(number)
+    )
 
 
 def vector_entries(obj) -> Optional[list]:
@@ -349,7 +410,7 @@ def objects_equal(gold, pred) -> bool:
     own = numbers_agree(gold, pred)
     if own is not None and (gold.has(Float) or pred.has(Float)):
         return own  # our 6-significant-figure rule replaces math-verify's 6 decimal places
-    return verify(gold, pred, timeout_seconds=None) and own is not False
+    return own is not False and verify(gold, pred, timeout_seconds=None)
 
 
 def math_score(completion: str, answer: str, choices: Optional[Sequence[str]] = None) -> float:
@@ -370,14 +431,121 @@ def math_score(completion: str, answer: str, choices: Optional[Sequence[str]] = 
 def same_answer(answer: str, pred: str) -> float:
     """The verdict for a gold and a final-answer string (see the module docstring)."""
     if HEDGE.search(pred) and not HEDGE.search(answer):
-        return 0.0
+        both = plus_minus_list(pred)
+        return same_answer(answer, both) if both is not None and two_values(answer) else 0.0
     if gold_kind(answer) == "text":
         return float(as_text(pred) == as_text(answer))
-    gold_n, pred_n = normalise(answer), normalise(pred)
-    if gold_n == pred_n:
-        return 1.0  # same string after normalising: equal without symbolic work
-    golds, preds = sympy_objects(parse_gold(gold_n)), sympy_objects(parse_pred(pred_n))
-    return float(any(objects_equal(g, p) for g in golds for p in preds))
+    return float(any(equal_forms(g, p) for g in readings(answer) for p in readings(pred)))
+
+
+def readings(answer: str) -> List[str]:
+    """The normalised answer, and for a number written with a percent sign also its hundredth
+    (`60\\%` -> `60`, `0.60`)."""
+    s = normalise(answer)
+    if PERCENT.search(answer) and NUMBER.fullmatch(s):
+        return [s, format(Decimal(s).scaleb(-2), "f")]
+    return [s]
+
+
+def label_free(gold: str, pred: str) -> Optional[List[Tuple[str, str]]]:
+    """The (gold, pred) pairs to compare (normalised text): as written, and with a name's label
+    dropped: `I_{\\max}=X` vs `X` also as X vs X, vs `I_\\max=Y` only as X vs Y. None when each names
+    a different thing (`x=2` vs `y=2`): wrong, however latex2sympy reads the names (it reads both
+    `I_{\\max}` and `I_{\\min}` as the imaginary unit)."""
+    g, p = NAMED_EQUATION.fullmatch(gold), NAMED_EQUATION.fullmatch(pred)
+    if g and p:
+        return [(g[2], p[2])] if name_key(g[1]) == name_key(p[1]) else None
+    if g and "=" not in pred:
+        return [(gold, pred), (g[2], pred)]
+    if p and "=" not in gold:
+        return [(gold, pred), (gold, p[2])]
+    return [(gold, pred)]
+
+
+def name_key(name: str) -> str:
+    """`a_{n}` and `a_n`, `v^{\\prime}` and `v'`: one name."""
+    return re.sub(r"\^\\prime", "'", re.sub(r"[{}]", "", name))
+
+
+def equal_forms(gold: str, pred: str) -> bool:
+    """Normalised gold and prediction equal as written, or as the values of a named equation."""
+    for g, p in label_free(gold, pred) or []:
+        if g == p:
+            return True  # same string after normalising: equal without symbolic work
+        if any(objects_equal(a, b) for a in sympy_objects(parse_gold(g)) for b in sympy_objects(parse_pred(p))):
+            return True
+    return False
+
+
+def plus_minus_list(pred: str) -> Optional[str]:
+    """`y=\\pm a` -> `+a,-a`: the two values one ± (of a name's value) stands for, as a list; None for
+    any other hedge (`or`, two ±)."""
+    s = normalise(pred)
+    named = NAMED_EQUATION.fullmatch(s)
+    s = named[2] if named else s
+    if len(PLUS_MINUS.findall(s)) != 1 or HEDGE.search(PLUS_MINUS.sub("", s)):
+        return None
+    return f"{PLUS_MINUS.sub('+', s)},{PLUS_MINUS.sub('-', s)}"
+
+
+def two_values(answer: str) -> bool:
+    """Whether the gold is a list or set of exactly two values (`a, -a`, `\\{-a, a\\}`)."""
+    from sympy import FiniteSet
+
+    return any(isinstance(o, FiniteSet) and len(o) == 2 for o in sympy_objects(parse_gold(normalise(answer))))
+
+
+def tolerance_score(completion: str, sample: dict) -> float:
+    """OlympiadBench's rule for a gold with a numeric tolerance (eval.py; not a training reward):
+    1.0 iff the final answer is as many numbers as the gold, matched one to one in any order, each
+    within its gold number's tolerance. `sample["error"]` is one tolerance for all or one per gold
+    number in order, comma-separated; an empty one is the judge's default 1e-8, and every tolerance
+    gets the judge's 1% slack (a difference of exactly the tolerance passes despite float rounding).
+    Hedges and percent readings as in `same_answer`. No `error`: 0.0."""
+    pred = final_answer(completion)
+    if pred is None or sample.get("error") in (None, "") or (HEDGE.search(pred) and not HEDGE.search(sample["answer"])):
+        return 0.0
+    tolerances = [1.01 * float(t) if t.strip() else 1.01e-8 for t in str(sample["error"]).split(",")]
+    for gold in readings(sample["answer"]):
+        golds = [real_values(parse_gold(item)) for item in top_level_items(gold)]
+        for p in readings(pred):
+            preds = [real_values(parse_pred(item)) for item in top_level_items(p)]
+            if within(golds, preds, tolerances * len(golds) if len(tolerances) == 1 else tolerances):
+                return 1.0
+    return 0.0
+
+
+def within(golds: List[List[float]], preds: List[List[float]], tolerances: List[float]) -> bool:
+    """Each gold number (its candidate values) paired with a different prediction within its
+    tolerance, gold by gold in order, as OlympiadBench's judge pairs them."""
+    if not len(golds) == len(preds) == len(tolerances):
+        return False
+    left = list(preds)
+    for values, tolerance in zip(golds, tolerances):
+        hit = next((p for p in left if any(abs(g - v) <= tolerance for g in values for v in p)), None)
+        if hit is None:
+            return False
+        left.remove(hit)
+    return True
+
+
+def top_level_items(answer: str) -> List[str]:
+    """A normalised answer split at the commas outside brackets (`0.1,(1,2)` -> `0.1`, `(1,2)`)."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(answer):
+        depth += (ch in "([{") - (ch in ")]}")
+        if ch == "," and depth == 0:
+            items.append(answer[start:i])
+            start = i + 1
+    return items + [answer[start:]]
+
+
+def real_values(parsed) -> List[float]:
+    """The finite real numbers among math-verify's readings of one answer."""
+    from sympy import Expr
+
+    values = [o.evalf(30) for o in sympy_objects(parsed) if isinstance(o, Expr) and o.is_number and not too_large(o)]
+    return [float(v) for v in values if v.is_real and v.is_finite]
 
 
 def gold_problem(answer: str, choices: Optional[Sequence[str]] = None) -> Optional[str]:
@@ -386,7 +554,9 @@ def gold_problem(answer: str, choices: Optional[Sequence[str]] = None) -> Option
     if kind == "choice" and gold_letter(answer, choices) is None:
         return f"choice letter out of range of {len(choices or [])} choices"
     gold = normalise(answer)
-    if kind == "math" and not NUMBER.fullmatch(gold) and not sympy_objects(parse_gold(gold)):
+    named = NAMED_EQUATION.fullmatch(gold)
+    forms = [gold, named[2]] if named else [gold]  # `I_{\max}=X` is graded by X where the name won't parse
+    if kind == "math" and not NUMBER.fullmatch(gold) and not any(sympy_objects(parse_gold(f)) for f in forms):
         return "math-verify cannot parse it"
     return None
 
@@ -529,63 +699,112 @@ def resolve(name: str) -> Callable[[str, dict], float]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Bounded execution: a pool of worker processes, killed and replaced when a call overruns
+# Bounded execution: worker processes forked from a warm zygote, killed and replaced when a call overruns
 # ---------------------------------------------------------------------------------------------
 
 WORKER_MEMORY_BYTES = 4 << 30  # an address-space cap per worker: a runaway parse raises MemoryError, not an OOM kill
 STARTUP_TIMEOUT_S = 120.0
 MAX_FAILED_STARTS = 3
+# Warm workers kept beyond `workers`: the unit after a kill goes to one at once. A replacement is a
+# fork of the zygote (milliseconds), never a fresh interpreter importing sympy (seconds, more when busy).
+SPARE_WORKERS = 1
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 WARM_UP = [("1+x", "x+1"), ("(1,2)", "[1,2]"), ("\\{1,2\\}", "\\{2,1\\}"), ("(x+1)^2", "x^2+2x+1"), ("x>3", "3<x"),
            ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "(1,2)"), ("\\frac{1}{3}", "0.333333"), ("x=2", "2")]  # fmt: skip
 
 
-def serve() -> None:
-    """Worker main loop: read a task per line on stdin, write one result line per (completion, reward).
-
-    Task: {"units": [["score", [name, completion, sample]] | ["check", [name, sample]], ...]}. One
-    result line per unit, in order: {"value": ...} or {"error": "traceback"}, after a {"loaded": true}
-    line once the task's reward modules are imported; the parent times each unit from the line
-    before it. The parent's sys.path arrives as PYTHONPATH (for module:function rewards).
-    """
-    out = os.fdopen(os.dup(1), "w", buffering=1)
-    sys.stdout = sys.stderr  # a print in a user's reward must not corrupt the protocol
+def zygote(control_fd: int) -> None:
+    """The pool's fork server. Warms up once (math-verify, its grammar, sympy's lazy modules), then
+    for each message on `control_fd` (a SOCK_SEQPACKET socket): takes the parent's sys.path
+    ({"path": [...]}), imports the rewards it names ({"preload": [name, ...]}, names a worker
+    already imported without trouble) and forks a worker serving the socket that came with it.
+    Exits when the parent's end closes."""
+    control = socket.socket(fileno=control_fd)
+    sys.stdout = sys.stderr  # nothing may write to the parent's stdout
     resource.setrlimit(resource.RLIMIT_AS, (WORKER_MEMORY_BYTES, WORKER_MEMORY_BYTES))
     logging.getLogger("math_verify").setLevel(logging.CRITICAL)  # its warnings would str() sympy objects
     logging.getLogger("latex2sympy2_extended").setLevel(logging.CRITICAL)
-    for gold, pred in WARM_UP:  # build the grammar and load sympy's lazy modules before taking work
+    for gold, pred in WARM_UP:
         math_score(f"<answer>$\\boxed{{{pred}}}$</answer>", gold)
-    out.write('{"ready": true}\n')
-    for line in sys.stdin:
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps workers the parent kills
+    gc.freeze()  # a worker's garbage collector then never touches (and copies) the zygote's objects
+    control.send(b'{"ready": true}')
+    while True:
+        message, fds, _, _ = socket.recv_fds(control, 1 << 16, 1)
+        if not message:
+            return
+        request = json.loads(message)
+        sys.path[:] = request["path"]  # the parent's, as it is now (for module:function rewards)
+        for name in request.get("preload", []):
+            try:
+                resolve(name)
+            except BaseException:
+                pass  # reported by the worker that runs it
+        if fds and os.fork() == 0:
+            try:
+                control.close()
+                serve(socket.socket(fileno=fds[0]))
+            finally:
+                os._exit(0)  # a worker never returns into the zygote's loop
+        for fd in fds:
+            os.close(fd)
+
+
+def serve(channel: socket.socket) -> None:
+    """Worker main loop (in a fork of the zygote): read a task per line, write one line per unit.
+
+    Task: {"units": [["score", [name, completion, sample]] | ["check", [name, sample]], ...]}. First
+    {"ready": true, "pid": ...}; then per task a {"loaded": [names imported]} line once its reward
+    modules are imported, and one line per unit, in order: {"value": ...} or {"error": "traceback"}.
+    The parent times each unit from the line before it. sys.path is the parent's, sent with the fork.
+    """
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # a reward's own subprocesses must be waitable
+    try:  # a hung worker must not outlive the zygote (which exits with the parent)
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (AttributeError, OSError):
+        pass  # not Linux: the parent kills its workers on close
+
+    def send(obj: dict) -> None:
+        channel.sendall((json.dumps(obj) + "\n").encode())
+
+    send({"ready": True, "pid": os.getpid()})
+    for line in channel.makefile("rb"):
         task = json.loads(line)
+        loaded = []
         for name in {payload[0] for _, payload in task["units"]}:
             try:
                 resolve(name)  # import a module:function reward before its clock starts
+                loaded.append(name)
             except BaseException:
                 pass  # reported by the unit that uses it
-        out.write('{"loaded": true}\n')
+        send({"loaded": loaded})
         for kind, payload in task["units"]:
-            try:
-                if kind == "score":
-                    name, completion, sample = payload
-                    value = float(resolve(name)(completion, sample))
-                    if not math.isfinite(value):  # a NaN reward would poison every advantage of the batch
-                        raise ValueError(f"reward {name} returned {value}")
-                    value = {"value": value}
-                else:
-                    name, sample = payload
-                    value = {"value": GOLD_CHECKS[name](sample)}
-            except Malformed as e:
-                value = {"value": 0.0, "malformed": str(e)}
-            except BaseException:  # includes MemoryError and RecursionError from deep LaTeX
-                value = {"error": traceback.format_exc(limit=-8)[-4000:]}
-            out.write(json.dumps(value) + "\n")
+            send(run_unit(kind, payload))
 
 
-@dataclass
+def run_unit(kind: str, payload: list) -> dict:
+    """One unit's result line: a reward's value, a gold check's verdict, or what went wrong."""
+    try:
+        if kind == "check":
+            name, sample = payload
+            return {"value": GOLD_CHECKS[name](sample)}
+        name, completion, sample = payload
+        value = float(resolve(name)(completion, sample))
+        if not math.isfinite(value):  # a NaN reward would poison every advantage of the batch
+            raise ValueError(f"reward {name} returned {value}")
+        return {"value": value}
+    except Malformed as e:
+        return {"value": 0.0, "malformed": str(e)}
+    except BaseException:  # includes MemoryError and RecursionError from deep LaTeX
+        return {"error": traceback.format_exc(limit=-8)[-4000:]}
+
+
+@dataclass(eq=False)  # compared by identity: the pool's list holds each once
 class Worker:
-    proc: subprocess.Popen
+    channel: socket.socket
+    pid: int = 0
     buf: bytes = b""
     ready: bool = False
     units: list = field(default_factory=list)  # [(unit_id, unit)] sent and not yet answered, in order
@@ -600,43 +819,86 @@ class Outcome:
     malformed: Optional[str] = None  # the reward raised Malformed: the completion gave no usable answer
     timeout: bool = False
     seconds: float = 0.0  # wall-clock time of the call in its worker
+    replaced: bool = False  # its worker was killed (timeout) or exited, and replaced
 
 
 class RewardPool:
-    """`workers` processes running reward functions; each call is bounded by `timeout_s` wall-clock.
+    """Runs reward functions in `workers` processes at a time; each call is bounded by `timeout_s`.
 
     Thread-safe (one batch at a time). Units of one task run in order on one worker, so a prompt
-    group's gold is parsed once; a worker that overruns a unit's deadline, crashes or exits is killed
-    and replaced, its unit scores 0 as a timeout (or error) and its remaining units are re-sent.
+    group's gold is parsed once; a worker that overruns a unit's deadline or exits is killed, its
+    unit scores 0 as a timeout (or error) and its remaining units go to a spare at once. Workers
+    are forks of a warm zygote, topped up to `workers + spares` off the caller's path.
+    Counters: `restarts` (workers replaced after a timeout or exit: reward/worker_restarts) and
+    `spawn_wait_s` (time a unit waited with a slot free and no warm worker: 0 while spares suffice).
     """
 
-    def __init__(self, workers: int):
+    def __init__(self, workers: int, spares: int = SPARE_WORKERS):
+        self.size = max(1, workers)
+        self.capacity = self.size + spares
         self.workers: List[Worker] = []
         self.selector = selectors.DefaultSelector()
         self.lock = threading.Lock()
-        self.failed_starts = 0
+        self.failed_starts = self.restarts = 0
+        self.spawn_wait_s, self.starved_since = 0.0, None
+        self.preloaded: set = set()  # reward names every new worker imports while the zygote forks it
         self.reported: set = set()  # "<reward>_<errors|timeouts>" already printed once in this process
-        for _ in range(max(1, workers)):
-            self._spawn()
+        self._start_zygote()
 
-    def _spawn(self) -> None:
+    def _start_zygote(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         here = os.path.dirname(os.path.abspath(__file__))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([here] + [p for p in sys.path if p]))
-        proc = subprocess.Popen(
-            [sys.executable, "-c", "import rewards; rewards.serve()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
-        )
-        os.set_blocking(proc.stdout.fileno(), False)
-        worker = Worker(proc, deadline=time.monotonic() + STARTUP_TIMEOUT_S)
-        self.workers.append(worker)
-        self.selector.register(proc.stdout, selectors.EVENT_READ, worker)
+        command = f"import rewards; rewards.zygote({theirs.fileno()})"
+        self.zygote = subprocess.Popen([sys.executable, "-c", command], pass_fds=[theirs.fileno()], env=env)
+        theirs.close()
+        self.control, self.zygote_ready = ours, False
+        self.zygote_deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        self.selector.register(ours, selectors.EVENT_READ, None)
+        if self.preloaded:
+            self._send_control({"preload": sorted(self.preloaded)})
+        self._top_up()
+
+    def _send_control(self, message: dict, fds: Sequence[int] = ()) -> None:
+        try:
+            socket.send_fds(self.control, [json.dumps(dict(message, path=sys.path)).encode()], list(fds))
+        except OSError:
+            pass  # the zygote is gone: its closed socket restarts it, and its forks are asked again
+
+    def _top_up(self) -> None:
+        """Ask the zygote for workers until the pool holds `capacity` (warm or starting)."""
+        while len(self.workers) < self.capacity:
+            ours, theirs = socket.socketpair()
+            self._send_control({}, [theirs.fileno()])
+            theirs.close()  # the zygote holds its own copy while it forks
+            worker = Worker(ours, deadline=time.monotonic() + STARTUP_TIMEOUT_S)
+            self.workers.append(worker)
+            self.selector.register(ours, selectors.EVENT_READ, worker)
+
+    def _restart_zygote(self) -> None:
+        """The zygote exited or stopped answering: start another; forks it owed are asked again.
+        MAX_FAILED_STARTS in a row that never warm up is an error (the environment is broken: every
+        reward would score 0)."""
+        self.failed_starts = 0 if self.zygote_ready else self.failed_starts + 1
+        if self.failed_starts >= MAX_FAILED_STARTS:
+            raise RuntimeError(f"{MAX_FAILED_STARTS} reward workers in a row failed to start (see their stderr above)")
+        self.selector.unregister(self.control)
+        self.control.close()
+        self.zygote.kill()
+        self.zygote.wait()
+        for worker in [w for w in self.workers if not w.ready]:
+            self._retire(worker)
+        self._start_zygote()
 
     def _retire(self, worker: Worker) -> None:
-        self.selector.unregister(worker.proc.stdout)
+        self.selector.unregister(worker.channel)
         self.workers.remove(worker)
-        worker.proc.kill()
-        worker.proc.wait()
-        worker.proc.stdout.close()
-        worker.proc.stdin.close()
+        if worker.pid:
+            try:
+                os.kill(worker.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # it had exited
+        worker.channel.close()
 
     def run(self, tasks: List[List[Tuple[str, tuple]]], timeout_s: float) -> List[List[Outcome]]:
         """Outcomes for each unit of each task. A unit is ("score", (name, completion, sample)) or
@@ -649,62 +911,99 @@ class RewardPool:
         queue = [[((t, u), unit) for u, unit in enumerate(task)] for t, task in enumerate(tasks) if task]
         pending = sum(len(task) for task in tasks)
         while pending:
-            for worker in self.workers:  # hand tasks to idle, ready workers
-                if worker.ready and not worker.units and queue:
-                    worker.units = queue.pop(0)
-                    task = {"units": [unit for _, unit in worker.units]}
-                    try:
-                        worker.proc.stdin.write((json.dumps(task) + "\n").encode())
-                        worker.proc.stdin.flush()
-                    except BrokenPipeError:
-                        pass  # the worker died: its EOF is handled below
-                    worker.started = time.monotonic()
-                    worker.deadline = worker.started + STARTUP_TIMEOUT_S  # until its reward modules are imported
-            now = time.monotonic()
-            wait = min(1.0, max(0.0, min(w.deadline for w in self.workers) - now))
+            self._dispatch(queue)
+            deadlines = [w.deadline for w in self.workers] + [float("inf") if self.zygote_ready else self.zygote_deadline]
+            wait = min(1.0, max(0.0, min(deadlines) - time.monotonic()))
             for key, _ in self.selector.select(timeout=wait):
-                worker = key.data
-                chunk = os.read(worker.proc.stdout.fileno(), 1 << 20)
-                if not chunk:  # the worker exited (crash, os._exit in a user's reward): its unit is an error
-                    pending -= self._replace(worker, queue, results, Outcome(error="reward worker exited"))
-                    continue
-                *lines, worker.buf = (worker.buf + chunk).split(b"\n")
-                for line in lines:
-                    message = json.loads(line)
-                    if message.get("ready"):
-                        worker.ready, worker.deadline = True, float("inf")
-                        continue
-                    now = time.monotonic()
-                    if not message.get("loaded"):
-                        (t, u), _ = worker.units.pop(0)
-                        results[t][u] = Outcome(
-                            message.get("value", 0.0),
-                            message.get("error"),
-                            message.get("malformed"),
-                            seconds=now - worker.started,
-                        )
-                        pending -= 1
-                    worker.started = now
-                    worker.deadline = now + timeout_s if worker.units else float("inf")
+                if key.fileobj is self.control:
+                    self._read_control()
+                elif key.data in self.workers:  # not retired by an earlier event of this round
+                    pending -= self._read(key.data, queue, results, timeout_s)
             now = time.monotonic()
             for worker in [w for w in self.workers if w.deadline <= now]:
-                pending -= self._replace(worker, queue, results, Outcome(timeout=True))
+                if worker.ready:
+                    pending -= self._replace(worker, queue, results, Outcome(timeout=True))
+                elif worker in self.workers:  # a fork that never answered: the zygote is stuck
+                    self._restart_zygote()
+            if not self.zygote_ready and self.zygote_deadline <= now:
+                self._restart_zygote()
+            self._top_up()
+        self._dispatch(queue)  # closes the spawn-wait clock
         return results
 
-    def _replace(self, worker: Worker, queue, results, outcome: Outcome) -> int:
-        """Kill `worker`, give its unit in flight `outcome`, re-queue the rest; returns units settled.
+    def _dispatch(self, queue) -> None:
+        """Hand queued tasks to warm idle workers, `size` in flight at most; clock any wait for one."""
+        busy = sum(bool(w.units) for w in self.workers)
+        for worker in self.workers:
+            if queue and busy < self.size and worker.ready and not worker.units:
+                worker.units, busy = queue.pop(0), busy + 1
+                try:
+                    worker.channel.sendall((json.dumps({"units": [u for _, u in worker.units]}) + "\n").encode())
+                except OSError:
+                    pass  # the worker died: its closed socket is handled in the read loop
+                worker.started = time.monotonic()
+                worker.deadline = worker.started + STARTUP_TIMEOUT_S  # until its reward modules are imported
+        now, starved = time.monotonic(), bool(queue) and busy < self.size
+        if starved and self.starved_since is None:
+            self.starved_since = now
+        elif not starved and self.starved_since is not None:
+            self.spawn_wait_s, self.starved_since = self.spawn_wait_s + now - self.starved_since, None
 
-        A worker that dies or hangs while starting is retried; MAX_FAILED_STARTS in a row is an error
-        (the environment is broken: every reward would score 0)."""
-        self.failed_starts = 0 if worker.ready else self.failed_starts + 1
-        if self.failed_starts >= MAX_FAILED_STARTS:
-            raise RuntimeError(f"{MAX_FAILED_STARTS} reward workers in a row failed to start (see their stderr above)")
+    def _read_control(self) -> None:
+        try:
+            message = self.control.recv(1 << 16)
+        except ConnectionResetError:
+            message = b""
+        if not message:
+            self._restart_zygote()
+        elif json.loads(message).get("ready"):
+            self.zygote_ready, self.failed_starts = True, 0
+
+    def _read(self, worker: Worker, queue, results, timeout_s: float) -> int:
+        """Take what `worker` wrote; returns the number of units it settled."""
+        try:
+            chunk = worker.channel.recv(1 << 20)
+        except ConnectionResetError:
+            chunk = b""
+        if not chunk:  # it exited (a crash, os._exit in a user's reward): its unit is an error
+            if worker.ready:
+                return self._replace(worker, queue, results, Outcome(error="reward worker exited"))
+            self._retire(worker)  # lost with its zygote, whose restart asks for it again
+            return 0
+        settled = 0
+        *lines, worker.buf = (worker.buf + chunk).split(b"\n")
+        for message in map(json.loads, lines):
+            now = time.monotonic()
+            if message.get("ready"):
+                worker.ready, worker.pid, worker.deadline = True, message["pid"], float("inf")
+                continue
+            if "loaded" in message:
+                self._preload(message["loaded"])
+            else:
+                (t, u), _ = worker.units.pop(0)
+                results[t][u] = Outcome(message.get("value", 0.0), message.get("error"), message.get("malformed"),
+                                        seconds=now - worker.started)  # fmt: skip
+                settled += 1
+            worker.started = now
+            worker.deadline = now + timeout_s if worker.units else float("inf")
+        return settled
+
+    def _preload(self, names: List[str]) -> None:
+        """Tell the zygote about rewards a worker imported, so the next forks start with them."""
+        new = set(names) - self.preloaded
+        if new:
+            self.preloaded |= new
+            self._send_control({"preload": sorted(new)})
+
+    def _replace(self, worker: Worker, queue, results, outcome: Outcome) -> int:
+        """Kill `worker`, give its unit in flight `outcome`, re-queue the rest; returns units settled."""
         self._retire(worker)
-        self._spawn()
+        self.restarts += 1
+        self._top_up()
         if not worker.units:
             return 0
         (t, u), _ = worker.units[0]
-        outcome.seconds = time.monotonic() - worker.started
+        outcome.seconds, outcome.replaced = time.monotonic() - worker.started, True
         results[t][u] = outcome
         if worker.units[1:]:
             queue.insert(0, worker.units[1:])
@@ -713,6 +1012,10 @@ class RewardPool:
     def close(self) -> None:
         for worker in list(self.workers):
             self._retire(worker)
+        self.selector.unregister(self.control)
+        self.control.close()  # the zygote exits on it
+        self.zygote.kill()
+        self.zygote.wait()
         self.selector.close()
 
 
@@ -760,7 +1063,8 @@ def score(
     """Weighted total per completion, each part's raw value per completion, and failure counts.
 
     `samples[i]` is the row completion i answers ({"answer": ..., **other fields}). Counts:
-    `errors`/`timeouts`/`malformed` in all and `<name>_errors`/... per reward. The first failure of
+    `errors`/`timeouts`/`malformed` in all and `<name>_errors`/... per reward, and `worker_restarts`
+    (verifications whose worker was killed or died and was replaced). The first failure of
     each kind of each reward is printed (with its traceback) once per pool, not once per step.
     """
     names = list(weights)
@@ -772,6 +1076,7 @@ def score(
     for group, task_outcomes in zip(index, outcomes):
         for k, outcome in enumerate(task_outcomes):
             i, name = group[k // len(names)], names[k % len(names)]
+            counts["worker_restarts"] += outcome.replaced
             if outcome.timeout or outcome.error is not None:
                 kind = "timeouts" if outcome.timeout else "errors"
                 if f"{name}_{kind}" not in pool.reported:

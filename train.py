@@ -619,6 +619,10 @@ def write_run_info(run_dir: str, cfg: DictConfig) -> None:
         f.write(f"sha: {sha}\n{diff}")
 
 
+# rewards.score's counts logged as reward/<kind>: why completions scored 0, and replaced reward workers
+REWARD_COUNTS = ("errors", "timeouts", "malformed", "worker_restarts")
+
+
 def plot_rewards(path: str, history: List[Dict[str, float]]) -> None:
     import matplotlib
 
@@ -627,9 +631,8 @@ def plot_rewards(path: str, history: List[Dict[str, float]]) -> None:
 
     steps = [m["step"] for m in history]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key in sorted(
-        k for k in history[-1] if k.startswith("reward/") and k not in ("reward/errors", "reward/timeouts", "reward/malformed")
-    ):
+    counts = {f"reward/{kind}" for kind in REWARD_COUNTS}
+    for key in sorted(k for k in history[-1] if k.startswith("reward/") and k not in counts):
         ax.plot(steps, [m.get(key, float("nan")) for m in history], label=key, lw=2 if key == "reward/mean" else 1)
     ax.set_xlabel("step")
     ax.set_ylabel("reward")
@@ -1002,7 +1005,7 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
         }
         for name in parts:
             metrics[f"reward/{name}"] = sum(sum(rk[2][name]) for rk in ranks) / n_samples
-        for kind in ("errors", "timeouts", "malformed"):  # counts of completions, by why they scored 0
+        for kind in REWARD_COUNTS:
             metrics[f"reward/{kind}"] = sum(rk[3].get(kind, 0) for rk in ranks)
         shares = {k: v for k, v in stats.items() if k != "loss/grad_norm"}  # the norm is already global
         summed = all_sum(torch.tensor(list(shares.values()), dtype=torch.float64)).tolist() if shares else []

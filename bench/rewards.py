@@ -1,6 +1,8 @@
-"""Our math verifier vs a plain math-verify loop, side by side on one realistic rollout batch.
+"""Our math verifier vs a plain math-verify loop, side by side on one realistic rollout batch; then
+our pool vs the pool of an earlier commit on a batch where many completions hang.
 
     python bench/rewards.py [--prompts 64] [--group 16] [--workers 2] [--timeout 2.0]
+                            [--hang-frac 0.1] [--hang-timeout 1.0] [--baseline-rev 3259b19]
 
 The batch: `prompts` golds in the styles of DeepScaleR/MATH, VerMulti and MathVista/MMStar, each with
 `group` completions (reasoning in <think>, answer in <answer>): right as written, right in another
@@ -9,21 +11,32 @@ The plain loop is what TRL's accuracy reward does: parse(gold), parse(completion
 per completion, math-verify's own (SIGALRM) timeouts. Ours: rewards.score on a warm RewardPool.
 Prints throughput ratio, per-call latency (p50/p99/max) and verdict agreement, listing every
 disagreement with its category, so each can be checked against the policy in rewards.py.
+
+Many hangs: the same batch with `hang-frac` of its completions answering a power tower that no
+verifier finishes, scored by rewards.score with `hang-timeout` on a warm pool: ours (replacements
+forked from a warm zygote, a spare worker) and `baseline-rev`'s rewards.py as it was (replacements
+started as fresh interpreters on the caller's path). The ideal is ceil(hangs / workers) x timeout.
 """
 
 import argparse
+import importlib.util
 import logging
+import math
 import os
 import random
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 from math_verify import parse, verify  # noqa: E402
 
+import rewards  # noqa: E402
 from rewards import RewardPool, groups, last_boxed  # noqa: E402
 
 # k -> (gold, other right forms, wrong answers); every prompt of the batch gets its own k, so golds
@@ -37,7 +50,7 @@ PROBLEMS = {
     "pair": lambda k: (f"({k},{k + 1})", [f"({k}, {k + 1})"], [f"[{k},{k + 1}]", f"({k + 1},{k})"]),
     "set vs pair": lambda k: (f"\\{{{k},{k + 1}\\}}", [f"\\{{{k + 1},{k}\\}}"], [f"({k},{k + 1})"]),
     "interval": lambda k: (f"(-\\infty, {k})", [f"(-\\infty,{k})"], [f"(-\\infty,{k}]"]),
-    "percent": lambda k: (f"{k + 10}\\%", [f"{k + 10}"], [f"{(k + 10) / 100}"]),
+    "percent": lambda k: (f"{k + 10}\\%", [f"{k + 10}", f"{(k + 10) / 100}"], [f"{k + 11}\\%", f"{(k + 11) / 100}"]),
     "degrees": lambda k: (f"{k + 30}^\\circ", [f"{k + 30}"], [f"{k + 31}^\\circ"]),
     "units": lambda k: (f"{k + 5}\\text{{ cm}}", [f"{k + 5}", f"{k + 5} cm"], [f"{k + 6}\\text{{ cm}}"]),
     "thousands": lambda k: (f"{1000 * (k + 1)}", [f"{k + 1},000"], [f"{k + 1}00"]),
@@ -164,6 +177,48 @@ def compare(name, completions, samples, labels, timeout_s, workers):
         print(f"  {category:20} {kind:18} {answer[:32]!r:36} {p:.0f} -> {m:.0f}  x{k}")
 
 
+def rewards_at(rev: str):
+    """rewards.py as it was at git `rev`, imported as its own module. Its workers import it as
+    `rewards` from the same temporary directory, which comes first on their PYTHONPATH."""
+    source = subprocess.run(["git", "show", f"{rev}:rewards.py"], cwd=ROOT, capture_output=True, text=True, check=True)
+    path = os.path.join(tempfile.mkdtemp(), "rewards.py")
+    with open(path, "w") as f:
+        f.write(source.stdout)
+    spec = importlib.util.spec_from_file_location("rewards_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+HANG = "\\sum_{n=1}^{10^{9}} n^{n}"  # sympy sums it term by term: no verifier finishes
+
+
+def many_hangs(completions, samples, frac, timeout_s, workers, rev):
+    """Both pools on the batch with `frac` of its completions hanging: wall time against the ideal."""
+    rng = random.Random(1)
+    symbolic = [i for i, s in enumerate(samples) if rewards.gold_kind(s["answer"]) == "math"]  # golds sympy compares
+    hung = set(rng.sample(symbolic, round(frac * len(completions))))
+    batch = [completion_for("right as written", HANG, rng) if i in hung else c for i, c in enumerate(completions)]
+    print(f"\n== many hangs: {len(batch)} completions, {len(hung)} answering {HANG}, {workers} workers, timeout_s {timeout_s}")
+    verdicts = {}
+    for name, module in (("ours", rewards), (f"at {rev}", rewards_at(rev))):
+        os.chdir(os.path.dirname(module.__file__))  # `python -c "import rewards"` looks in the cwd first
+        pool = module.RewardPool(workers)
+        module.score(pool, ["<answer>1</answer>"] * workers, [{"answer": str(k)} for k in range(workers)], {"math": 1.0}, 60.0)
+        start = time.perf_counter()
+        total, _, counts = module.score(pool, batch, samples, {"math": 1.0}, timeout_s)
+        elapsed = time.perf_counter() - start
+        pool.close()
+        verdicts[name] = total
+        ideal = math.ceil(counts["timeouts"] / workers) * timeout_s  # the hangs' own cost, ceil(hangs / workers) x timeout
+        print(f"{name:14}: {elapsed:6.1f} s  ({elapsed / max(ideal, 1e-9):.2f}x ceil(timeouts / workers) x timeout = {ideal:.1f} s)"
+              f"  timeouts {counts['timeouts']}, errors {counts['errors']}")  # fmt: skip
+    (a, b) = verdicts.values()
+    print(
+        f"verdicts equal on {sum(x == y for x, y in zip(a, b))}/{len(batch)} (any difference: the policy's changes since {rev})"
+    )
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=64)
@@ -171,6 +226,9 @@ def main():
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hang-frac", type=float, default=0.1)
+    ap.add_argument("--hang-timeout", type=float, default=1.0)
+    ap.add_argument("--baseline-rev", default="3259b19", help="the commit whose rewards.py is 'today's pool'")
     args = ap.parse_args()
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # its per-timeout warnings
     completions, samples, labels = build_batch(args.prompts, args.group, args.seed)
@@ -179,6 +237,7 @@ def main():
     subset = [[x[i] for i in keep] for x in (completions, samples, labels)]
     compare("without the pathological answers", *subset, args.timeout, args.workers)
     compare("full batch", completions, samples, labels, args.timeout, args.workers)
+    many_hangs(*subset[:2], args.hang_frac, args.hang_timeout, args.workers, args.baseline_rev)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ The math grading policy, case by case, is in test_math_policy.py.
 """
 
 import ast
+import math
 import multiprocessing
 import os
 import threading
@@ -154,12 +155,59 @@ ADVERSARIAL = {
 }
 
 
+@pytest.fixture(scope="module")
+def warm_pool():
+    """The process's shared pool, started (and its zygote warmed up) before anything is timed."""
+    assert math_reward("<answer>1</answer>", "1") == 1.0
+    return reward_pool()
+
+
 @pytest.mark.parametrize("name", list(ADVERSARIAL))
-def test_adversarial_answers_finish_in_time_and_score_zero(name):
+def test_adversarial_answers_finish_in_time_and_score_zero(name, warm_pool):
+    """Each case runs right after the previous one killed a worker (the case that once took 2.5 s)."""
     completion = f"<think>x</think><answer>{ADVERSARIAL[name]}</answer>"
+    waited = warm_pool.spawn_wait_s
     start = time.monotonic()
     assert math_reward(completion, "7", timeout_s=1.0) == 0.0  # no adversarial answer contains a 7
     assert time.monotonic() - start < 1.0 + MARGIN_S
+    assert warm_pool.spawn_wait_s == waited  # the unit went to a warm worker: it waited for no start-up
+
+
+def test_the_call_after_a_kill_waits_for_no_worker_start():
+    pool = RewardPool(1)
+    try:
+        hang = ("score", ("toy_rewards:hang", "x", {"answer": "1"}))
+        right = ("score", ("math", "<answer>1</answer>", {"answer": "1"}))
+        assert pool.run([[right]], 60.0)[0][0].value == 1.0  # start-up, not timed
+        waited = pool.spawn_wait_s
+        (killed,) = pool.run([[hang]], 0.5)[0]
+        assert killed.timeout and killed.replaced and 0.5 <= killed.seconds < 0.5 + MARGIN_S
+        start = time.monotonic()
+        (after,) = pool.run([[right]], 0.5)[0]
+        # a fresh interpreter needs seconds to import math-verify and sympy; the spare is already warm
+        assert after.value == 1.0 and not after.replaced and time.monotonic() - start < 0.5
+        assert pool.spawn_wait_s == waited and pool.restarts == 1
+    finally:
+        pool.close()
+
+
+def test_a_batch_with_many_hangs_costs_its_timeouts_and_scores_the_rest():
+    pool = RewardPool(2)
+    try:
+        assert pool.run([[("score", ("format", "x", {"answer": "1"}))]], 60.0)  # start-up, not timed
+        completions = [f"<think>t</think><answer>{k}</answer>" for k in range(24)]
+        samples = [{"answer": str(k)} for k in range(24)]  # 24 prompt groups of one
+        completions[3] = completions[10] = completions[11] = completions[17] = "HANG"
+        waited, start = pool.spawn_wait_s, time.monotonic()
+        weights = {"toy_rewards:hang_if_asked": 0.0, "math": 1.0}
+        _, parts, counts = score(pool, completions, samples, weights, timeout_s=0.5)
+        elapsed = time.monotonic() - start
+        assert counts["timeouts"] == 4 and counts["worker_restarts"] == 4 and pool.restarts == 4
+        assert parts["math"] == [0.0 if k in (3, 10, 11, 17) else 1.0 for k in range(24)]
+        assert elapsed < math.ceil(4 / 2) * 0.5 + MARGIN_S  # two hangs at a time, no start-up between
+        assert pool.spawn_wait_s - waited < 0.5  # two kills at once: the second waits for a fork (ms), not an import
+    finally:
+        pool.close()
 
 
 @pytest.mark.parametrize("name", list(ADVERSARIAL))
@@ -171,25 +219,38 @@ def test_in_process_rewards_are_fast_on_adversarial_answers(name):
     assert time.monotonic() - start < 2.0  # linear passes over 1 MB; a quadratic scan would take minutes
 
 
+def live_workers(pool) -> set:
+    """Pids of the processes the pool's zygote has forked and that still run."""
+    pid = pool.zygote.pid
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return set(map(int, f.read().split()))
+
+
 def test_pool_kills_and_replaces_hung_and_crashed_workers_and_keeps_going():
     pool = RewardPool(2)
     try:
-        pids = {w.proc.pid for w in pool.workers}
+        pool.run([[("score", ("format", "x", {"answer": "1"}))]], 60.0)  # start-up
+        pids = {w.pid for w in pool.workers if w.ready}
         samples = [{"answer": "4"}] * 3 + [{"answer": "5"}] * 3
         completions = ["<think>a</think><answer>4</answer>"] * 3 + ["<think>a</think><answer>5</answer>"] * 3
         start = time.monotonic()
         total, parts, counts = score(pool, completions, samples, {"toy_rewards:hang": 1.0, "math": 1.0}, timeout_s=0.5)
-        # both groups time out on their first completion, then are re-sent to fresh workers: each
+        # both groups time out on their first completion, then are re-sent to warm workers: each
         # completion costs one timeout (two in flight at a time), the math parts are still scored
-        assert counts["timeouts"] == 6 and counts["errors"] == 0
+        assert counts["timeouts"] == 6 and counts["errors"] == 0 and counts["worker_restarts"] == 6
         assert parts["math"] == [1.0] * 6 and total == [1.0] * 6
-        assert time.monotonic() - start < 6 * (0.5 + 2.0)  # at most a timeout and a worker start per hang
-        assert len(pool.workers) == 2 and not pids & {w.proc.pid for w in pool.workers}
+        assert time.monotonic() - start < 3 * 0.5 + MARGIN_S  # three rounds of two timeouts, no start-ups
+        assert len(pool.workers) == pool.capacity == 3 and pool.restarts == 6
+        killed = pids - {w.pid for w in pool.workers}
+        deadline = time.monotonic() + 10  # SIGKILL is sent; a loaded machine may take a moment to reap
+        while (killed & live_workers(pool) or len(live_workers(pool)) > 3) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert killed and not killed & live_workers(pool) and len(live_workers(pool)) <= 3  # killed: gone
         _, parts, counts = score(pool, completions[:2], samples[:2], {"toy_rewards:crash": 1.0, "format": 1.0}, 1.0)
-        assert counts["errors"] == 2 and parts["format"] == [1.0, 1.0]
+        assert counts["errors"] == 2 and counts["worker_restarts"] == 2 and parts["format"] == [1.0, 1.0]
         _, parts, counts = score(pool, completions[:2], samples[:2], {"toy_rewards:not_a_number": 1.0}, 1.0)
         assert counts["errors"] == 2 and parts["toy_rewards:not_a_number"] == [0.0, 0.0]  # NaN is an error, not a reward
-        assert len(pool.workers) == 2
+        assert counts["worker_restarts"] == 0 and len(pool.workers) == 3
     finally:
         pool.close()
     assert not pool.workers
@@ -249,7 +310,7 @@ LATEXISH = st.lists(st.sampled_from(TOKENS), max_size=40).map("".join)
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(pred=LATEXISH, gold=st.sampled_from(["60", "\\frac{1}{2}", "(1,2)", "x^2+1", "B", "10\\%", "\\text{odd}"]))
-def test_fuzzed_latex_never_raises_or_overruns(pred, gold):
+def test_fuzzed_latex_never_raises_or_overruns(pred, gold, warm_pool):
     start = time.monotonic()
     value = math_reward(f"<think>t</think><answer>{pred}</answer>", gold, timeout_s=1.0)
     assert value in (0.0, 1.0)

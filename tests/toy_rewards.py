@@ -18,6 +18,13 @@ def hang(completion: str, sample: dict) -> float:
         pass
 
 
+def hang_if_asked(completion: str, sample: dict) -> float:
+    """Hangs on a completion that says HANG, else 0: a batch where a chosen few never finish."""
+    if "HANG" in completion:
+        hang(completion, sample)
+    return 0.0
+
+
 def crash(completion: str, sample: dict) -> float:
     import os
 
