@@ -192,6 +192,9 @@ class RewardConfig:
 class DataConfig:
     source: DataSource = DataSource.files
     train_files: List[str] = field(default_factory=list)  # jsonl/json files in LMM-R1's row format
+    # where image archives were extracted (a directory or a list): a row's image path that does not
+    # exist is looked up under it by its trailing components, so LMM-R1's files load as downloaded
+    image_root: Optional[Any] = None
     synthetic: Synthetic = Synthetic.arithmetic  # generator used when source=synthetic
     num_synthetic: int = 256  # synthetic rows generated
     image_size: int = 112  # synthetic image side in pixels

@@ -6,13 +6,14 @@ with relative paths resolved against the data file. Every bad row is an error na
 or, with data.on_error=skip, a skip that is counted by reason and reported. Nothing is dropped silently.
 """
 
+import functools
 import json
 import math
 import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image, ImageDraw
@@ -75,8 +76,8 @@ def image_items(messages) -> List[Dict[str, Any]]:
     return [c for m in messages if isinstance(m.get("content"), list) for c in m["content"] if c.get("type") == "image"]
 
 
-def parse_row(obj: Any, base_dir: str, where: str) -> Sample:
-    """Validate one decoded JSON row; image paths become absolute. Raises BadRow."""
+def parse_row(obj: Any, base_dir: str, where: str, image_roots: Sequence[str] = ()) -> Sample:
+    """Validate one decoded JSON row; image paths become absolute (`find_image`). Raises BadRow."""
     if not isinstance(obj, dict):
         raise BadRow(where, "row is not a JSON object", type(obj).__name__)
     if "message" not in obj:
@@ -106,12 +107,41 @@ def parse_row(obj: Any, base_dir: str, where: str) -> Sample:
         if not isinstance(ref, str) or not ref:
             raise BadRow(where, "image item without a path")
         path = ref[len("file://") :] if ref.startswith("file://") else ref
-        path = path if os.path.isabs(path) else os.path.join(base_dir, path)
-        if not os.path.isfile(path):
-            raise BadRow(where, "image not found", path)
-        item["image"] = path
+        item["image"] = find_image(path if os.path.isabs(path) else os.path.join(base_dir, path), image_roots, where)
     meta = {k: v for k, v in obj.items() if k not in ("message", "answer")}
     return Sample(messages=messages, answer=str(answer), meta=meta, where=where)
+
+
+def find_image(path: str, roots: Sequence[str], where: str) -> str:
+    """`path` if it exists, else the first file under one of `roots` (data.image_root) that ends in
+    the most of its trailing components: LMM-R1's rows name images by the authors' cluster paths
+    (`/apdcephfs.../mathv60k/mathv60k_img/train/x.png`) or relative to its repository
+    (`data/mathv_geo/mathv_geo_img/x.png`), so `<root>/mathv60k_img/train/x.png` is found with
+    root = where the archive was extracted. Raises BadRow naming every path tried."""
+    if os.path.isfile(path):
+        return path
+    tried = [path]
+    name = os.path.basename(path)
+    for folder in candidate_dirs(os.path.dirname(os.path.normpath(path)), tuple(roots)):
+        tried.append(os.path.join(folder, name))
+        if os.path.isfile(tried[-1]):
+            return tried[-1]
+    hint = f"data.image_root is {list(roots) or 'not set'}: set it to where the images were extracted"
+    raise BadRow(where, "image not found", f"tried {', '.join(tried)}; {hint}")
+
+
+@functools.lru_cache(maxsize=4096)
+def candidate_dirs(folder: str, roots: Tuple[str, ...]) -> List[str]:
+    """Existing directories `<root>/<trailing components of folder>`, longest suffix first (rows of
+    one file share a few folders: each is looked up once)."""
+    parts = [p for p in folder.split(os.sep) if p]
+    found = []
+    for root in roots:
+        for k in range(len(parts) + 1):  # k = 0: the whole folder under root; k = len: root itself
+            candidate = os.path.join(os.path.abspath(os.path.expanduser(root)), *parts[k:])
+            if os.path.isdir(candidate):
+                found.append(candidate)
+    return found
 
 
 def read_rows(path: str) -> Iterator[Tuple[str, Any]]:
@@ -353,11 +383,17 @@ def bad_gold(sample: Sample, problem: Optional[str], on_error: str, skipped: Cou
     return True
 
 
+def image_roots(dcfg) -> List[str]:
+    """data.image_root as a list: null, one directory, or a list of them."""
+    roots = dcfg.image_root
+    return [] if roots is None else [roots] if isinstance(roots, str) else [str(r) for r in roots]
+
+
 def checked_sample(obj, base_dir: str, where: str, dcfg, tokenizer, image_processor) -> Sample:
     """A usable Sample from a decoded row (or a synthetic Sample), or BadRow saying why not."""
     if isinstance(obj, BadRow):
         raise obj
-    sample = obj if isinstance(obj, Sample) else parse_row(obj, base_dir, where)
+    sample = obj if isinstance(obj, Sample) else parse_row(obj, base_dir, where, image_roots(dcfg))
     sample.messages = with_system_prompt(sample.messages, dcfg.system_prompt)
     try:
         n = prompt_length(sample, tokenizer, image_processor)

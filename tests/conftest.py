@@ -88,3 +88,26 @@ def reference_logps(model, prompt, completion, temperature: float, banned=None) 
     """Log-probs (len(completion),) of one sequence's completion tokens, the obvious way."""
     logprobs = completion_logprobs(model, prompt, completion, temperature, banned)
     return logprobs.gather(1, torch.tensor(completion)[:, None]).squeeze(1)
+
+
+VERMULTI_PREFIX = "/apdcephfs_gy2/share_302735770/berlinni/zgr/data/mathv60k/"  # the authors' cluster path
+
+
+@pytest.fixture()
+def released_layout(tmp_path):
+    """LMM-R1's released files as a user has them: mathv60k_img.tar.gz and mathv_geo's images
+    extracted under `images/`, the two jsonl files in `data/` naming them the authors' way."""
+    from PIL import Image
+    from test_data import lmm_r1_row, write_rows
+
+    for rel in ("mathv60k_img/train/a.png", "mathv_geo_img/b.png", "mathv_geo_img/train/a.png"):
+        (tmp_path / "images" / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (56, 56), "white").save(tmp_path / "images" / rel)
+    (tmp_path / "data").mkdir()
+    vermulti = write_rows(
+        tmp_path / "data" / "mathv60k_message.jsonl", [lmm_r1_row(VERMULTI_PREFIX + "mathv60k_img/train/a.png")]
+    )
+    geo = write_rows(
+        tmp_path / "data" / "mathv_geo_message.jsonl", [lmm_r1_row("data/mathv_geo/mathv_geo_img/b.png", answer="$3$")]
+    )
+    return tmp_path, [vermulti, geo]

@@ -7,6 +7,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from config import DataConfig
+from conftest import VERMULTI_PREFIX
 from data import (
     LMM_R1_SYSTEM_PROMPT,
     BadRow,
@@ -161,3 +162,25 @@ def test_prompt_batches_cover_each_epoch_once_and_reshuffle():
     assert flat[:10] != flat[10:]
     assert all(len(b) == 4 for b in first)
     assert [next(prompt_batches(10, 4, 0, False)) for _ in range(1)] == [[0, 1, 2, 3]]
+
+
+def test_released_files_load_as_downloaded_with_an_image_root(released_layout, tokenizer, image_processor):
+    root, files = released_layout
+    samples, _ = load_dataset(dcfg(train_files=files, image_root=str(root / "images")), 0, tokenizer, image_processor)
+    images = [s.messages[1]["content"][1]["image"] for s in samples]
+    # the longest matching tail wins: mathv60k_img/train/a.png, never mathv_geo_img/train/a.png
+    assert images == [str(root / "images" / "mathv60k_img/train/a.png"), str(root / "images" / "mathv_geo_img/b.png")]
+    pointed_inside = dcfg(train_files=files[:1], image_root=[str(root / "nowhere"), str(root / "images" / "mathv60k_img")])
+    samples, _ = load_dataset(pointed_inside, 0, tokenizer, image_processor)  # a list; a root inside the archive
+    assert samples[0].messages[1]["content"][1]["image"] == str(root / "images" / "mathv60k_img/train/a.png")
+
+
+def test_an_image_still_missing_names_every_path_tried(released_layout, tokenizer, image_processor):
+    root, files = released_layout
+    with pytest.raises(
+        BadRow, match=f"image not found.*tried {VERMULTI_PREFIX}mathv60k_img/train/a.png; data.image_root is not set: set it"
+    ):
+        load_dataset(dcfg(train_files=files), 0, tokenizer, image_processor)
+    (root / "images" / "mathv_geo_img" / "b.png").unlink()
+    with pytest.raises(BadRow, match=f"tried {root}/data/data/mathv_geo/mathv_geo_img/b.png, {root}/images/mathv_geo_img/b.png"):
+        load_dataset(dcfg(train_files=files[1:], image_root=str(root / "images")), 0, tokenizer, image_processor)

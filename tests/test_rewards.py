@@ -168,9 +168,12 @@ def test_adversarial_answers_finish_in_time_and_score_zero(name, warm_pool):
     completion = f"<think>x</think><answer>{ADVERSARIAL[name]}</answer>"
     waited = warm_pool.spawn_wait_s
     start = time.monotonic()
-    assert math_reward(completion, "7", timeout_s=1.0) == 0.0  # no adversarial answer contains a 7
-    assert time.monotonic() - start < 1.0 + MARGIN_S
+    (outcome,) = warm_pool.run([[("score", ("math", completion, {"answer": "7"}))]], 1.0)[0]
+    elapsed = time.monotonic() - start
+    assert outcome.value == 0.0 and outcome.error is None  # no adversarial answer contains a 7
     assert warm_pool.spawn_wait_s == waited  # the unit went to a warm worker: it waited for no start-up
+    assert outcome.seconds < 1.0 + MARGIN_S  # its own clock: killed at its deadline, not later
+    assert elapsed - outcome.seconds < 0.5, (elapsed, outcome)  # the pool's own overhead: hand-over and kill
 
 
 def test_the_call_after_a_kill_waits_for_no_worker_start():

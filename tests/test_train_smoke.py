@@ -151,3 +151,15 @@ def test_value_model_from_its_own_checkpoint(tmp_path, tokenizer, tiny_cfg):
     embed = critic["backbone.language_model.embed_tokens.weight"]
     # with the random model every reward and value is 0: the step leaves the loaded backbone as it was
     assert torch.equal(embed, critic_source.model.language_model.embed_tokens.weight.detach())
+
+
+@pytest.mark.slow
+def test_lmm_r1_released_files_train_with_an_image_root(released_layout):
+    root, files = released_layout
+    args = ["stage=fre_multi", "debug=tiny", "data.source=files", f"data.train_files=[{files[0]},{files[1]}]", *SHORT[1:],
+            "trainer.max_steps=1", "rollout.prompts_per_step=2", "trainer.mini_batch_size=8", "log.wandb=disabled"]  # fmt: skip
+    out = run_train(args, cwd=root)
+    assert out.returncode != 0 and "image not found" in out.stderr and "data.image_root is ['data/VerMulti']" in out.stderr
+    out = run_train([*args, f"data.image_root={root / 'images'}"], cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [json.loads(line)["step"] for line in open(root / "outputs" / "fre_multi" / "latest" / "metrics.jsonl")] == [1]
