@@ -1,0 +1,699 @@
+"""Football for LMM-R1's zero-shot agent evaluation: MageBench's scenarios on Google Research Football.
+
+MageBench (arXiv 2412.04531, github.com/microsoft/MageBench) puts 108 start positions on gfootball's
+engine: the ball and up to 22 players with roles, our team (left, yellow) attacking the right goal
+against the engine's AI at difficulty 0.0; an episode ends on a goal, when the ball goes out of
+play, when the other team wins it, or after 400 steps. The positions are data here
+(`football_scenarios.txt`, our format) and become gfootball scenarios at run time (`build_scenario`).
+In the Global setting, which matches what MGT-Sokoban trains, the model sees one image of the start
+and answers with the whole plan, a list of gfootball's action names (`ACTIONS`); `play` executes it
+with MageBench's rules and `ShapedScore` scores it from the game state as MageBench does.
+
+    python football.py list                                                   # the 108 scenarios
+    python football.py show R1_P_1 --png start.png                            # positions, start frame
+    echo "action_right, action_right, action_shot" | python football.py play R9_P_4 --gif replay.gif
+    python football.py build --out data/eval/football                         # eval.py's benchmark rows
+
+gfootball renders with OpenGL: run under a display, e.g. `xvfb-run -a python football.py show ...`.
+"""
+
+import argparse
+import atexit
+import functools
+import json
+import os
+import re
+import sys
+import types
+import zlib
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SCENARIO_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "football_scenarios.txt")
+
+# gfootball's `v2` action set, in its order (the index is the action's code): MageBench's full vocabulary.
+ACTIONS = ("action_idle", "action_left", "action_top_left", "action_top", "action_top_right", "action_right",
+           "action_bottom_right", "action_bottom", "action_bottom_left", "action_long_pass", "action_high_pass",
+           "action_short_pass", "action_shot", "action_sprint", "action_release_direction", "action_release_sprint",
+           "action_sliding", "action_dribble", "action_release_dribble", "action_builtin_ai")  # fmt: skip
+MOVES = ACTIONS[1:9]
+PASSES = ("action_long_pass", "action_high_pass", "action_short_pass")
+KICKS = PASSES + ("action_shot",)
+ROLES = ("GK", "CB", "LB", "RB", "DM", "CM", "LM", "RM", "AM", "CF")
+MAX_STEPS = 400  # every MageBench scenario's game_duration
+
+
+# ---------------------------------------------------------------------------------------------
+# Scenarios as data
+# ---------------------------------------------------------------------------------------------
+
+Player = Tuple[str, float, float]  # (role, x, y) in field coordinates
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A start position in field coordinates (x -1..1 left goal to right goal, y -0.42..0.42 top to
+    bottom, as gfootball's observations report them); the left team is ours."""
+
+    name: str
+    ball: Tuple[float, float]
+    left: Tuple[Player, ...]
+    right: Tuple[Player, ...]
+
+    @property
+    def region(self) -> str:  # MageBench's names: R<region>_<kind>_<k>
+        return self.name.split("_")[0]
+
+    @property
+    def kind(self) -> str:
+        return self.name.split("_")[1] if self.name.count("_") >= 2 else ""
+
+
+def parse_players(text: str, where: str) -> Tuple[Player, ...]:
+    players = []
+    for entry in filter(None, (e.strip() for e in text.split(","))):
+        parts = entry.split()
+        if len(parts) != 3 or parts[0] not in ROLES:
+            raise ValueError(f"{where}: a player is `ROLE X Y` with ROLE one of {' '.join(ROLES)}, got {entry!r}")
+        players.append((parts[0], float(parts[1]), float(parts[2])))
+    return tuple(players)
+
+
+def parse_scenario(line: str) -> Scenario:
+    """A Scenario from one table line: `NAME | ball X Y | left ROLE X Y, ... | right ROLE X Y, ...`."""
+    fields = [f.strip() for f in line.split("|")]
+    heads = [f.split(" ", 1)[0] for f in fields[1:]]
+    if heads != ["ball", "left", "right"]:
+        raise ValueError(f"scenario: expected `NAME | ball X Y | left ... | right ...`, got {line[:80]!r}")
+    name = fields[0]
+    ball = tuple(float(v) for v in fields[1].split()[1:])
+    left, right = parse_players(fields[2][5:], name), parse_players(fields[3][6:], name)
+    if len(ball) != 2 or not left or not right:
+        raise ValueError(f"{name}: needs a ball (x y) and at least one player a side")
+    return Scenario(name, ball, left, right)
+
+
+def format_scenario(s: Scenario) -> str:
+    """The table line of `s` (parse_scenario's inverse)."""
+    players = lambda team: ", ".join(f"{role} {x:.4f} {y:.4f}" for role, x, y in team)  # noqa: E731
+    return f"{s.name} | ball {s.ball[0]:.4f} {s.ball[1]:.4f} | left {players(s.left)} | right {players(s.right)}"
+
+
+def read_scenarios(path: str = SCENARIO_FILE) -> Dict[str, Scenario]:
+    """Scenarios of a table file by name, in file order (`#` lines are comments)."""
+    with open(path) as f:
+        scenarios = [parse_scenario(line) for line in f if line.strip() and not line.startswith("#")]
+    return {s.name: s for s in scenarios}
+
+
+def scenario(name: str) -> Scenario:
+    scenarios = read_scenarios()
+    if name not in scenarios:
+        raise ValueError(f"no scenario {name!r}; `python football.py list` lists them")
+    return scenarios[name]
+
+
+def scenario_seed(seed: int, name: str) -> int:
+    """The engine's random seed for one scenario of a run seeded `seed` (gfootball's AI is stochastic)."""
+    return zlib.crc32(f"{seed}:{name}".encode()) % 2_000_000_000
+
+
+# ---------------------------------------------------------------------------------------------
+# gfootball: the table turned into its scenario builder, one engine reused across episodes
+# ---------------------------------------------------------------------------------------------
+
+
+def build_scenario(s: Scenario, builder) -> None:
+    """gfootball's scenario-builder callback for `s`, with MageBench's rules for every scenario."""
+    import gfootball_engine as libgame
+
+    cfg = builder.config()
+    cfg.game_duration = MAX_STEPS
+    cfg.deterministic = False
+    cfg.offsides = False
+    cfg.end_episode_on_score = cfg.end_episode_on_out_of_play = cfg.end_episode_on_possession_change = True
+    cfg.right_team_difficulty, cfg.left_team_difficulty = 0.0, 1.0
+    builder.SetBallPosition(*s.ball)
+    builder.SetTeam(libgame.e_Team.e_Left)
+    for role, x, y in s.left:
+        builder.AddPlayer(x, y, getattr(libgame.e_PlayerRole, f"e_PlayerRole_{role}"))
+    builder.SetTeam(libgame.e_Team.e_Right)
+    for role, x, y in s.right:  # builders place the right team in its own frame, as if it attacked to the right
+        builder.AddPlayer(-x, -y, getattr(libgame.e_PlayerRole, f"e_PlayerRole_{role}"))
+
+
+def register(s: Scenario) -> str:
+    """gfootball imports the scenario named by its `level` as module gfootball.scenarios.<level>:
+    put one in sys.modules whose build_scenario builds `s`. Returns the level name."""
+    level = f"lmmr1_{s.name}"
+    module = types.ModuleType(f"gfootball.scenarios.{level}")
+    module.build_scenario = functools.partial(build_scenario, s)
+    sys.modules[module.__name__] = module
+    return level
+
+
+def game_values(s: Scenario, seed: int) -> dict:
+    """gfootball's config values for `s` with the engine seeded `seed`: our team of one agent,
+    gfootball's 20-action `v2` set (MageBench's `full` set begins with the same 20)."""
+    # reverse_team_processing is gfootball's seed-derived default; set, or the first episode's would stick
+    return {"action_set": "v2", "players": ["agent:left_players=1"], "real_time": False, "level": register(s),
+            "game_engine_random_seed": seed, "reverse_team_processing": bool(seed % 2)}  # fmt: skip
+
+
+_GAME: list = []  # [(env, its config)]: one engine, reset for every episode (making one costs seconds)
+
+
+def reset(s: Scenario, seed: int):
+    """The env reset to `s`, the engine seeded `seed`; returns (env, the start state). It never
+    renders: rendering stays on for every later frame, and software OpenGL takes seconds a frame."""
+    from gfootball.env import config, football_env
+
+    if not _GAME:
+        cfg = config.Config(game_values(s, seed))
+        _GAME.append((football_env.FootballEnv(cfg), cfg))  # the constructor resets
+        atexit.register(_GAME[0][0].close)  # before interpreter shutdown, when gfootball's own __del__ fails
+    else:
+        env, cfg = _GAME[0]
+        cfg.update(game_values(s, seed))
+        env.reset()
+    env = _GAME[0][0]
+    return env, env.observation()[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The shaped score, from the game state (MageBench env/football_env.py, get_reward)
+# ---------------------------------------------------------------------------------------------
+
+SCALE = 20.0
+W_PROGRESS, W_PASSED, W_GOAL, W_POSSESSION, W_PASS, W_SHOT = 0.8, 1.0, 2.0, 1.0, 20.0, 100.0
+PASS_DECAY = 0.75
+TERMS = ("progress", "opponents_passed", "goal", "possession", "pass", "shot")
+GOAL_MOUTH = np.array([[1.0, -0.044], [1.0, -0.02], [1.0, 0.0], [1.0, 0.022], [1.0, 0.044]])
+
+
+def opponents_passed(state) -> int:
+    """Opponents (the keeper included) whose x is behind the ball's."""
+    return int(sum(state["ball"][0] > x for x, _ in state["right_team"]))
+
+
+def pass_clearance(state) -> float:
+    """How free the ball is where a pass arrived: over the opponents, the smallest distance to the
+    ball divided by 10·max(cos, 0) + 1, cos the angle between the opponent's and the goal's
+    directions from the ball (an opponent between the ball and the right goal counts up to 11x
+    closer). An opponent on the ball, or the ball on the goal line, counts as cos = 0."""
+    ball = np.asarray(state["ball"][:2], dtype=float)
+    to_goal = np.array([1.0, 0.0]) - ball
+    scores = []
+    for p in np.asarray(state["right_team"], dtype=float):
+        d = np.linalg.norm(p - ball)
+        cos = (p - ball) @ to_goal / (d * np.linalg.norm(to_goal)) if d > 0 and np.linalg.norm(to_goal) > 0 else 0.0
+        scores.append(d / (10 * max(cos, 0.0) + 1))
+    return float(min(scores))
+
+
+def shot_clearance(state) -> float:
+    """The widest shooting lane: for five points across the goal mouth (x = 1, y = -0.044 .. 0.044),
+    the smallest distance from an opponent to the ball's straight path there (sampled at 100 points);
+    the largest of the five."""
+    ball = np.asarray(state["ball"][:2], dtype=float)
+    opponents = np.asarray(state["right_team"], dtype=float)  # (n, 2)
+    along = np.linspace(0.01, 1.0, 100)[:, None]  # (100, 1): (i + 1) / 100
+    lanes = [np.linalg.norm((ball + along * (t - ball))[:, None] - opponents[None], axis=-1).min() for t in GOAL_MOUTH]
+    return float(max(lanes))
+
+
+def shot_distance(state) -> float:
+    """1 within 0.3 of the goal line, else the ball's x (0 in our half)."""
+    dist = 1.0 - state["ball"][0]
+    return 1.0 if dist < 0.3 else max(1.0 - dist, 0.0)
+
+
+@dataclass
+class ShapedScore:
+    """MageBench's shaped score of one episode, step by step from the game state (`add`).
+
+    The first state after the first action sets the baselines and scores nothing. Then each step
+    scores, times SCALE = 20 (the total reads like a percentage; a goal alone is 40):
+      progress          0.8 x how far the ball's x passes the furthest it has been while we had it
+                        (scored only while we have the ball)
+      opponents_passed  1/11 per opponent newly behind the ball, -1/11 per one newly in front
+                        (while we have the ball)
+      goal              2 on the step our goal is seen
+      possession        when the other team has the ball (not right after our shot): 1 x the share
+                        of the 400 steps played so far, and the episode ends
+      pass              a pass (long, high or short) that reaches another player: 20 x
+                        `pass_clearance` there, x 0.75 for each earlier completed pass
+      shot              a shot while we have the ball: min(100 x `shot_clearance` x
+                        `shot_distance`, 2/3); once until the ball leaves the shooter
+    """
+
+    best_x: float = 0.0  # the ball's furthest x while we had it
+    passed: int = 0  # opponents behind the ball when we last had it
+    pass_weight: float = 1.0
+    passing: bool = False  # a pass was kicked and has not reached anyone yet
+    owner: int = -1  # the last player seen with the ball
+    shot: bool = False
+    started: bool = False
+    done: bool = False  # the other team won the ball: the episode is over
+    passes: int = 0  # passes completed
+    totals: Dict[str, float] = field(default_factory=lambda: dict.fromkeys(TERMS, 0.0))
+
+    @property
+    def total(self) -> float:
+        return sum(self.totals.values())
+
+    def add(self, state, action: str) -> Dict[str, float]:
+        """Score the state after `action`; returns this step's terms (already scaled)."""
+        terms = dict.fromkeys(TERMS, 0.0)
+        if not self.started:
+            self.best_x, self.passed, self.started = state["ball"][0], opponents_passed(state), True
+            return terms
+        owner, team = state["ball_owned_player"], state["ball_owned_team"]
+        if owner != -1 and team == 0:
+            terms["progress"] = W_PROGRESS * max(0.0, state["ball"][0] - self.best_x)
+            self.best_x = max(self.best_x, state["ball"][0])
+            passed = opponents_passed(state)
+            terms["opponents_passed"] = W_PASSED * (passed - self.passed) / 11
+            self.passed = passed
+        if state["score"][0] > 0:
+            terms["goal"] = W_GOAL
+        lost = team == 1 and not self.shot
+        if lost:
+            terms["possession"] = W_POSSESSION * (1 - state["steps_left"] / MAX_STEPS)
+            self.done = True
+        if self.passing and self.owner != -1 and owner != -1 and not lost and owner != self.owner:
+            terms["pass"] = W_PASS * pass_clearance(state) * self.pass_weight
+            self.pass_weight *= PASS_DECAY
+            self.passing, self.passes = False, self.passes + 1
+        if owner != -1:
+            self.owner = owner
+        self.passing = self.passing or action in PASSES
+        if action == "action_shot" and owner != -1 and team == 0 and not self.shot:
+            terms["shot"] = min(W_SHOT * shot_clearance(state) * shot_distance(state), W_GOAL / 3)
+            self.shot = True
+        if self.owner != owner and self.shot:  # the ball left the shooter: another shot may score again
+            self.shot = False
+        terms = {k: SCALE * v for k, v in terms.items()}
+        for k, v in terms.items():
+            self.totals[k] += v
+        return terms
+
+
+# ---------------------------------------------------------------------------------------------
+# The Global setting: a whole plan played with MageBench's rules (env/football_env.py, take_action)
+# ---------------------------------------------------------------------------------------------
+
+MAX_AUTO_STEPS = 10  # a repeated move keeps moving for at most this many steps
+MOVE_MIN_DISTANCE = 0.01  # ... while no opponent comes this close to the ball's path
+
+
+@dataclass
+class Episode:
+    """One plan played from one scenario: what was played, the score and how the episode ended."""
+
+    scenario: str
+    plan: List[str]
+    played: List[str] = field(default_factory=list)  # the action of every env step, repeats and play-outs included
+    score: ShapedScore = field(default_factory=ShapedScore)
+    end: str = "plan finished"  # goal | conceded | possession lost | out of play | time | plan finished
+    states: List[dict] = field(default_factory=list)  # the game state at the start and after every step
+    running: List[float] = field(default_factory=list)  # the score after each step
+
+
+def free_to_move(state) -> bool:
+    """MageBench's test for moving on: the ball (or its carrier) stays on the pitch three steps
+    ahead and no opponent comes within MOVE_MIN_DISTANCE of it in the next five steps."""
+    pos, vel = np.asarray(state["ball"][:2]), np.asarray(state["ball_direction"][:2])
+    if state["ball_owned_player"] != -1:
+        k = state["ball_owned_player"]
+        pos, vel = np.asarray(state["left_team"][k]), np.asarray(state["left_team_direction"][k])
+    ahead = pos + 3 * vel
+    if not (-1.0 < ahead[0] < 1.0 and -0.42 < ahead[1] < 0.42):
+        return False
+    opponents, opponent_vel = np.asarray(state["right_team"]), np.asarray(state["right_team_direction"])
+    gaps = [np.linalg.norm(pos + i * vel - (opponents + i * opponent_vel), axis=1).min() for i in range(6)]
+    return min(gaps) >= MOVE_MIN_DISTANCE
+
+
+def end_reason(state, score: ShapedScore) -> str:
+    if state["score"][0] > 0:
+        return "goal"
+    if state["score"][1] > 0:
+        return "conceded"
+    if score.done or state["ball_owned_team"] == 1:
+        return "possession lost"
+    if state["game_mode"] != 0:
+        return "out of play"
+    return "time"
+
+
+def play(s: Scenario, plan: List[str], seed: int = 0) -> Episode:
+    """Play `plan` from `s` with MageBench's Global rules, until the plan or the episode ends:
+    - the first action is played for one step;
+    - a move repeating the previous action keeps moving (at most MAX_AUTO_STEPS steps) while
+      `free_to_move`; a move after something else is one step;
+    - a pass or shot while a player has the ball plays out: kick, then the last move direction
+      (right before any), again until the ball leaves him, then the built-in AI until someone
+      has it;
+    - anything else is one step."""
+    env, state = reset(s, seed)
+    episode = Episode(s.name, list(plan), states=[state])
+    done = False
+
+    def step(action: str):
+        nonlocal done
+        obs, _, env_done, _ = env.step(ACTIONS.index(action))
+        new = obs[0]
+        episode.score.add(new, action)
+        episode.played.append(action)
+        episode.running.append(episode.score.total)
+        episode.states.append(new)
+        done = env_done or episode.score.done
+        if done:
+            episode.end = end_reason(new, episode.score)
+        return new
+
+    previous, direction = None, "action_right"
+    for k, action in enumerate(plan):
+        if done:
+            break
+        if k == 0:
+            state = step(action)
+        elif action in MOVES and action == previous:
+            direction = action
+            for _ in range(MAX_AUTO_STEPS):
+                state = step(action)
+                if done or not free_to_move(state):
+                    break
+        elif action in KICKS and state["ball_owned_player"] != -1:
+            state = play_out(step, action, direction, state, lambda: done)
+            previous = action
+        else:
+            direction = action if action in MOVES else direction
+            previous = action
+            state = step(action)
+    return episode
+
+
+def play_out(step, kick: str, direction: str, state, finished):
+    """A pass or shot played until it is over: the kicker repeats kick + direction while he has the
+    ball, then the built-in AI runs until any player has it (or the episode ends)."""
+    kicker = state["ball_owned_player"]
+    while not finished():
+        if state["ball_owned_player"] == kicker:
+            state = step(kick)
+            if not finished():
+                state = step(direction)
+        elif state["ball_owned_player"] == -1:
+            state = step("action_builtin_ai")
+        else:
+            break
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a model's plan
+# ---------------------------------------------------------------------------------------------
+
+ALIASES = {"up": "top", "down": "bottom", "up_left": "top_left", "up_right": "top_right", "down_left": "bottom_left",
+           "down_right": "bottom_right", "shoot": "shot", "stop_sprint": "release_sprint",
+           "stop_dribble": "release_dribble"}  # fmt: skip
+MAX_PLAN = 4 * MAX_STEPS  # longer answers are not plans
+
+
+def action_name(item: str) -> Optional[str]:
+    """An action from one written item: any case, quotes, list markers, `action_` or not, spaces or
+    hyphens for underscores, up/down for top/bottom, `shoot`. None if it names no action."""
+    word = re.sub(r"^\s*(\d+[.):]|[-*•])\s*", "", item).strip().strip("'\"`*[](){}.").strip().lower()
+    word = re.sub(r"[\s\-]+", "_", word)
+    word = word[len("action_") :] if word.startswith("action_") else word
+    name = "action_" + ALIASES.get(word, word)
+    return name if name in ACTIONS else None
+
+
+def read_plan(completion: str) -> Tuple[Optional[List[str]], str]:
+    """(actions, "") from a completion's last <answer> span (the whole text if it has none), items
+    separated by commas, semicolons, newlines, or spaces before `action_`; or (None, why) when an
+    item is not an action or there is none: such a plan scores 0 and is counted, never played."""
+    from rewards import last_answer_span  # rewards imports sokoban, data and torch: import at call time
+
+    span = last_answer_span(completion)
+    text = span if span is not None else completion
+    items = [i for i in re.split(r"[,;\n]+|\s+(?=action[_\s])", text, flags=re.IGNORECASE) if i.strip()]
+    if not items:
+        return None, "no actions" if span is not None else "no actions and no <answer> span"
+    if len(items) > MAX_PLAN:
+        return None, f"{len(items)} items, more than {MAX_PLAN}"
+    actions = [action_name(i) for i in items]
+    unknown = [i.strip() for i, a in zip(items, actions) if a is None]
+    if unknown:
+        return None, f"not an action: {unknown[0][:40]!r}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
+    return actions, ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Images: the start frame at the model's image size, replay GIFs
+# ---------------------------------------------------------------------------------------------
+
+QWEN_PIXELS = (3136, 1003520)  # Qwen2.5-VL-3B's min_pixels, max_pixels (conf/model/qwen2_5_vl_3b.yaml)
+
+
+def model_size(width: int, height: int, min_pixels: int, max_pixels: int) -> Tuple[int, int]:
+    """(width, height) Qwen2.5-VL's processor turns a width x height image into (multiples of 28)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    h, w = smart_resize(height, width, factor=28, min_pixels=min_pixels, max_pixels=max_pixels)
+    return w, h
+
+
+def start_frame(s: Scenario, seed: int = 0, pixels: Tuple[int, int] = QWEN_PIXELS) -> Image.Image:
+    """The start of `s` as gfootball renders it (1280x720), resized to what the model sees, so the
+    processor keeps it as it is. A fresh env per frame: one that has rendered renders every frame
+    after (and crashes rendering again after a reset without), gfootball reuses its rendering engine."""
+    from gfootball.env import config, football_env
+
+    env = football_env.FootballEnv(config.Config(game_values(s, seed)))
+    try:
+        env.render("rgb_array")
+        image = Image.fromarray(env.observation()[0]["frame"])  # RGB (render() returns it channel-swapped)
+    finally:
+        env.close()
+    return image.resize(model_size(*image.size, *pixels), Image.Resampling.LANCZOS)
+
+
+def draw_state(state, caption: str = "", width: int = 480) -> Image.Image:
+    """A top view of one game state: the pitch, our team yellow (the player we control ringed),
+    theirs blue, the ball white; `caption` on top. Drawn from the state, so replays need no rendering."""
+    height = round(width * 0.42) + 20  # the pitch is 2 x 0.84 field units; a caption band on top
+    image = Image.new("RGB", (width, height), (46, 125, 50))
+    draw = ImageDraw.Draw(image)
+
+    def at(x, y):  # field (x -1..1, y -0.42..0.42) to pixels below the caption band
+        return (x + 1) / 2 * (width - 1), 20 + (y + 0.42) / 0.84 * (height - 21)
+
+    white = (235, 235, 235)
+    draw.rectangle([at(-1, -0.42), at(1, 0.42)], outline=white)
+    draw.line([at(0, -0.42), at(0, 0.42)], fill=white)
+    for x0, x1 in ((-1, -0.7), (0.7, 1)):  # penalty boxes
+        draw.rectangle([at(x0, -0.24), at(x1, 0.24)], outline=white)
+    for side in (-1, 1):  # goal mouths
+        draw.line([at(side, -0.044), at(side, 0.044)], fill=white, width=4)
+    for team, colour in (("left_team", (250, 220, 40)), ("right_team", (40, 80, 220))):
+        for x, y in state[team]:
+            cx, cy = at(x, y)
+            draw.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=colour)
+    if state.get("active", -1) >= 0:
+        cx, cy = at(*state["left_team"][state["active"]])
+        draw.ellipse([cx - 7, cy - 7, cx + 7, cy + 7], outline=(255, 255, 255), width=2)
+    bx, by = at(*state["ball"][:2])
+    draw.ellipse([bx - 3, by - 3, bx + 3, by + 3], fill=(255, 255, 255), outline=(0, 0, 0))
+    draw.text((6, 4), caption, fill=white)
+    return image
+
+
+def save_replay_gif(episode: Episode, path: str, width: int = 480, ms_per_step: int = 100) -> int:
+    """An animated GIF of an episode, one frame per state, each captioned with the step, its action
+    and the running score; the last frame held. Returns the number of frames."""
+    captions = [f"{episode.scenario} start"] + [
+        f"{episode.scenario} step {k + 1} {a[7:]}  score {r:.2f}" for k, (a, r) in enumerate(zip(episode.played, episode.running))
+    ]
+    frames = [draw_state(st, c, width) for st, c in zip(episode.states, captions)]
+    durations = [ms_per_step] * (len(frames) - 1) + [20 * ms_per_step]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0)
+    return len(frames)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts, benchmark rows, evaluation
+# ---------------------------------------------------------------------------------------------
+
+# MageBench's instructions (its system prompt, env/football_env.py), in our words, with the answer
+# format of LMM-R1's Sokoban prompt: the model that is evaluated zero-shot was trained on that.
+SYSTEM_PROMPT = (
+    "You are playing a football game. You control the player in a yellow shirt with a blue name above his head; "
+    "your teammates also wear yellow, the opponents other colours. Attack the goal on the right side, as in a "
+    "normal football match. The actions are:\n"
+    "- action_left, action_top_left, action_top, action_top_right, action_right, action_bottom_right, "
+    "action_bottom, action_bottom_left: run in that direction.\n"
+    "- action_long_pass, action_high_pass, action_short_pass: pass to a teammate; the one who receives it "
+    "depends on the direction you are moving in.\n"
+    "- action_shot: shoot, always towards the opponents' goal.\n"
+    "- action_sprint, action_release_sprint: start and stop sprinting (faster, but worse ball control).\n"
+    "- action_dribble, action_release_dribble: start and stop dribbling (slower, but the ball is harder to take).\n"
+    "- action_release_direction, action_sliding, action_idle, action_builtin_ai: stop moving, slide tackle, "
+    "do nothing, let the game's AI act.\n"
+    "Repeating a run keeps running that way, and a pass or shot plays out before the next action.\n"
+    "Generate all actions from the initial frame to the end at once."
+)
+USER_PROMPT = (
+    "This is the initial frame of the game. You should first think about the reasoning process in the mind and "
+    "then provide the user with the answer, the answer is a sequence of actions separated by ','. The reasoning "
+    "process and answer are enclosed within <think> </think> and <answer> </answer> tags, respectively, e.g., "
+    "<think> ... </think><answer> action_right, action_right, action_short_pass, action_shot </answer>, which "
+    "means your output should start with <think> and end with </answer>."
+)
+
+
+def scenario_messages(image) -> List[dict]:
+    user = {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": USER_PROMPT}]}
+    return [{"role": "system", "content": SYSTEM_PROMPT}, user]
+
+
+NO_GOLD = "(none: the plan is played and scored)"  # rows need an answer; a football plan has no gold
+
+
+def build(out: str, names: List[str], seed: int = 0, pixels: Tuple[int, int] = QWEN_PIXELS) -> int:
+    """Write `out/test.jsonl` (our row format: message, answer NO_GOLD, question = the scenario's
+    name, its table line, the engine seed) and `out/images/<name>.png`, the start frames at the
+    model's image size. Returns the rows written."""
+    scenarios = read_scenarios()
+    unknown = [n for n in names if n not in scenarios]
+    if unknown:
+        raise ValueError(f"no scenario {unknown[0]!r}; `python football.py list` lists them")
+    os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    with open(os.path.join(out, "test.jsonl.tmp"), "w") as f:
+        for name in names or list(scenarios):
+            s, engine_seed = scenarios[name], scenario_seed(seed, name)
+            image = f"images/{name}.png"
+            start_frame(s, engine_seed, pixels).save(os.path.join(out, image))
+            row = {"message": json.dumps(scenario_messages(image)), "answer": NO_GOLD, "question": name,
+                   "datasource": f"football_{s.region}_{s.kind}", "setup": format_scenario(s), "seed": engine_seed}  # fmt: skip
+            f.write(json.dumps(row) + "\n")
+    os.replace(os.path.join(out, "test.jsonl.tmp"), os.path.join(out, "test.jsonl"))
+    return len(names or scenarios)
+
+
+def evaluate(rows: List[dict], completions: List[str], out_dir: Optional[str] = None, gifs: int = 4) -> Tuple[dict, List[dict]]:
+    """Play each completion's plan from its row's scenario (rows from `build`: `setup`, `seed`).
+
+    Returns (metrics, one record per row: scenario, plan, error, score, terms, passes, end, steps).
+    Metrics: `score`, the mean shaped score (MageBench's reported number); `accuracy` = score / 100,
+    and `region=R1`, `kind=P`, ... the same by scenario family, as fractions like eval.py's tables;
+    `goals` and `malformed` (plans that could not be read, each scored 0) as rates. With `out_dir`,
+    the first `gifs` plans played are saved as `out_dir/football_replays/<scenario>.gif` and every
+    record in `out_dir/scores.jsonl`."""
+    records = []
+    for row, completion in zip(rows, completions):
+        s = parse_scenario(row["setup"])
+        plan, error = read_plan(completion)
+        record = {"scenario": s.name, "region": s.region, "kind": s.kind, "plan": plan, "error": error, "score": 0.0,
+                  "terms": dict.fromkeys(TERMS, 0.0), "passes": 0, "end": "malformed plan", "steps": 0}  # fmt: skip
+        if plan is not None:
+            gif = out_dir is not None and sum(r["plan"] is not None for r in records) < gifs
+            episode = play(s, plan, int(row["seed"]))
+            record.update(score=episode.score.total, terms=episode.score.totals, passes=episode.score.passes,
+                          end=episode.end, steps=len(episode.played))  # fmt: skip
+            if gif:
+                os.makedirs(os.path.join(out_dir, "football_replays"), exist_ok=True)
+                save_replay_gif(episode, os.path.join(out_dir, "football_replays", f"{s.name}.gif"))
+        records.append(record)
+    n = max(1, len(records))
+    mean = sum(r["score"] for r in records) / n
+    metrics = {"accuracy": mean / 100, "score": mean, "goals": sum(r["end"] == "goal" for r in records) / n,
+               "malformed": sum(r["plan"] is None for r in records) / n}  # fmt: skip
+    for key in ("region", "kind"):
+        for value in sorted({r[key] for r in records}):
+            scores = [r["score"] for r in records if r[key] == value]
+            metrics[f"{key}={value}"] = sum(scores) / len(scores) / 100
+    if out_dir is not None:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "scores.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+    return metrics, records
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: list, show, play, build
+# ---------------------------------------------------------------------------------------------
+
+
+def describe(s: Scenario) -> str:
+    team = lambda players: "\n".join(f"    {role} {x:+.3f} {y:+.3f}" for role, x, y in players)  # noqa: E731
+    return (f"{s.name} (region {s.region}, kind {s.kind}): ball {s.ball[0]:+.3f} {s.ball[1]:+.3f}\n"
+            f"  left (ours, attacking right), {len(s.left)} players:\n{team(s.left)}\n"
+            f"  right, {len(s.right)} players:\n{team(s.right)}")  # fmt: skip
+
+
+def report(episode: Episode) -> str:
+    terms = ", ".join(f"{k} {v:.2f}" for k, v in episode.score.totals.items())
+    return (f"{episode.scenario}: score {episode.score.total:.2f} ({terms}); {episode.score.passes} passes completed; "
+            f"{len(episode.played)} steps for {len(episode.plan)} actions; ended: {episode.end}")  # fmt: skip
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="football.py", description="MageBench's Football scenarios on gfootball.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="the scenarios: name, ball, players a side")
+    s = sub.add_parser("show", help="a scenario's positions, and optionally its start frame")
+    s.add_argument("name")
+    s.add_argument("--png", help="write the start frame here, at the model's image size")
+    s.add_argument("--max-pixels", type=int, default=QWEN_PIXELS[1], help="the model's max_pixels (Qwen2.5-VL-3B's by default)")
+    s.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("play", help="play a plan read from stdin (actions separated by commas or lines)")
+    p.add_argument("name")
+    p.add_argument("--seed", type=int, default=0, help="the engine's random seed")
+    p.add_argument("--gif", help="write the replay here")
+    b = sub.add_parser("build", help="eval.py's rows: start frames and prompts for the scenarios")
+    b.add_argument("--out", required=True, help="output directory (eval.py reads <eval.data_dir>/football/test.jsonl)")
+    b.add_argument("--names", nargs="*", default=[], help="scenarios to include (default: all)")
+    b.add_argument("--seed", type=int, default=0, help="seeds each scenario's engine (scenario_seed)")
+    b.add_argument("--min-pixels", type=int, default=QWEN_PIXELS[0])
+    b.add_argument("--max-pixels", type=int, default=QWEN_PIXELS[1])
+    args = parser.parse_args(argv)
+    try:
+        return run_command(args)
+    except (ValueError, OSError) as e:  # unknown scenarios, unreadable plans, missing files: the message is the help
+        sys.exit(f"error: {e}")
+
+
+def run_command(args) -> int:
+    if args.command == "list":
+        for s in read_scenarios().values():
+            print(f"{s.name}  ball {s.ball[0]:+.3f} {s.ball[1]:+.3f}  {len(s.left)} v {len(s.right)}")
+    elif args.command == "show":
+        s = scenario(args.name)
+        print(describe(s))
+        if args.png:
+            image = start_frame(s, scenario_seed(args.seed, s.name), (QWEN_PIXELS[0], args.max_pixels))
+            image.save(args.png)
+            print(f"wrote {args.png} ({image.width}x{image.height})")
+    elif args.command == "play":
+        s = scenario(args.name)
+        plan, error = read_plan(sys.stdin.read())
+        if plan is None:
+            raise ValueError(f"plan: {error}; actions are {', '.join(ACTIONS)}")
+        episode = play(s, plan, args.seed)
+        print(report(episode))
+        if args.gif:
+            print(f"wrote {args.gif} ({save_replay_gif(episode, args.gif)} frames)")
+    else:
+        n = build(args.out, args.names, args.seed, (args.min_pixels, args.max_pixels))
+        print(f"wrote {n} scenarios to {os.path.join(args.out, 'test.jsonl')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""Football (MageBench's scenarios on gfootball): the scenario table, the plan reader, the shaped score
+against hand-computed states, scripted plans with known outcomes on the real engine, the CLI and
+eval.py's `football` benchmark. The engine renders with OpenGL: run under a display (`xvfb-run -a`)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import eval as evaluation
+import football
+from conftest import ROOT, TINY_DEFAULTS, compose_cfg
+from football import Scenario
+
+# Hand-made set-ups: the other team's keeper far from its goal (field x = -1 is our goal) leaves it empty.
+EMPTY_GOAL = Scenario("empty_goal", (0.77, 0.0), (("GK", -1.0, 0.0), ("CB", 0.75, 0.0)), (("GK", -1.0, 0.0),))
+FREE_PASS = Scenario("free_pass", (0.01, 0.0), (("GK", -1.0, 0.0), ("CM", 0.0, 0.0), ("CF", 0.3, 0.0)), (("GK", -1.0, 0.3),))
+
+
+def state(ball=(0.0, 0.0), owner=-1, team=-1, right=((0.5, 0.0),), score=(0, 0), steps_left=400):
+    """An observation with what the score reads."""
+    return {"ball": [*ball, 0.0], "ball_owned_player": owner, "ball_owned_team": team, "right_team": [list(p) for p in right],
+            "score": list(score), "steps_left": steps_left}  # fmt: skip
+
+
+# ---- the scenario table ----
+
+
+def test_table_holds_magebenchs_108_scenarios_and_round_trips():
+    scenarios = football.read_scenarios()
+    assert sorted(scenarios) == sorted(f"R{r}_{k}_{n}" for r in range(1, 10) for k in "PRT" for n in range(1, 5))
+    lines = [line.rstrip("\n") for line in open(football.SCENARIO_FILE) if line.strip() and not line.startswith("#")]
+    assert [football.format_scenario(football.parse_scenario(line)) for line in lines] == lines
+    # MageBench's R1_P_1.py: ball (-0.8107, -0.3507); its right keeper at (-0.984, -0.004) in that team's
+    # own frame is at (0.984, 0.004) on the field
+    first = scenarios["R1_P_1"]
+    assert (
+        first.ball == (-0.8107, -0.3507) and first.right[0] == ("GK", 0.984, 0.004) and first.left[0] == ("GK", -0.9813, -0.004)
+    )
+    assert (len(scenarios["R1_P_4"].left), len(scenarios["R1_P_4"].right)) == (7, 8)  # not every scenario is 11 v 11
+    assert (first.region, first.kind) == ("R1", "P")
+    with pytest.raises(ValueError, match="ROLE X Y"):
+        football.parse_scenario("X | ball 0 0 | left GK 0 | right GK 0 0")
+
+
+@pytest.mark.parametrize("name", ["R1_P_4", "R9_T_2"])
+def test_scenarios_are_placed_as_written(name):
+    s = football.scenario(name)
+    _, start = football.reset(s, seed=1)
+    assert np.allclose(start["ball"][:2], s.ball, atol=0.02)
+    for team, players in (("left_team", s.left), ("right_team", s.right)):
+        assert np.allclose(start[team], [(x, y) for _, x, y in players], atol=0.02), team
+
+
+# ---- reading plans ----
+
+
+def test_plan_reader_is_lenient_about_how_actions_are_written():
+    text = "<think>go</think><answer>action_right, Right; 'action_top_right'\n2. short pass, shoot action_idle</answer>"
+    assert football.read_plan(text) == (["action_right", "action_right", "action_top_right", "action_short_pass",
+                                         "action_shot", "action_idle"], "")  # fmt: skip
+    assert football.read_plan("action_up action_down_left") == (["action_top", "action_bottom_left"], "")  # no tags
+    assert football.read_plan("<answer>a</answer> <answer>action_shot</answer>")[0] == ["action_shot"]  # the last span
+
+
+@pytest.mark.parametrize(
+    "completion, why",
+    [("<answer></answer>", "no actions"), ("I would pass.", "not an action: 'I would pass.'"),
+     ("<answer>action_right, action_fly, jump</answer>", "not an action: 'action_fly' (and 1 more)"), ("", "no actions and no <answer> span")],
+)  # fmt: skip
+def test_malformed_plans_are_a_clear_counted_zero(completion, why, tmp_path):
+    assert football.read_plan(completion) == (None, why)
+    row = {"setup": football.format_scenario(football.scenario("R5_P_2")), "seed": 0}
+    metrics, records = football.evaluate([row, row], [completion, "<answer>\u00bfaction?</answer>"], str(tmp_path))
+    assert metrics["score"] == 0.0 and metrics["malformed"] == 1.0 and records[0]["error"] == why
+    assert records[0]["end"] == "malformed plan" and records[0]["steps"] == 0  # never played
+
+
+# ---- the shaped score on hand-computed states ----
+
+
+def test_clearances_and_distance():
+    assert football.opponents_passed(state(ball=(0.1, 0), right=((-0.5, 0), (0.0, 0.2), (0.2, 0), (0.9, 0)))) == 2
+    # towards the goal an opponent counts 11x closer: 0.5 / 11 beats 0.3 (to the side) and 0.2 (behind)
+    assert football.pass_clearance(state(right=((0.5, 0), (0.0, 0.3), (-0.2, 0)))) == pytest.approx(0.5 / 11)
+    # one opponent at (0.9, 0.2): the lane to (1, -0.044) passes it closest at 0.2168
+    assert football.shot_clearance(state(ball=(0.8, 0), right=((0.9, 0.2),))) == pytest.approx(0.21681, abs=1e-4)
+    assert [football.shot_distance(state(ball=(x, 0))) for x in (0.8, 0.5, -0.2)] == [1.0, 0.5, 0.0]
+
+
+def test_score_terms_step_by_step():
+    right = ((0.5, 0.0), (0.9, 0.3), (-0.5, 0.0))
+    score = football.ShapedScore()
+    assert sum(score.add(state((0.0, 0), 3, 0, right), "action_right").values()) == 0  # the baselines
+    assert score.add(state((0.1, 0), 3, 0, right), "action_right") == pytest.approx(
+        {"progress": 20 * 0.8 * 0.1, "opponents_passed": 0, "goal": 0, "possession": 0, "pass": 0, "shot": 0}
+    )
+    step = score.add(state((0.6, 0), 3, 0, right), "action_short_pass")  # past the opponent at x = 0.5
+    assert step["progress"] == pytest.approx(8.0) and step["opponents_passed"] == pytest.approx(20 / 11)
+    assert sum(score.add(state((0.7, 0.1), -1, -1, right), "action_builtin_ai").values()) == 0  # ball in the air
+    received = state((0.8, 0.2), 5, 0, right)
+    step = score.add(received, "action_builtin_ai")  # a teammate has it: one completed pass
+    assert step["pass"] == pytest.approx(20 * 20 * football.pass_clearance(received)) and score.passes == 1
+    assert step["progress"] == pytest.approx(20 * 0.8 * 0.2) and step["opponents_passed"] == 0
+    step = score.add(state((0.8, 0.2), 3, 0, right), "action_builtin_ai")  # another player, but no pass was kicked
+    assert step["pass"] == 0  # no pass was kicked
+    step = score.add(state((0.82, 0.2), 3, 0, right), "action_shot")
+    assert step["shot"] == pytest.approx(20 * 2 / 3)  # 100 x 0.3 x 1 capped at 2/3
+    assert score.add(state((0.82, 0.2), 3, 0, right), "action_shot")["shot"] == 0  # once while he has it
+    assert score.add(state((1.0, 0.0), -1, -1, right, score=(1, 0)), "action_builtin_ai")["goal"] == 40
+    assert score.total == pytest.approx(sum(score.totals.values())) and not score.done
+
+
+def test_losing_the_ball_ends_the_episode_with_the_share_of_time_played():
+    score = football.ShapedScore()
+    score.add(state((0.0, 0), 3, 0), "action_right")
+    assert score.add(state((0.0, 0), 2, 1, steps_left=300), "action_right")["possession"] == pytest.approx(20 * 0.25)
+    assert score.done
+    passes = football.ShapedScore()  # the first state is the baselines, then two passes
+    for owner, action in ((3, "action_idle"), (3, "action_short_pass"), (-1, "action_builtin_ai"), (5, "action_short_pass"),
+                          (-1, "action_builtin_ai"), (3, "action_idle")):  # fmt: skip
+        passes.add(state((0.0, 0), owner, 0 if owner >= 0 else -1, right=((0.0, 0.5),)), action)
+    assert passes.passes == 2 and passes.totals["pass"] == pytest.approx(20 * 20 * 0.5 * 1.75)  # the second 0.75x
+
+
+# ---- scripted plans on the engine ----
+
+
+def test_a_shot_in_front_of_an_empty_goal_scores():
+    episode = football.play(EMPTY_GOAL, ["action_right", "action_shot"], seed=0)
+    assert episode.end == "goal" and episode.score.totals["goal"] == 40
+    assert episode.score.totals["shot"] == pytest.approx(20 * 2 / 3)  # a clear lane from close range
+    assert episode.played[:2] == ["action_right", "action_shot"] and len(episode.played) > 2  # the shot played out
+
+
+def test_idle_loses_nothing_and_gains_nothing():
+    episode = football.play(FREE_PASS, ["action_idle"] * 30, seed=0)
+    assert episode.score.total == 0 and episode.end == "plan finished" and len(episode.played) == 30
+
+
+def test_a_pass_to_a_free_teammate_is_counted_as_one():
+    episode = football.play(FREE_PASS, ["action_right", "action_short_pass"], seed=0)  # the run takes the ball
+    assert episode.score.passes == 1 and episode.score.totals["pass"] > 0
+    assert episode.end == "plan finished" and "action_builtin_ai" in episode.played  # played out until received
+
+
+def test_a_repeated_move_keeps_moving_and_a_new_one_is_one_step():
+    assert len(football.play(FREE_PASS, ["action_idle", "action_bottom", "action_bottom"]).played) == 1 + 1 + 10
+    assert len(football.play(FREE_PASS, ["action_idle", "action_bottom", "action_top"]).played) == 3
+    # the first action is one step even when the second repeats it (MageBench's rule)
+    assert len(football.play(FREE_PASS, ["action_bottom", "action_bottom"]).played) == 2
+
+
+def test_the_same_seed_plays_the_same_episode():
+    plan = ["action_right"] * 6 + ["action_short_pass", "action_right", "action_right", "action_shot"]
+    first, second = (football.play(football.scenario("R5_P_2"), plan, seed=3) for _ in range(2))
+    assert first.played == second.played and first.score.totals == second.score.totals
+
+
+# ---- images, CLI, eval.py ----
+
+
+def cli(*args, stdin=None):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "football.py"), *args], input=stdin, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+
+
+def test_cli_lists_shows_and_plays(tmp_path):
+    listing = cli("list")
+    assert listing.returncode == 0 and len(listing.stdout.splitlines()) == 108 and listing.stdout.startswith("R1_P_1 ")
+    shown = cli("show", "R1_P_4")
+    assert shown.returncode == 0 and "GK -0.987 +0.008" in shown.stdout and "7 players" in shown.stdout
+    played = cli("play", "R9_P_4", "--gif", str(tmp_path / "replay.gif"), stdin="action_right, action_right, action_shot\n")
+    assert played.returncode == 0 and "R9_P_4: score" in played.stdout, played.stderr
+    steps = int(played.stdout.split(" steps for ")[0].rsplit(" ", 1)[1])
+    assert Image.open(tmp_path / "replay.gif").n_frames == steps + 1  # the start, then every step
+    bad = cli("play", "R9_P_4", stdin="fly\n")
+    assert bad.returncode != 0 and "not an action: 'fly'" in bad.stderr
+    assert cli("show", "R0_X_9").returncode != 0
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """eval.py's rows for two scenarios, start frames rendered at the tiny model's image size
+    (`football.py build`, in its own process: rendering is the slow part, seconds a frame)."""
+    root = tmp_path_factory.mktemp("eval")
+    built = cli("build", "--out", str(root / "football"), "--names", "R1_P_1", "R9_T_2", "--max-pixels", "12544")
+    assert built.returncode == 0, built.stderr
+    image = np.asarray(Image.open(root / "football" / "images" / "R1_P_1.png"))
+    assert image.shape == (84, 140, 3) and image.std() > 10  # Qwen's size for 1280x720 under 12544 pixels; a pitch
+    return root
+
+
+def test_eval_scores_a_predictions_file_like_playing_it(data_dir, tmp_path):
+    rows = [json.loads(line) for line in open(data_dir / "football" / "test.jsonl")]
+    assert [r["question"] for r in rows] == ["R1_P_1", "R9_T_2"] and rows[0]["answer"] == football.NO_GOLD
+    assert football.model_size(1280, 720, 3136, 12544) == (140, 84)
+    plans = {"R1_P_1": "<think>pass</think><answer>action_right, action_short_pass</answer>", "R9_T_2": "no plan"}
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    (preds / "football.jsonl").write_text("".join(json.dumps({"id": k, "prediction": v}) + "\n" for k, v in plans.items()))
+    cfg = compose_cfg([*TINY_DEFAULTS, f"eval.data_dir={data_dir}", f"eval.predictions={preds}", "eval.benchmarks=[football]"])
+    results = evaluation.run_eval(cfg, str(tmp_path / "out"))["football"]
+    expected = football.play(football.scenario("R1_P_1"), ["action_right", "action_short_pass"], rows[0]["seed"]).score.total
+    assert results["score"] == pytest.approx(expected / 2) and results["malformed"] == 0.5 and results["n"] == 2
+    assert results["region=R1"] == pytest.approx(expected / 100) and results["region=R9"] == 0.0
+    assert os.path.getsize(tmp_path / "out" / "football" / "football_replays" / "R1_P_1.gif") > 0
+    scores = [json.loads(line) for line in open(tmp_path / "out" / "football" / "scores.jsonl")]
+    assert scores[1]["error"] == "not an action: 'no plan'" and scores[0]["score"] == pytest.approx(expected)
+
+
+@pytest.mark.slow
+def test_eval_generates_and_scores_two_scenarios_on_the_tiny_model(data_dir, tmp_path):
+    cfg = compose_cfg([*TINY_DEFAULTS, f"eval.data_dir={data_dir}", "eval.benchmarks=[football]", "eval.max_new_tokens=8"])
+    results = evaluation.run_eval(cfg, str(tmp_path / "out"))["football"]
+    assert results["n"] == 2 and "kind=T" in results
+    lines = [json.loads(line) for line in open(tmp_path / "out" / "football" / "predictions.jsonl")]
+    assert [line["id"] for line in lines] == ["R1_P_1", "R9_T_2"] and all(isinstance(line["prediction"], str) for line in lines)
+    scores = [json.loads(line) for line in open(tmp_path / "out" / "football" / "scores.jsonl")]
+    assert all((s["plan"] is None) == (s["error"] != "") for s in scores)  # a random model: read or counted, never a crash
