@@ -382,8 +382,7 @@ def play(s: Scenario, plan: List[str], seed: int = 0) -> Episode:
             break
         if k == 0:
             state = step(action)
-        elif action in MOVES and action == previous:
-            direction = action
+        elif action in MOVES and action == previous:  # (so it is already the direction)
             for _ in range(MAX_AUTO_STEPS):
                 state = step(action)
                 if done or not free_to_move(state):
