@@ -1,6 +1,7 @@
 """Football (MageBench's scenarios on gfootball): the scenario table, the plan reader, the shaped score
 against hand-computed states, scripted plans with known outcomes on the real engine, the CLI and
-eval.py's `football` benchmark. The engine renders with OpenGL: run under a display (`xvfb-run -a`)."""
+eval.py's `football` benchmark. Only rendering start frames needs a display: that test runs
+`football.py build` under xvfb-run when there is none."""
 
 import json
 import os
@@ -164,9 +165,11 @@ def test_the_same_seed_plays_the_same_episode():
 # ---- images, CLI, eval.py ----
 
 
-def cli(*args, stdin=None):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "football.py"), *args], input=stdin, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+def cli(*args, stdin=None, render=False):
+    """`python football.py args...`; one that renders runs under a virtual display (xvfb-run) unless there is a display."""
+    xvfb = ["xvfb-run", "-a"] if render and not os.environ.get("DISPLAY") else []
+    command = [*xvfb, sys.executable, os.path.join(ROOT, "football.py"), *args]
+    return subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=600)
 
 
 def test_cli_lists_shows_and_plays(tmp_path):
@@ -188,7 +191,7 @@ def data_dir(tmp_path_factory):
     """eval.py's rows for two scenarios, start frames rendered at the tiny model's image size
     (`football.py build`, in its own process: rendering is the slow part, seconds a frame)."""
     root = tmp_path_factory.mktemp("eval")
-    built = cli("build", "--out", str(root / "football"), "--names", "R1_P_1", "R9_T_2", "--max-pixels", "12544")
+    built = cli("build", "--out", str(root / "football"), "--names", "R1_P_1", "R9_T_2", "--max-pixels", "12544", render=True)
     assert built.returncode == 0, built.stderr
     image = np.asarray(Image.open(root / "football" / "images" / "R1_P_1.png"))
     assert image.shape == (84, 140, 3) and image.std() > 10  # Qwen's size for 1280x720 under 12544 pixels; a pitch
