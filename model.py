@@ -158,42 +158,44 @@ def build_tiny_model(tokenizer, tiny, seed: int) -> Qwen2_5_VLForConditionalGene
     # mrope splits the rotary half-dim into (temporal, height, width) sections in Qwen's proportions
     # (Qwen2.5-VL-3B: [16, 24, 24] of 64)
     spatial = 3 * half // 8
-    mrope_section = [half - 2 * spatial, spatial, spatial]
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=tiny.hidden_size,
+        intermediate_size=tiny.intermediate_size,
+        num_hidden_layers=tiny.num_hidden_layers,
+        num_attention_heads=tiny.num_attention_heads,
+        num_key_value_heads=tiny.num_key_value_heads,
+        max_position_embeddings=32768,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [half - 2 * spatial, spatial, spatial]},
+    )
+    vision = dict(
+        depth=tiny.vision_depth,
+        hidden_size=tiny.vision_hidden_size,
+        intermediate_size=2 * tiny.vision_hidden_size,
+        num_heads=tiny.vision_num_heads,
+        out_hidden_size=tiny.hidden_size,
+        window_size=112,
+        fullatt_block_indexes=[tiny.vision_depth - 1],
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Qwen2_5_VLForConditionalGeneration(qwen2_5_vl_config(tokenizer, text, vision))
+
+
+def qwen2_5_vl_config(tokenizer, text: dict, vision: dict) -> Qwen2_5_VLConfig:
+    """A Qwen2.5-VL config of the given text and vision sizes, with `tokenizer`'s special-token ids
+    and Qwen's patching (14-pixel patches, 2x2 merge, 2 frames per temporal patch)."""
     ids = tokenizer.convert_tokens_to_ids
-    config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=tiny.hidden_size,
-            intermediate_size=tiny.intermediate_size,
-            num_hidden_layers=tiny.num_hidden_layers,
-            num_attention_heads=tiny.num_attention_heads,
-            num_key_value_heads=tiny.num_key_value_heads,
-            max_position_embeddings=32768,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope_section},
-            bos_token_id=ids("<|endoftext|>"),
-            eos_token_id=ids("<|im_end|>"),
-            pad_token_id=ids("<|endoftext|>"),
-        ),
-        vision_config=dict(
-            depth=tiny.vision_depth,
-            hidden_size=tiny.vision_hidden_size,
-            intermediate_size=2 * tiny.vision_hidden_size,
-            num_heads=tiny.vision_num_heads,
-            out_hidden_size=tiny.hidden_size,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            window_size=112,
-            fullatt_block_indexes=[tiny.vision_depth - 1],
-        ),
+    special = dict(bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"))
+    return Qwen2_5_VLConfig(
+        text_config=text | special,
+        vision_config=vision | dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
         image_token_id=ids("<|image_pad|>"),
         video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"),
         vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=text.get("tie_word_embeddings", False),
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return Qwen2_5_VLForConditionalGeneration(config)
 
 
 def build_image_processor(min_pixels: int, max_pixels: int) -> Qwen2VLImageProcessorPil:
