@@ -16,6 +16,8 @@ Benchmarks are read from local files in their public release formats, `eval.data
     math500        test.jsonl (problem, answer, subject, level, unique_id): math equivalence
     gpqa           gpqa_diamond.csv: options shuffled with a fixed seed per question, letters recorded
     sokoban        our held-out jsonl (sokoban.py build --split test): success by size/boxes/length
+    football       our rows (football.py build): MageBench's 108 scenarios; each plan played on
+                   gfootball, MageBench's shaped score by region and kind (accuracy = score / 100)
 Prompts use the training system prompt. Scoring is rule-based (the `choice` and `math` verifiers,
 bounded by the same worker pool; MathVista's and OlympiadBench's own rules where they publish them,
 see `verdicts`); with eval.judge.url an LLM behind any OpenAI-compatible endpoint
@@ -36,6 +38,7 @@ import hydra
 from omegaconf import DictConfig
 
 import config  # noqa: F401  (registers the schema with Hydra's ConfigStore)
+import football
 import sokoban
 from config import ConfigError
 from data import LMM_R1_SYSTEM_PROMPT, BadRow, Sample, parse_row, read_rows, user_message
@@ -284,6 +287,7 @@ BENCHMARKS: Dict[str, Tuple[str, Callable[[str, int], List[Item]]]] = {
     "math500": ("math500/test.jsonl", read_math500),
     "gpqa": ("gpqa/gpqa_diamond.csv", read_gpqa),
     "sokoban": ("sokoban/test.jsonl", read_sokoban),
+    "football": ("football/test.jsonl", read_sokoban),  # our rows too, read the same way
 }
 
 
@@ -324,12 +328,15 @@ def evaluate(name: str, items: List[Item], predictions: List[str], out_dir: str,
     (eval.judge.url) an LLM first extracts each final answer, which the rules then grade."""
     os.makedirs(os.path.join(out_dir, name), exist_ok=True)
     scoring, extracted, graded = "rules", [None] * len(items), predictions
-    if judge is not None and judge.url and name != "sokoban":
+    if judge is not None and judge.url and name not in ("sokoban", "football"):
         extracted = [judge_extract(judge, question_text(i), p) for i, p in zip(items, predictions)]
         graded = [p if x is None else f"<answer>$\\boxed{{{x}}}$</answer>" for x, p in zip(extracted, predictions)]
         left = sum(x is None for x in extracted)
         scoring = f"judge extraction ({judge.model}; {left} of {len(items)} left to the rules) + rules"
-    if name == "sokoban":
+    if name == "football":  # a plan is played, not graded: per-scenario records go to football/scores.jsonl
+        metrics, records = football.evaluate([i.row for i in items], predictions, os.path.join(out_dir, name))
+        correct, results = [r["end"] == "goal" for r in records], metrics
+    elif name == "sokoban":
         metrics = sokoban.evaluate([i.row for i in items], predictions, os.path.join(out_dir, name))
         correct = [
             sokoban.replay(i.row["level"], m)[1] if (m := sokoban.answer_moves(p)) else False for i, p in zip(items, predictions)
