@@ -6,11 +6,13 @@ start-up, before any model is loaded. Cross-field rules that types cannot expres
 `validate(cfg)`, also called at start-up.
 """
 
+import os
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 
 class ConfigError(ValueError):
@@ -217,15 +219,16 @@ class LogConfig:
 @dataclass
 class ClusterConfig:
     """Where runs go. cluster=local: this machine. cluster=slurm: Hydra's submitit launcher renders
-    these into sbatch options (one task per GPU; SIGUSR2 before the time limit for a checkpoint and
-    a requeue)."""
+    these into sbatch options (one task, a training rank, per GPU unless tasks_per_node says
+    otherwise; SIGUSR2 before the time limit for a checkpoint and a requeue)."""
 
     name: str = "local"
     partition: Optional[str] = None  # sbatch --partition
     account: Optional[str] = None  # sbatch --account
     qos: Optional[str] = None  # sbatch --qos
     nodes: int = 1  # sbatch --nodes
-    gpus_per_node: int = 8  # sbatch --gpus-per-node; also tasks (training ranks) per node
+    gpus_per_node: int = 8  # sbatch --gpus-per-node (0 on a partition without GPUs)
+    tasks_per_node: Optional[int] = None  # sbatch --ntasks-per-node, training ranks; null = gpus_per_node, or 1 without GPUs
     cpus_per_task: int = 10  # sbatch --cpus-per-task
     mem_gb: Optional[int] = None  # sbatch --mem, per node
     timeout_min: int = 2880  # sbatch --time
@@ -278,6 +281,10 @@ class Config:
 
 
 ConfigStore.instance().store(name="schema", node=Config)
+# conf/cluster/slurm.yaml: cluster.tasks_per_node, else one rank per GPU, else one task (CPU-only jobs)
+OmegaConf.register_new_resolver("tasks_per_node", lambda tasks, gpus: tasks if tasks is not None else max(gpus, 1), replace=True)
+# and this code's dir, which a SLURM job needs on its path to unpickle the task (submitted from anywhere)
+OmegaConf.register_new_resolver("code_dir", lambda: os.path.dirname(os.path.abspath(__file__)), replace=True)
 
 
 def validate(cfg: Any) -> None:

@@ -1,7 +1,8 @@
 """cluster=slurm: the composed launcher config and the sbatch script submitit renders from it.
 
-There is no SLURM here, so nothing is submitted: the test builds submitit's own executor the way
-Hydra's submitit launcher does and renders the submission file, then checks its #SBATCH lines.
+Nothing is submitted here (tests/test_slurm.py submits to a real cluster, which has no GPUs): the
+tests build submitit's own executor the way Hydra's submitit launcher does, render the submission
+file for GPU nodes and CPU-only ones, and check its #SBATCH lines.
 """
 
 import os
@@ -60,6 +61,20 @@ def test_slurm_launcher_renders_the_requested_resources(tmp_path, monkeypatch):
     assert sbatch["#SBATCH --time"] == "2880"
     assert sbatch["#SBATCH --signal"] == "USR2@600"  # time to finish a step and checkpoint before the limit
     assert executor._executor.max_num_timeout == 20  # requeues on timeout; each resumes from the run dir
+    assert f"export PYTHONPATH={ROOT}:" in text  # the job unpickles train.py's task wherever it was submitted from
+
+
+@pytest.mark.parametrize(
+    "overrides, gpus, tasks",
+    [
+        (["cluster.gpus_per_node=0"], "0", "1"),  # a CPU partition: one task, not zero
+        (["cluster.gpus_per_node=0", "cluster.tasks_per_node=2"], "0", "2"),  # two CPU ranks
+        (["cluster.gpus_per_node=4", "cluster.tasks_per_node=1"], "4", "1"),  # one process driving 4 GPUs
+    ],
+)
+def test_tasks_per_node_is_its_own_key(tmp_path, monkeypatch, overrides, gpus, tasks):
+    lines = rendered_sbatch(slurm_cfg(["cluster=slurm", *overrides]), tmp_path, monkeypatch)[0].splitlines()
+    assert f"#SBATCH --gpus-per-node={gpus}" in lines and f"#SBATCH --ntasks-per-node={tasks}" in lines
 
 
 def test_sweep_jobs_get_dirs_named_by_their_overrides():
@@ -68,6 +83,7 @@ def test_sweep_jobs_get_dirs_named_by_their_overrides():
         OmegaConf.set_readonly(cfg.hydra, False)
         cfg.hydra.job.num = 1  # set by the launcher for each job of a sweep
     assert cfg.hydra.sweep.subdir == "1_stage=mgt_geo,trainer.lr=5e-7"
+    assert slurm_cfg([*OVERRIDES, "cluster.tasks_per_node=2"]).hydra.job.override_dirname == "stage=mgt_geo,trainer.lr=5e-7"
     assert "partition" not in cfg.hydra.job.override_dirname  # cluster keys do not name the run
     local = slurm_cfg(["stage=mgt_geo"])
     assert local.hydra.launcher._target_.endswith("BasicLauncher") and local.cluster.name == "local"
