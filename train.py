@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 from collections import Counter, defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ from typing import Dict, List, Optional, Tuple
 
 import hydra
 import numpy as np
+import safetensors  # (not its safe_open: a SLURM job unpickles train.py's globals, and that class does not pickle)
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
@@ -449,18 +452,54 @@ def gathered_weights(*models):
     return nullcontext()
 
 
-def resume_point(run_dir: str, resume_from: Optional[str]) -> Optional[str]:
-    """The checkpoint to continue from: trainer.resume_from (a step dir, or a run dir's newest), else
-    this run dir's newest (a requeued SLURM job reuses its dir), else None for a fresh start."""
-    if resume_from:
-        if os.path.isfile(os.path.join(resume_from, STATE_FILE)):
-            return resume_from
-        found = step_checkpoints(resume_from)
-        if not found:
+def load_training_state(checkpoint: str) -> dict:
+    """`checkpoint`'s training state, once every file of it has been read back: a truncated or
+    corrupt file raises here, before anything is loaded into the models. Safetensors headers are
+    checked against their file's size, torch archives (DeepSpeed's shards) for their index, JSON
+    files parsed, and the state itself loaded in full (tensors and plain data only)."""
+    for root, _, names in os.walk(checkpoint):
+        for name in names:
+            path = os.path.join(root, name)
+            if name.endswith(".safetensors"):
+                with safetensors.safe_open(path, "pt"):
+                    pass
+            elif name.endswith((".pt", ".bin")):
+                zipfile.ZipFile(path).close()
+            elif name.endswith(".json"):
+                with open(path) as f:
+                    json.load(f)
+    return torch.load(os.path.join(checkpoint, STATE_FILE), weights_only=True)
+
+
+def resume_point(run_dir: str, resume_from: Optional[str]) -> Tuple[Optional[str], Optional[dict]]:
+    """The checkpoint to continue from and its training state: trainer.resume_from (a step dir, or a
+    run dir's newest that loads), else this run dir's newest that loads (a requeued SLURM job reuses
+    its dir), else (None, None) for a fresh start. One that does not load is skipped with a warning;
+    this run's own is also renamed step_N.unloadable-<time>, kept for inspection, so that a requeued
+    job does not trip on it again."""
+    if resume_from and os.path.isfile(os.path.join(resume_from, STATE_FILE)):
+        candidates = [resume_from]
+    else:
+        candidates = [path for _, path in reversed(step_checkpoints(resume_from or run_dir))]
+        if resume_from and not candidates:
             raise FileNotFoundError(f"trainer.resume_from={resume_from}: no checkpoints/step_N with {STATE_FILE} there")
-        return found[-1][1]
-    found = step_checkpoints(run_dir)
-    return found[-1][1] if found else None
+    main_rank = not distributed() or torch.distributed.get_rank() == 0
+    for path in candidates:
+        try:
+            return path, load_training_state(path)
+        except pickle.UnpicklingError:
+            raise  # a state that carries code is refused, not skipped
+        except Exception as e:  # truncated, corrupt, unreadable: whatever keeps it from loading
+            problem = f"{type(e).__name__}: {e}"
+        kept = path
+        if not resume_from and main_rank:
+            kept = f"{path}.unloadable-{time.strftime('%Y%m%d-%H%M%S')}"
+            os.rename(path, kept)
+        if main_rank:
+            print(f"[resume] warning: {path} cannot be loaded ({problem}); kept as {kept}, trying the one before", flush=True)
+    if resume_from:
+        raise TrainingError(f"trainer.resume_from={resume_from}: no checkpoint there can be loaded (see the warnings above)")
+    return None, None
 
 
 def rewrite_logs(run_dir: str, step: int) -> None:
@@ -814,9 +853,8 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
     # ---- resume: this run dir's newest checkpoint (a requeued job), or trainer.resume_from ----
     history: List[Dict[str, float]] = []
     start_step, bad_steps, wandb_id, kl_coef, batches_used = 0, 0, None, a.kl_coef, 0
-    checkpoint = resume_point(run_dir, t.resume_from)
+    checkpoint, state = resume_point(run_dir, t.resume_from)
     if checkpoint is not None:
-        state = torch.load(os.path.join(checkpoint, STATE_FILE), weights_only=True)  # tensors and plain data only
         if engines:  # DeepSpeed restores its modules, optimizer partitions and schedules itself
             for name, ds_engine in engines.items():
                 ds_engine.load_checkpoint(checkpoint, tag=name)
@@ -831,9 +869,10 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
         start_step, bad_steps, history, wandb_id = state["step"], state["bad_steps"], state["history"], state["wandb_id"]
         kl_coef, batches_used = state["kl_coef"], state["batches_used"]
         if main_rank:
-            rewrite_logs(run_dir, start_step)
             print(f"[resume] {checkpoint}: continuing at step {start_step + 1} of {total_steps}")
         engine.sync_weights(policy)
+    if main_rank:  # lines logged after that checkpoint (all, on a fresh start) are written again
+        rewrite_logs(run_dir, start_step)
 
     wandb_run = None
     if cfg.log.wandb != "disabled" and main_rank:

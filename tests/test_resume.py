@@ -1,8 +1,10 @@
 """Runs that survive: checkpoints, exact resume, kills at bad moments, signals, non-finite updates."""
 
+import glob
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -142,6 +144,55 @@ def test_resume_from_another_run_and_keep_last(tmp_path):
     assert last["step"] == 4 and same_metrics(last, metrics_of(str(first))[-1])
     with pytest.raises(FileNotFoundError, match="no checkpoints"):
         train.run(compose_cfg([*RUN, f"trainer.resume_from={tmp_path / 'nothing'}"]), str(tmp_path / "third"))
+
+
+def truncate(path) -> int:
+    """Cut a file to half its size, as a full disk or a killed copy leaves it; returns the new size."""
+    size = os.path.getsize(path) // 2
+    os.truncate(path, size)
+    return size
+
+
+def test_a_checkpoint_that_does_not_load_is_set_aside_and_the_one_before_resumed(tmp_path, capsys):
+    four = [*RUN, "trainer.max_steps=4", "trainer.save_every=2"]
+    run_dir = tmp_path / "run"
+    train.run(compose_cfg(four), str(run_dir))
+    straight_weights, straight_metrics = final_weights(str(run_dir)), metrics_of(str(run_dir))
+    size = truncate(run_dir / "checkpoints" / "step_4" / train.STATE_FILE)
+    shutil.rmtree(run_dir / "checkpoints" / "final")
+    capsys.readouterr()
+
+    train.run(compose_cfg(four), str(run_dir))  # restarted in its dir, as a requeued job is
+    out = capsys.readouterr().out
+    (kept,) = glob.glob(str(run_dir / "checkpoints" / "step_4.unloadable-*"))
+    assert f"warning: {run_dir / 'checkpoints' / 'step_4'} cannot be loaded" in out and f"kept as {kept}" in out
+    assert "continuing at step 3 of 4" in out
+    assert os.path.getsize(os.path.join(kept, train.STATE_FILE)) == size  # left as it was found
+    assert [s for s, _ in train.step_checkpoints(str(run_dir))] == [2, 4]  # step 4 written anew
+    assert_same_weights(final_weights(str(run_dir)), straight_weights)
+    resumed_metrics = metrics_of(str(run_dir))
+    assert len(resumed_metrics) == 4 and all(same_metrics(x, y) for x, y in zip(straight_metrics, resumed_metrics))
+
+
+def test_resume_checks_every_file_and_refuses_a_named_checkpoint_that_does_not_load(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    for step in (1, 2, 3):
+        os.makedirs(tmp_path / "checkpoints" / f"step_{step}")
+        torch.save({"step": step}, tmp_path / "checkpoints" / f"step_{step}" / train.STATE_FILE)
+        save_file({"w": torch.zeros(64)}, tmp_path / "checkpoints" / f"step_{step}" / "model.safetensors")
+    truncate(tmp_path / "checkpoints" / "step_3" / "model.safetensors")  # the weights, not the state
+    truncate(tmp_path / "checkpoints" / "step_2" / train.STATE_FILE)
+    path, state = train.resume_point(str(tmp_path), None)
+    assert path.endswith("step_1") and state == {"step": 1}
+    assert capsys.readouterr().out.count("cannot be loaded") == 2
+    assert len(glob.glob(str(tmp_path / "checkpoints" / "step_*.unloadable-*"))) == 2
+
+    truncate(tmp_path / "checkpoints" / "step_1" / train.STATE_FILE)
+    with pytest.raises(train.TrainingError, match="no checkpoint there can be loaded"):
+        train.resume_point(str(tmp_path / "other"), str(tmp_path / "checkpoints" / "step_1"))
+    assert os.path.isdir(tmp_path / "checkpoints" / "step_1")  # another run's checkpoint is not renamed
+    assert train.resume_point(str(tmp_path), None) == (None, None)  # none of its own loads: a fresh start
 
 
 def test_checkpoint_state_is_loaded_safely(tmp_path):
