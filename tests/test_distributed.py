@@ -6,16 +6,15 @@ per-prompt seeds a single process uses, mini-batches are drawn from the same glo
 losses are normalised by global token counts: only fp32 summation order differs.
 """
 
-import json
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from conftest import ROOT
+from test_resume import assert_same_weights, final_weights, metrics_of
 
 TOY = ["+reward.weights={toy_rewards\\:digit_fraction: 1.0}", "~reward.weights.format", "~reward.weights.math"]
 JOB = [
@@ -41,13 +40,20 @@ def launch(run_dir, extra, nproc: int):
     cmd = [*head, os.path.join(ROOT, "train.py"), *JOB, *extra, f"hydra.run.dir={run_dir}"]
     out = subprocess.run(cmd, cwd=os.path.dirname(run_dir), env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]
-    return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    return metrics_of(run_dir)
 
 
 def assert_same_training(tmp_path, extra):
-    single = launch(str(tmp_path / "single"), extra, 1)
-    ranks = launch(str(tmp_path / "ranks"), extra, 2)
-    assert [m["step"] for m in ranks] == [1, 2]  # rank 0 alone writes the logs
+    launch(str(tmp_path / "single"), extra, 1)
+    launch(str(tmp_path / "ranks"), extra, 2)
+    assert_trained_alike(tmp_path / "single", tmp_path / "ranks")
+
+
+def assert_trained_alike(single_dir, ranks_dir):
+    """The run in `ranks_dir` (2 ranks) drew the same samples, had the same losses and ended with the
+    same weights (to fp32 summation order) as the one in `single_dir` (one process)."""
+    single, ranks = (metrics_of(d) for d in (single_dir, ranks_dir))
+    assert [m["step"] for m in ranks] == [m["step"] for m in single]  # rank 0 alone writes the logs
     for a, b in zip(single, ranks):
         assert a["reward/mean"] == b["reward/mean"] and a["rollout/response_len"] == b["rollout/response_len"]  # same samples
         # these are means of O(1) per-token terms that nearly cancel (whitened advantages): fp32
@@ -56,8 +62,7 @@ def assert_same_training(tmp_path, extra):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
         assert b["loss/grad_norm"] == pytest.approx(a["loss/grad_norm"], rel=1e-4)
     assert single[0]["reward/std"] > 0 and single[0]["loss/grad_norm"] > 0  # real updates
-    w1 = load_file(tmp_path / "single" / "checkpoints" / "final" / "model.safetensors")
-    w2 = load_file(tmp_path / "ranks" / "checkpoints" / "final" / "model.safetensors")
+    w1, w2 = final_weights(single_dir), final_weights(ranks_dir)
     assert w1.keys() == w2.keys()
     diff = torch.cat([(w1[k] - w2[k]).abs().flatten() for k in w1])
     # Adam's steps are ~lr * sign(grad): equal up to elements whose gradient is ~0 (below Adam's eps),
@@ -96,6 +101,4 @@ def test_deepspeed_run_resumes_from_its_sharded_checkpoint(tmp_path):
     resumed = launch(str(tmp_path / "resumed"), layout, 2)
     assert [m["step"] for m in resumed] == [2]  # only the step after the checkpoint ran (the file was new)
     assert resumed[0]["loss/policy"] == straight[1]["loss/policy"]
-    w1 = load_file(tmp_path / "straight" / "checkpoints" / "final" / "model.safetensors")
-    w2 = load_file(tmp_path / "resumed" / "checkpoints" / "final" / "model.safetensors")
-    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert_same_weights(final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed"))
