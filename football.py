@@ -32,6 +32,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
+from data import user_message
+
 SCENARIO_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "football_scenarios.txt")
 
 # gfootball's `v2` action set, in its order (the index is the action's code): MageBench's full vocabulary.
@@ -557,8 +559,7 @@ USER_PROMPT = (
 
 
 def scenario_messages(image) -> List[dict]:
-    user = {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": USER_PROMPT}]}
-    return [{"role": "system", "content": SYSTEM_PROMPT}, user]
+    return [{"role": "system", "content": SYSTEM_PROMPT}, user_message(USER_PROMPT, image)]
 
 
 NO_GOLD = "(none: the plan is played and scored)"  # rows need an answer; a football plan has no gold

@@ -152,6 +152,22 @@ def build_tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     )
 
 
+# config.json of Qwen/Qwen2.5-VL-3B-Instruct (the published values)
+QWEN2_5_VL_3B_TEXT = dict(
+    vocab_size=151936,
+    hidden_size=2048,
+    intermediate_size=11008,
+    num_hidden_layers=36,
+    num_attention_heads=16,
+    num_key_value_heads=2,
+    max_position_embeddings=128000,
+    tie_word_embeddings=True,
+    rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+)
+QWEN2_5_VL_3B_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
+                            window_size=112, fullatt_block_indexes=[7, 15, 23, 31])  # fmt: skip
+
+
 def build_tiny_model(tokenizer, tiny, seed: int) -> Qwen2_5_VLForConditionalGeneration:
     """A real Qwen2.5-VL with tiny widths and random weights, deterministic from `seed`."""
     half = tiny.hidden_size // tiny.num_attention_heads // 2

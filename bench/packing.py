@@ -30,19 +30,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
 
 from data import Prompt, Sample  # noqa: E402
-from model import collate, pack, sequence_logps, use_varlen_attention  # noqa: E402
+from model import QWEN2_5_VL_3B_TEXT, collate, pack, sequence_logps, use_varlen_attention  # noqa: E402
 from train import aggregate, micro_batches, policy_loss  # noqa: E402
 
-# Qwen2.5-VL-3B-Instruct's language model (config.json of the public release); vision tower frozen
-# and unused here: the update's cost is the language model's.
-QWEN_3B = dict(
-    hidden_size=2048,
-    intermediate_size=11008,
-    num_hidden_layers=36,
-    num_attention_heads=16,
-    num_key_value_heads=2,
-    vocab_size=151936,
-)
+# Qwen2.5-VL-3B-Instruct's language model (its published config, model.py); vision tower frozen and
+# unused here: the update's cost is the language model's.
+QWEN_3B = {k: QWEN2_5_VL_3B_TEXT[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                               "num_attention_heads", "num_key_value_heads", "vocab_size")}  # fmt: skip
 SMALL = dict(
     hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, vocab_size=4096
 )

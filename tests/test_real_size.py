@@ -9,25 +9,21 @@ memory); a cut of it (real widths, 2 text and 2 vision layers) runs forward and 
 import pytest
 import torch
 
-from model import Critic, collate, frozen_copy, pack, qwen2_5_vl_config, sequence_logps, use_varlen_attention
+from model import (
+    QWEN2_5_VL_3B_TEXT,
+    QWEN2_5_VL_3B_VISION,
+    Critic,
+    collate,
+    frozen_copy,
+    pack,
+    qwen2_5_vl_config,
+    sequence_logps,
+    use_varlen_attention,
+)
 from rollout import weight_buckets
 from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers.initialization import no_init_weights
 
-# config.json of Qwen/Qwen2.5-VL-3B-Instruct (the published values)
-QWEN2_5_VL_3B_TEXT = dict(
-    vocab_size=151936,
-    hidden_size=2048,
-    intermediate_size=11008,
-    num_hidden_layers=36,
-    num_attention_heads=16,
-    num_key_value_heads=2,
-    max_position_embeddings=128000,
-    tie_word_embeddings=True,
-    rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
-)
-QWEN2_5_VL_3B_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
-                            window_size=112, fullatt_block_indexes=[7, 15, 23, 31])  # fmt: skip
 PUBLISHED_PARAMETERS = 3_754_622_976  # the 3B's safetensors, lm_head tied
 
 
