@@ -42,7 +42,17 @@ import football
 import sokoban
 from config import ConfigError
 from data import LMM_R1_SYSTEM_PROMPT, BadRow, Sample, parse_row, read_rows, user_message
-from rewards import choice_letter, choice_reward, final_answer, normalise, reward_pool, score, unwrap_text
+from rewards import (
+    choice_letter,
+    choice_reward,
+    final_answer,
+    format_reward,
+    last_answer_span,
+    normalise,
+    reward_pool,
+    score,
+    unwrap_text,
+)
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -322,6 +332,50 @@ def question_text(item: Item) -> str:
     return user if isinstance(user, str) else " ".join(c["text"] for c in user if c["type"] == "text")
 
 
+def answer_moves(completion: str) -> Optional[List[str]]:
+    """The moves in a completion's last <answer> span, strict format or not (evaluation's reading;
+    the training reward also demands the format: rewards.sokoban_moves); None if there are none."""
+    span = last_answer_span(completion)
+    return sokoban.parse_moves(span) if span is not None else None
+
+
+def sokoban_metrics(rows: List[dict], completions: List[str], out_dir: Optional[str] = None, gifs: int = 4) -> Dict[str, float]:
+    """Scores of one completion per row (rows with `level`; `optimal_moves` is computed if absent).
+
+    A level counts as solved when the moves in the completion's last <answer> span solve it (the
+    format need not be strict here; `format` gives the strict-format rate). Returns `success`,
+    `success/size=7x7`, `success/boxes=2`, `success/optimal=10-19`, `answered` (moves parsed),
+    `format` and `efficiency` (optimal / used moves, over solved levels). With `out_dir`, the
+    first `gifs` episodes are saved as `out_dir/sokoban_replays/<k>_{solved|failed}.gif`.
+    """
+    groups: Dict[str, List[float]] = {}
+    efficiency, answered, formatted = [], 0, 0
+    for k, (row, completion) in enumerate(zip(rows, completions)):
+        level = row["level"]
+        optimal = row.get("optimal_moves")
+        optimal = optimal if optimal is not None else len(sokoban.solve(level) or "")
+        moves = answer_moves(completion)
+        boards = sokoban.trajectory(level, moves or [])
+        solved = moves is not None and boards[-1].solved
+        answered += moves is not None
+        formatted += format_reward(completion) == 1.0
+        if solved:
+            efficiency.append(optimal / max(1, len(boards) - 1))
+        board = boards[0]
+        keys = ["success", f"success/size={board.width}x{board.height}", f"success/boxes={len(board.boxes)}",
+                f"success/optimal={sokoban.length_bucket(optimal)}"]  # fmt: skip
+        for key in keys:
+            groups.setdefault(key, []).append(float(solved))
+        if out_dir is not None and k < gifs:
+            os.makedirs(os.path.join(out_dir, "sokoban_replays"), exist_ok=True)
+            name = f"{k:02d}_{'solved' if solved else 'failed'}.gif"
+            sokoban.save_replay_gif(level, moves or [], os.path.join(out_dir, "sokoban_replays", name))
+    n = max(1, len(rows))
+    metrics = {key: sum(v) / len(v) for key, v in sorted(groups.items())}
+    metrics.update(answered=answered / n, format=formatted / n, efficiency=sum(efficiency) / max(1, len(efficiency)))
+    return metrics
+
+
 def evaluate(name: str, items: List[Item], predictions: List[str], out_dir: str, pool, timeout_s: float, judge=None) -> dict:
     """Scores of one benchmark: `accuracy` overall and `<group>=<value>` accuracies; writes the
     per-item predictions with verdicts and the results JSON into out_dir/<name>/. With a judge
@@ -337,10 +391,8 @@ def evaluate(name: str, items: List[Item], predictions: List[str], out_dir: str,
         metrics, records = football.evaluate([i.row for i in items], predictions, os.path.join(out_dir, name))
         correct, results = [r["end"] == "goal" for r in records], metrics
     elif name == "sokoban":
-        metrics = sokoban.evaluate([i.row for i in items], predictions, os.path.join(out_dir, name))
-        correct = [
-            sokoban.replay(i.row["level"], m)[1] if (m := sokoban.answer_moves(p)) else False for i, p in zip(items, predictions)
-        ]
+        metrics = sokoban_metrics([i.row for i in items], predictions, os.path.join(out_dir, name))
+        correct = [sokoban.replay(i.row["level"], m)[1] if (m := answer_moves(p)) else False for i, p in zip(items, predictions)]
         results = {"accuracy": metrics["success"], **{k: v for k, v in metrics.items() if k != "success"}}
     else:
         correct = verdicts(name, items, graded, pool, timeout_s)

@@ -530,61 +530,13 @@ def build(n: int, size: int, boxes: int, seed: int, out: str, split: str = "trai
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation: success rate by size, boxes and optimal length, and replays of a few episodes
+# Evaluation's buckets (eval.sokoban_metrics scores completions: success by size, boxes and length)
 # ---------------------------------------------------------------------------------------------
 
 
 def length_bucket(moves: int, width: int = 10) -> str:
     lo = moves // width * width
     return f"{lo:02d}-{lo + width - 1:02d}"
-
-
-def answer_moves(completion: str) -> Optional[List[str]]:
-    """The moves in a completion's last <answer> span, strict format or not (evaluation's reading;
-    the training reward also demands the format: rewards.sokoban_moves); None if there are none."""
-    from rewards import last_answer_span  # rewards imports this module: import at call time
-
-    span = last_answer_span(completion)
-    return parse_moves(span) if span is not None else None
-
-
-def evaluate(rows: List[dict], completions: List[str], out_dir: Optional[str] = None, gifs: int = 4) -> Dict[str, float]:
-    """Scores of one completion per row (rows with `level`; `optimal_moves` is computed if absent).
-
-    A level counts as solved when the moves in the completion's last <answer> span solve it (the
-    format need not be strict here; `format` gives the strict-format rate). Returns `success`,
-    `success/size=7x7`, `success/boxes=2`, `success/optimal=10-19`, `answered` (moves parsed),
-    `format` and `efficiency` (optimal / used moves, over solved levels). With `out_dir`, the
-    first `gifs` episodes are saved as `out_dir/sokoban_replays/<k>_{solved|failed}.gif`.
-    """
-    from rewards import format_reward  # rewards imports this module: import at call time
-
-    groups: Dict[str, List[float]] = {}
-    efficiency, answered, formatted = [], 0, 0
-    for k, (row, completion) in enumerate(zip(rows, completions)):
-        level = row["level"]
-        optimal = row.get("optimal_moves")
-        optimal = optimal if optimal is not None else len(solve(level) or "")
-        moves = answer_moves(completion)
-        boards = trajectory(level, moves or [])
-        solved = moves is not None and boards[-1].solved
-        answered += moves is not None
-        formatted += format_reward(completion) == 1.0
-        if solved:
-            efficiency.append(optimal / max(1, len(boards) - 1))
-        board = boards[0]
-        keys = ["success", f"success/size={board.width}x{board.height}", f"success/boxes={len(board.boxes)}",
-                f"success/optimal={length_bucket(optimal)}"]  # fmt: skip
-        for key in keys:
-            groups.setdefault(key, []).append(float(solved))
-        if out_dir is not None and k < gifs:
-            os.makedirs(os.path.join(out_dir, "sokoban_replays"), exist_ok=True)
-            name = f"{k:02d}_{'solved' if solved else 'failed'}.gif"
-            save_replay_gif(level, moves or [], os.path.join(out_dir, "sokoban_replays", name))
-    n = max(1, len(rows))
-    metrics = {key: sum(v) / len(v) for key, v in sorted(groups.items())}
-    metrics.update(answered=answered / n, format=formatted / n, efficiency=sum(efficiency) / max(1, len(efficiency)))
-    return metrics
 
 
 # ---------------------------------------------------------------------------------------------

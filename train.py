@@ -4,7 +4,10 @@
     python train.py debug=tiny                                # the embedded tiny model on CPU
     python train.py -m stage=fre_text,mgt_geo debug=tiny      # a sweep
 
-The pure algorithm functions (advantages, losses, KL) come first; main(cfg) below reads top-down.
+Read from the bottom: run() is the loop, one call per phase of a step (rollout, advantages, update,
+sync, evaluate, log, save) over one RunState. The phases sit above it, and the pure algorithm
+functions (advantages, losses, KL) at the top. Ranks, collectives and DeepSpeed live in dist.py,
+checkpoint files and signals in checkpoint.py.
 Shapes: N = samples in a rollout (prompts_per_step * group_size), B = samples in a micro-batch,
 T = completion tokens (right-padded; `completion_mask` marks real tokens).
 """
@@ -13,31 +16,26 @@ import hashlib
 import json
 import math
 import os
-import pickle
-import random
-import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
-import zipfile
 from collections import Counter, defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import hydra
-import numpy as np
-import safetensors  # (not its safe_open: a SLURM job unpickles train.py's globals, and that class does not pickle)
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import config  # noqa: F401  (registers the schema with Hydra's ConfigStore)
+from checkpoint import StopSignals, TrainingError, resume_point, rewrite_logs, rng_state, save_training_state, set_rng_state
 from config import ConfigError, validate
 from data import BadRow, encode_prompt, load_dataset, prompt_batches, steps_per_epoch
+from dist import all_sum, any_rank, backward, barrier, deepspeed_engine, distributed, gather, gathered_weights, in_step
+from dist import init_distributed, main_rank, pick_device, step_optimizer
 from eval import run_eval
 from model import (
     VISION_TOKENS,
@@ -258,296 +256,6 @@ def derive_seed(seed: int, *keys) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Data parallel: ranks split each step's prompts (a prompt's whole group on one rank)
-# ---------------------------------------------------------------------------------------------
-
-
-def distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def init_distributed(device_name: str, always: bool = False) -> Tuple[int, int, torch.device]:
-    """(rank, world size, device). torchrun sets WORLD_SIZE, RANK and LOCAL_RANK (under
-    cluster=slurm, submitit's tasks derive them from SLURM's); the process group starts once, gloo on
-    CPU and nccl on GPUs. A single process is (0, 1, device),
-    with a one-rank group when `always` (DeepSpeed needs one)."""
-    device = pick_device(device_name)
-    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and "WORLD_SIZE" not in os.environ:
-        import submitit  # a task of cluster=slurm: its SLURM rank, world and master become torch's
-
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-    if always:
-        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-            os.environ.setdefault(key, value)
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-    if (always or int(os.environ.get("WORLD_SIZE", "1")) > 1) and not distributed():
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if not distributed():
-        return 0, 1, device
-    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def all_max(n: int) -> int:
-    if not distributed():
-        return n
-    x = torch.tensor(n)
-    torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX)
-    return int(x)
-
-
-def in_step(micro: List[List[int]]) -> List[Tuple[List[int], bool]]:
-    """(indices, real) micro-batches, padded with zero-weight repeats of the first one so that every
-    rank runs as many forward/backward passes as the busiest: ZeRO's gathers and reductions are
-    collective, and a rank that stopped early would hang the others."""
-    micro = [m for m in micro if m]
-    n = all_max(len(micro))
-    filler = micro[0] if micro else [0]
-    return [(idx, True) for idx in micro] + [(filler, False)] * (n - len(micro))
-
-
-def deepspeed_engine(model, optimizer, schedule, t, bf16: bool):
-    """`model` under DeepSpeed ZeRO `t.zero_stage` (with our optimizer and schedule, or none for a
-    frozen model), gradients averaged across ranks, clipping done by DeepSpeed."""
-    import deepspeed
-
-    zero = {"stage": t.zero_stage}
-    if t.offload in ("optimizer", "all") and optimizer is not None:
-        zero["offload_optimizer"] = {"device": "cpu"}
-    if t.offload == "all":
-        zero["offload_param"] = {"device": "cpu"}
-    ds_config = {
-        "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": 1,  # the loop marks the boundaries itself (micro-batch counts vary)
-        "gradient_clipping": t.grad_clip if optimizer is not None else 0.0,
-        "zero_optimization": zero,
-        "bf16": {"enabled": bf16},
-        "zero_allow_untested_optimizer": True,
-        "zero_force_ds_cpu_optimizer": False,  # our AdamW also with offload: the same numbers as without
-        "steps_per_print": 1 << 30,
-    }
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
-    return engine
-
-
-def all_sum(x: torch.Tensor) -> torch.Tensor:
-    """`x` summed over ranks (`x` itself in a single process)."""
-    if distributed():
-        x = x.clone()
-        torch.distributed.all_reduce(x)
-    return x
-
-
-def gather(obj) -> list:
-    """[rank 0's obj, rank 1's, ...] on every rank (small Python objects: lists of rewards, counts)."""
-    if not distributed():
-        return [obj]
-    out = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
-def sync_gradients(params) -> None:
-    """Each rank's loss is its share of the global mean (normalised by global token counts), so the
-    full gradient is the sum of the ranks' gradients: all-reduce them before the optimizer step."""
-    if distributed():
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            torch.distributed.all_reduce(p.grad)
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints: the whole training state, written atomically, so a resumed run is the same run
-# ---------------------------------------------------------------------------------------------
-
-STATE_FILE = "trainer_state.pt"  # beside the weights of checkpoints/step_N: optimizers, schedules, RNG, history
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (e.g. repeated non-finite updates); the message says why and what is kept."""
-
-
-def rng_state() -> dict:
-    """Python, numpy and torch RNG states as plain containers (loadable with weights_only=True)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": random.getstate(), "numpy": [name, keys.tolist(), pos, has_gauss, cached], "torch": torch.get_rng_state()}
-
-
-def set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-
-
-def publish(tmp: str, final: str) -> None:
-    """Move a fully written checkpoint into place: a crash before this leaves the previous one intact."""
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-
-
-def step_checkpoints(run_dir: str) -> List[Tuple[int, str]]:
-    """(step, path) of the complete step checkpoints of a run dir, oldest first."""
-    root = os.path.join(run_dir, "checkpoints")
-    found = []
-    for name in os.listdir(root) if os.path.isdir(root) else []:
-        path = os.path.join(root, name)
-        if name.startswith("step_") and name[5:].isdigit() and os.path.isfile(os.path.join(path, STATE_FILE)):
-            found.append((int(name[5:]), path))
-    return sorted(found)
-
-
-def save_training_state(run_dir: str, step: int, state: dict, policy, tokenizer, image_processor, critic, keep_last: int,
-                        engines: Dict[str, object]) -> str:  # fmt: skip
-    """checkpoints/step_<step>: the policy as a loadable HF dir (safetensors), the critic, `state`
-    (optimizers, schedules, RNG, history) and, under DeepSpeed, each engine's own sharded checkpoint
-    (every rank writes its part); then only the newest `keep_last` are kept. Rank 0 writes the rest."""
-    root = os.path.join(run_dir, "checkpoints")
-    tmp, final = os.path.join(root, f".tmp_step_{step}"), os.path.join(root, f"step_{step}")
-    main_rank = not distributed() or torch.distributed.get_rank() == 0
-    if main_rank:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    barrier()
-    for name, ds_engine in engines.items():
-        ds_engine.save_checkpoint(tmp, tag=name)  # optimizer partitions, schedule, module: collective
-    with gathered_weights(policy, critic):  # ZeRO-3 shards gathered for the HF copy
-        if main_rank:
-            save_checkpoint(tmp, policy, tokenizer, image_processor, critic)
-            torch.save(state, os.path.join(tmp, STATE_FILE))
-    barrier()
-    if main_rank:
-        publish(tmp, final)
-        for _, old in step_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old)
-    barrier()
-    return final
-
-
-def barrier() -> None:
-    if distributed():
-        torch.distributed.barrier()
-
-
-def gathered_weights(*models):
-    """A context in which ZeRO-3-sharded parameters are whole (nothing to do for other models)."""
-    params = [p for m in models if m is not None for p in m.parameters()]
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(params)
-    return nullcontext()
-
-
-def load_training_state(checkpoint: str) -> dict:
-    """`checkpoint`'s training state, once every file of it has been read back: a truncated or
-    corrupt file raises here, before anything is loaded into the models. Safetensors headers are
-    checked against their file's size, torch archives (DeepSpeed's shards) for their index, JSON
-    files parsed, and the state itself loaded in full (tensors and plain data only)."""
-    for root, _, names in os.walk(checkpoint):
-        for name in names:
-            path = os.path.join(root, name)
-            if name.endswith(".safetensors"):
-                with safetensors.safe_open(path, "pt"):
-                    pass
-            elif name.endswith((".pt", ".bin")):
-                zipfile.ZipFile(path).close()
-            elif name.endswith(".json"):
-                with open(path) as f:
-                    json.load(f)
-    return torch.load(os.path.join(checkpoint, STATE_FILE), weights_only=True)
-
-
-def resume_point(run_dir: str, resume_from: Optional[str]) -> Tuple[Optional[str], Optional[dict]]:
-    """The checkpoint to continue from and its training state: trainer.resume_from (a step dir, or a
-    run dir's newest that loads), else this run dir's newest that loads (a requeued SLURM job reuses
-    its dir), else (None, None) for a fresh start. One that does not load is skipped with a warning;
-    this run's own is also renamed step_N.unloadable-<time>, kept for inspection, so that a requeued
-    job does not trip on it again."""
-    if resume_from and os.path.isfile(os.path.join(resume_from, STATE_FILE)):
-        candidates = [resume_from]
-    else:
-        candidates = [path for _, path in reversed(step_checkpoints(resume_from or run_dir))]
-        if resume_from and not candidates:
-            raise FileNotFoundError(f"trainer.resume_from={resume_from}: no checkpoints/step_N with {STATE_FILE} there")
-    main_rank = not distributed() or torch.distributed.get_rank() == 0
-    for path in candidates:
-        try:
-            return path, load_training_state(path)
-        except pickle.UnpicklingError:
-            raise  # a state that carries code is refused, not skipped
-        except Exception as e:  # truncated, corrupt, unreadable: whatever keeps it from loading
-            problem = f"{type(e).__name__}: {e}"
-        kept = path
-        if not resume_from and main_rank:
-            kept = f"{path}.unloadable-{time.strftime('%Y%m%d-%H%M%S')}"
-            os.rename(path, kept)
-        if main_rank:
-            print(f"[resume] warning: {path} cannot be loaded ({problem}); kept as {kept}, trying the one before", flush=True)
-    if resume_from:
-        raise TrainingError(f"trainer.resume_from={resume_from}: no checkpoint there can be loaded (see the warnings above)")
-    return None, None
-
-
-def rewrite_logs(run_dir: str, step: int) -> None:
-    """Drop log lines of steps after `step` (written after the checkpoint, before the run stopped):
-    the resumed run writes them again, identically."""
-    for name in ("metrics.jsonl", "samples.jsonl"):
-        path = os.path.join(run_dir, name)
-        if os.path.isfile(path):
-            with open(path) as f:
-                lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-            with open(path, "w") as f:
-                f.writelines(lines)
-
-
-class StopSignals:
-    """SIGTERM (preemption), SIGUSR1/SIGUSR2 (SLURM's and submitit's warning before the time limit):
-    remember the signal, let the loop save at the end of the step, then hand over to whoever
-    handled it before (submitit requeues the job) or exit with 128 + signal number."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
-
-    def __init__(self):
-        self.received: Optional[int] = None
-        self.previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self.previous[sig] = signal.signal(sig, self.handle)
-
-    def handle(self, signum, frame) -> None:
-        self.received = signum
-        print(f"[signal] {signal.Signals(signum).name}: saving at the end of this step, then stopping", flush=True)
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def stop(self) -> None:
-        """After the checkpoint is written: the previous handler (submitit's requeue), else exit.
-        (A rank that got no signal itself stops with its peers, as if it had had SIGTERM.)"""
-        sig = self.received or signal.SIGTERM
-        previous = self.previous.get(sig)
-        self.restore()
-        if callable(previous):
-            previous(sig, None)
-        sys.exit(128 + sig)
-
-
-# ---------------------------------------------------------------------------------------------
 # Dynamic sampling (DAPO): refill groups whose rewards all agree
 # ---------------------------------------------------------------------------------------------
 
@@ -604,14 +312,8 @@ def replace_flat_groups(current: Scored, fresh: Scored, group_size: int) -> Scor
 
 
 # ---------------------------------------------------------------------------------------------
-# Run
+# Batching, logging and files
 # ---------------------------------------------------------------------------------------------
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def chunks(xs: List[int], n: int) -> List[List[int]]:
@@ -704,18 +406,6 @@ def adamw_with_schedule(params, lr: float, t, total_updates: int):
     return optimizer, schedule
 
 
-def optimizer_step(params, optimizer, schedule, grad_clip: float) -> float:
-    """Clip, step, advance the schedule, clear grads; returns the grad norm before clipping. A
-    non-finite gradient (a NaN loss, an overflow) skips the step: one bad batch must not poison the
-    weights or Adam's moments. The schedule still advances, so it stays tied to the step count."""
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf")).item()
-    if math.isfinite(norm):
-        optimizer.step()
-    schedule.step()
-    optimizer.zero_grad(set_to_none=True)
-    return norm
-
-
 def micro_batches(indices: List[int], seq_lens: List[int], t) -> List[List[int]]:
     """Samples `indices` split into micro-batches: packed into t.max_tokens_per_micro tokens each
     (first-fit decreasing over their prompt + completion lengths), or t.micro_batch_size padded ones."""
@@ -751,8 +441,78 @@ def write_samples(path: str, step: int, prompts, rollout, total, parts, k: int) 
             f.write(json.dumps(row) + "\n")
 
 
-def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
-    """Train with the composed config `cfg`, writing everything into `run_dir`; returns the last metrics."""
+# ---------------------------------------------------------------------------------------------
+# The run's state: set-up builds it, each step hands it to the next, resume restores it, save writes it
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunState:
+    """A run: what set-up builds once (config, ranks, models, engine, data), then the progress that
+    each step updates and every checkpoint saves."""
+
+    cfg: DictConfig
+    run_dir: str
+    rank: int
+    world: int
+    device: torch.device
+    # models: the policy trains (fp32 master weights, compute in model.dtype under autocast); the
+    # reference (KL) is frozen; the critic (estimator=gae) trains beside the policy
+    policy: torch.nn.Module
+    tokenizer: object
+    image_processor: object
+    reference: Optional[torch.nn.Module]
+    critic: Optional[torch.nn.Module]
+    engine: object  # the rollout engine (rollout.py): samples from the policy's weights after each sync
+    pool: object  # the reward workers (rewards.py)
+    samples: list  # the training prompts (data.py Sample)
+    total_steps: int
+    updates_per_step: int  # optimizer steps per RL step: ppo_epochs x mini-batches
+    banned_ids: torch.Tensor  # vision tokens, never sampled or scored
+    # by model name ("policy", "critic"): (trainable params, AdamW, schedule), and the DeepSpeed
+    # engines that wrap them when trainer.zero_stage > 0 (none otherwise)
+    optimizers: Dict[str, tuple] = field(default_factory=dict)
+    ds_engines: Dict[str, object] = field(default_factory=dict)
+    # progress, in every checkpoint
+    step: int = 0  # steps done
+    batches_used: int = 0  # prompt batches drawn (dynamic sampling draws extra ones): the data position
+    kl_coef: float = 0.0  # the KL coefficient now (algo.kl_target adapts it)
+    bad_steps: int = 0  # steps in a row with a skipped, non-finite update
+    history: List[Dict[str, float]] = field(default_factory=list)  # every step's metrics
+    wandb_id: Optional[str] = None
+    wandb_run: object = None
+    batches: Optional[Iterator[List[int]]] = None  # the prompt batches from batches_used on
+
+
+PROGRESS = ("step", "batches_used", "kl_coef", "bad_steps", "history", "wandb_id")  # saved as they are
+OPTIMIZER_KEYS = {"policy": "", "critic": "critic_"}  # their optimizer/schedule keys in STATE_FILE
+
+
+def autocast(state: RunState):
+    return autocast_ctx(state.device, str(state.cfg.model.dtype))
+
+
+def make_batch(state: RunState, pairs) -> dict:
+    """The model inputs of (prompt, completion ids) pairs: packed into one row, or padded rows."""
+    if not state.cfg.trainer.packing:
+        return collate(pairs, state.tokenizer.pad_token_id, image_token_id(state.policy), state.device)
+    # under torch.distributed (ZeRO-3) a micro-batch without images still runs the vision tower
+    return pack(pairs, state.policy, state.tokenizer.pad_token_id, state.device) | {"dummy_vision": distributed()}
+
+
+def logps(state: RunState, model, batch, **kw) -> torch.Tensor:
+    """(B, Tb) log-probs of the completion tokens, at the sampling temperature, vision tokens banned."""
+    return sequence_logps(model, batch, state.cfg.rollout.temperature, state.cfg.trainer.logp_chunk_size, state.banned_ids, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up and resume
+# ---------------------------------------------------------------------------------------------
+
+
+def setup(cfg: DictConfig, run_dir: str) -> RunState:
+    """Check the config (what can fail does so before any model loads), start the ranks, load the
+    models, the data and the rollout engine, build the optimizers (under DeepSpeed at zero_stage > 0)."""
     validate(cfg)
     t, r, a = cfg.trainer, cfg.rollout, cfg.algo
     for name in cfg.reward.weights:
@@ -763,369 +523,466 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
     if t.zero_stage > 0 and pick_device(t.device).type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU backend (gloo), for tests and debugging
     rank, world, device = init_distributed(t.device, always=t.zero_stage > 0)
-    main_rank = rank == 0  # only rank 0 writes files, logs and checkpoints
     if r.prompts_per_step % world:
         raise ConfigError(f"rollout.prompts_per_step={r.prompts_per_step} must divide among {world} ranks")
-    if main_rank:
+    if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
         write_run_info(run_dir, cfg)
 
-    # ---- set-up: models, data, engine, optimizers ----
     policy, tokenizer, image_processor = load_policy(cfg.model, t.seed, device)
     policy.float()  # fp32 master weights; compute runs in model.dtype under autocast
     pool = reward_pool(cfg.reward.workers)
-    weights = dict(cfg.reward.weights)
-
-    def gold_check(rows):
-        return gold_problems(pool, [s.reward_row() for s in rows], list(weights), cfg.reward.timeout_s)
-
-    samples, skipped = load_dataset(cfg.data, t.seed, tokenizer, image_processor, gold_check)
-    if main_rank:
-        print(f"[data] {len(samples)} prompts" + (f", skipped {sum(skipped.values())}: {dict(skipped)}" if skipped else ""))
+    samples = load_samples(cfg, tokenizer, image_processor, pool)
     reference = frozen_copy(policy) if a.kl_coef > 0 else None
     critic = None
     if a.estimator == "gae":  # a value head on a copy of the policy's backbone, or of algo.critic_path's
         source = load_policy(OmegaConf.merge(cfg.model, {"path": a.critic_path}), t.seed, device)[0] if a.critic_path else policy
         critic = Critic(source).float()
     engine = make_engine(cfg, policy, tokenizer, image_processor, model_path, run_dir)
-    autocast = autocast_ctx(device, str(cfg.model.dtype))
-    banned_ids = torch.tensor(tokenizer.convert_tokens_to_ids(VISION_TOKENS), device=device)
-    image_token = image_token_id(policy)
-
-    def make_batch(pairs):
-        if not t.packing:
-            return collate(pairs, tokenizer.pad_token_id, image_token, device)
-        # under torch.distributed (ZeRO-3) a micro-batch without images still runs the vision tower
-        return pack(pairs, policy, tokenizer.pad_token_id, device) | {"dummy_vision": torch.distributed.is_initialized()}
-
-    def logps(model, batch, **kw):
-        return sequence_logps(model, batch, r.temperature, t.logp_chunk_size, banned_ids, **kw)
-
-    n_samples = r.prompts_per_step * r.group_size  # over all ranks; this rank holds n_local from `offset` on
-    n_local = n_samples // world
-    offset = rank * n_local
+    n_samples = r.prompts_per_step * r.group_size
     total_steps = t.max_steps if t.max_steps > 0 else t.episodes * steps_per_epoch(len(samples), r.prompts_per_step)
-    updates_per_step = a.ppo_epochs * (n_samples // t.mini_batch_size)
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer, schedule = adamw_with_schedule(params, t.lr, t, total_steps * updates_per_step)
-    if critic is not None:
-        critic_params = list(critic.parameters())
-        critic_opt, critic_schedule = adamw_with_schedule(critic_params, a.critic_lr, t, total_steps * updates_per_step)
-    engines: Dict[str, object] = {}  # DeepSpeed engines by name; empty when zero_stage=0
+    banned_ids = torch.tensor(tokenizer.convert_tokens_to_ids(VISION_TOKENS), device=device)
+    state = RunState(cfg, run_dir, rank, world, device, policy, tokenizer, image_processor, reference, critic, engine, pool,
+                     samples, total_steps, a.ppo_epochs * (n_samples // t.mini_batch_size), banned_ids, kl_coef=a.kl_coef)  # fmt: skip
+    build_optimizers(state)
+    return state
+
+
+def load_samples(cfg: DictConfig, tokenizer, image_processor, pool) -> list:
+    """The training prompts; rows whose gold answer no reward can check are skipped and counted."""
+    names = list(cfg.reward.weights)
+
+    def gold_check(rows):
+        return gold_problems(pool, [s.reward_row() for s in rows], names, cfg.reward.timeout_s)
+
+    samples, skipped = load_dataset(cfg.data, cfg.trainer.seed, tokenizer, image_processor, gold_check)
+    if main_rank():
+        print(f"[data] {len(samples)} prompts" + (f", skipped {sum(skipped.values())}: {dict(skipped)}" if skipped else ""))
+    return samples
+
+
+def build_optimizers(state: RunState) -> None:
+    """AdamW and its schedule for the policy (and the critic), stepped once per mini-batch; under
+    ZeRO each model goes into a DeepSpeed engine with them (the reference too at stage 3, sharded)."""
+    t, cfg = state.cfg.trainer, state.cfg
+    trained = {"policy": (state.policy, t.lr)}
+    if state.critic is not None:
+        trained["critic"] = (state.critic, cfg.algo.critic_lr)
+    for name, (model, lr) in trained.items():
+        params = [p for p in model.parameters() if p.requires_grad]  # (a frozen vision tower has none to step)
+        state.optimizers[name] = (params, *adamw_with_schedule(params, lr, t, state.total_steps * state.updates_per_step))
     if t.zero_stage > 0:
         bf16 = str(cfg.model.dtype) == "bfloat16"
-        engines["policy"] = deepspeed_engine(policy, optimizer, schedule, t, bf16)
-        if critic is not None:
-            engines["critic"] = deepspeed_engine(critic, critic_opt, critic_schedule, t, bf16)
-        if reference is not None and t.zero_stage == 3:
-            deepspeed_engine(reference, None, None, t, bf16)  # sharded as well, forward only
+        for name, (model, _) in trained.items():
+            state.ds_engines[name] = deepspeed_engine(model, *state.optimizers[name][1:], t, bf16)
+        if state.reference is not None and t.zero_stage == 3:
+            deepspeed_engine(state.reference, None, None, t, bf16)  # forward only
 
-    def backward(name: str, loss, boundary: bool) -> None:
-        """Plain backward, or DeepSpeed's: it averages gradients over ranks, our losses are shares of
-        a global mean to be summed, hence the factor; the boundary tells ZeRO when to reduce."""
-        if name not in engines:
-            loss.backward()
-            return
-        engines[name].set_gradient_accumulation_boundary(boundary)
-        engines[name].backward(loss * world)
 
-    def update(name: str, model_params, opt, sched) -> float:
-        """One optimizer step; returns the gradient norm (non-finite: the step was skipped)."""
-        if name not in engines:
-            sync_gradients(model_params)
-            return optimizer_step(model_params, opt, sched, t.grad_clip)
-        engines[name].step()
-        norm = engines[name].get_global_grad_norm()
-        return float(norm) if norm is not None else 0.0
-
-    # Before the first update the trainer's log-probs are the sampling policy's: with one update per
-    # rollout old_logp = logp.detach() and that forward pass is skipped.
-    pre_models = {}
-    if updates_per_step > 1 or (a.kl_in_reward and reference is not None):
-        pre_models["old_logp"] = lambda b: logps(policy, b)
-    if reference is not None:
-        pre_models["ref_logp"] = lambda b: logps(reference, b)
-    if critic is not None:
-        pre_models["values"] = lambda b: sequence_values(critic, b)
-
-    # ---- resume: this run dir's newest checkpoint (a requeued job), or trainer.resume_from ----
-    history: List[Dict[str, float]] = []
-    start_step, bad_steps, wandb_id, kl_coef, batches_used = 0, 0, None, a.kl_coef, 0
-    checkpoint, state = resume_point(run_dir, t.resume_from)
+def resume(state: RunState) -> None:
+    """Continue from this run dir's newest checkpoint (a requeued job) or trainer.resume_from: weights,
+    optimizers, schedules, RNG, progress and the data position; the engine then samples from the
+    restored weights. The reference stays the starting policy. Log lines written after that
+    checkpoint (all of them, on a fresh start) are dropped: the run writes them again."""
+    checkpoint, saved = resume_point(state.run_dir, state.cfg.trainer.resume_from)
     if checkpoint is not None:
-        if engines:  # DeepSpeed restores its modules, optimizer partitions and schedules itself
-            for name, ds_engine in engines.items():
+        if state.ds_engines:  # DeepSpeed restores its modules, optimizer partitions and schedules itself
+            for name, ds_engine in state.ds_engines.items():
                 ds_engine.load_checkpoint(checkpoint, tag=name)
         else:
-            load_weights(checkpoint, policy, critic)  # the reference stays the starting policy
-            optimizer.load_state_dict(state["optimizer"])
-            schedule.load_state_dict(state["schedule"])
-            if critic is not None:
-                critic_opt.load_state_dict(state["critic_optimizer"])
-                critic_schedule.load_state_dict(state["critic_schedule"])
-        set_rng_state(state["rng"])
-        start_step, bad_steps, history, wandb_id = state["step"], state["bad_steps"], state["history"], state["wandb_id"]
-        kl_coef, batches_used = state["kl_coef"], state["batches_used"]
-        if main_rank:
-            print(f"[resume] {checkpoint}: continuing at step {start_step + 1} of {total_steps}")
-        engine.sync_weights(policy)
-    if main_rank:  # lines logged after that checkpoint (all, on a fresh start) are written again
-        rewrite_logs(run_dir, start_step)
+            load_weights(checkpoint, state.policy, state.critic)
+            for name, (_, optimizer, schedule) in state.optimizers.items():
+                optimizer.load_state_dict(saved[f"{OPTIMIZER_KEYS[name]}optimizer"])
+                schedule.load_state_dict(saved[f"{OPTIMIZER_KEYS[name]}schedule"])
+        set_rng_state(saved["rng"])
+        for key in PROGRESS:
+            setattr(state, key, saved[key])
+        if main_rank():
+            print(f"[resume] {checkpoint}: continuing at step {state.step + 1} of {state.total_steps}")
+        state.engine.sync_weights(state.policy)
+    if main_rank():
+        rewrite_logs(state.run_dir, state.step)
+    cfg = state.cfg
+    state.batches = prompt_batches(len(state.samples), cfg.rollout.prompts_per_step, cfg.trainer.seed, cfg.data.shuffle)
+    for _ in range(state.batches_used):  # the data order continues where the checkpoint left it
+        next(state.batches)
 
-    wandb_run = None
-    if cfg.log.wandb != "disabled" and main_rank:
+
+def save(state: RunState) -> None:
+    """checkpoints/step_<state.step>: weights, progress, RNG and (without DeepSpeed, which saves its
+    own partitions) the optimizers and schedules."""
+    saved = {key: getattr(state, key) for key in PROGRESS} | {"rng": rng_state()}
+    if not state.ds_engines:
+        for name, (_, optimizer, schedule) in state.optimizers.items():
+            saved |= {
+                f"{OPTIMIZER_KEYS[name]}optimizer": optimizer.state_dict(),
+                f"{OPTIMIZER_KEYS[name]}schedule": schedule.state_dict(),
+            }
+    save_training_state(state.run_dir, state.step, saved, state.policy, state.tokenizer, state.image_processor, state.critic,
+                        state.cfg.trainer.keep_last, state.ds_engines)  # fmt: skip
+
+
+def open_wandb(state: RunState) -> None:
+    cfg = state.cfg
+    if cfg.log.wandb != "disabled" and main_rank():
         import wandb
 
-        wandb_run = wandb.init(
+        state.wandb_run = wandb.init(
             project=cfg.log.project,
-            name=os.path.basename(os.path.normpath(run_dir)),
-            dir=run_dir,
+            name=os.path.basename(os.path.normpath(state.run_dir)),
+            dir=state.run_dir,
             mode=str(cfg.log.wandb),
             config=OmegaConf.to_container(cfg, resolve=True),
             reinit="finish_previous",
-            id=wandb_id,
-            resume="allow" if wandb_id else None,
+            id=state.wandb_id,
+            resume="allow" if state.wandb_id else None,
+        )
+    state.wandb_id = state.wandb_run.id if state.wandb_run is not None else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The RL step, phase by phase
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Experience:
+    """One step's scored samples on this rank: N = its samples (its prompts x group_size, a prompt's
+    group consecutive), T = its longest completion."""
+
+    scored: Scored
+    items: list  # (N,) (prompt, completion ids)
+    seq_lens: List[int]  # (N,) prompt + completion tokens
+    lengths: torch.Tensor  # (N,) completion tokens
+    mask: torch.Tensor  # (N, T) real completion tokens
+    keep: torch.Tensor  # (N,) bool: in the loss (DAPO's algo.mask_truncated leaves truncated ones out)
+    sampler_logp: Optional[torch.Tensor]  # (N, T) the engine's log-probs of the sampled tokens
+    every_rank: List[dict]  # each rank's rewards, counts and lengths, in rank order (for the loss norms and logs)
+    loss_lengths: List[int]  # (N_global,) tokens each sample adds to the loss, in rank order
+
+
+def rollout(state: RunState, step: int) -> Experience:
+    """Sample this rank's share of the step's prompts, group_size completions each, and score them.
+    DAPO's dynamic sampling: groups whose rewards all agree teach nothing, so they are refilled from
+    fresh prompts, up to algo.max_sampling_rounds, every rank sampling while any rank has one."""
+    r, a = state.cfg.rollout, state.cfg.algo
+    per_rank = r.prompts_per_step // state.world
+    mine = range(state.rank * per_rank, (state.rank + 1) * per_rank)  # positions in the step's prompt batch
+    scored = sample_and_score(state, next(state.batches), step, 0, mine)
+    state.batches_used += 1
+    for round_ in range(1, a.max_sampling_rounds if a.dynamic_sampling else 1):
+        if not any_rank(has_flat_group(scored.total, r.group_size)):
+            break
+        scored = replace_flat_groups(scored, sample_and_score(state, next(state.batches), step, round_, mine), r.group_size)
+        state.batches_used += 1
+
+    rollout = scored.rollout
+    items = [(scored.prompts[p], c) for p, c in zip(rollout.prompt_index, rollout.completion_ids)]
+    lengths = torch.tensor([len(c) for c in rollout.completion_ids])  # (N,)
+    T = max(1, int(lengths.max()))
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).to(state.device)  # (N, T)
+    sampler_logp = None if rollout.logprobs is None else right_pad(rollout.logprobs, T, state.device)  # (N, T)
+    keep = ~torch.tensor(rollout.truncated) if a.mask_truncated else torch.ones(len(items), dtype=torch.bool)  # (N,)
+    mine_logged = {"loss_lengths": (lengths * keep).tolist(), "total": scored.total, "parts": scored.parts,
+                   "failures": dict(scored.failures), "truncated": rollout.truncated, "vision_cut": scored.vision_cut,
+                   "lengths": lengths.tolist(), "prompt_tokens": sum(len(p.input_ids) for p in scored.prompts)}  # fmt: skip
+    every_rank = gather(mine_logged)
+    seq_lens = [len(p.input_ids) + len(c) for p, c in items]
+    loss_lengths = [n for rk in every_rank for n in rk["loss_lengths"]]
+    return Experience(scored, items, seq_lens, lengths, mask, keep, sampler_logp, every_rank, loss_lengths)
+
+
+def sample_and_score(state: RunState, batch_ids: List[int], step: int, round_: int, mine: range) -> Scored:
+    """This rank's share (`mine`) of a prompt batch: generated with a seed per prompt (the same
+    samples at any world size), cut before sampled vision tokens, scored."""
+    t_start = time.time()
+    r = state.cfg.rollout
+    prompts = [encode_prompt(state.samples[batch_ids[k]], state.tokenizer, state.image_processor) for k in mine]
+    seeds = [derive_seed(state.cfg.trainer.seed, step, "rollout", round_, k) for k in mine]
+    with autocast(state), gathered_weights(state.policy) if r.engine == "hf" else nullcontext():  # HF samples the module
+        rollout = state.engine.generate(prompts, r.group_size, seeds)
+    vision_cut = cut_vision_tokens(rollout, state.banned_ids.tolist())
+    t_generated = time.time()
+    rows = [prompts[p].sample.reward_row() for p in rollout.prompt_index]
+    total, parts, failures = score(state.pool, rollout.texts, rows, dict(state.cfg.reward.weights), state.cfg.reward.timeout_s)
+    return Scored(prompts, rollout, total, parts, failures, vision_cut, t_generated - t_start, time.time() - t_generated)
+
+
+@dataclass
+class Advantages:
+    """What the update needs beside the samples, all (N, T) but `shaping` (N,)."""
+
+    advantages: torch.Tensor
+    returns: Optional[torch.Tensor]  # the value model's targets (estimator=gae)
+    old_logp: Optional[torch.Tensor]  # the sampling policy's log-probs (None: one update, taken from it)
+    ref_logp: Optional[torch.Tensor]  # the reference's (KL)
+    old_values: Optional[torch.Tensor]  # the critic's (gae)
+    kl_reward: Optional[torch.Tensor]  # the KL charged in the reward (algo.kl_in_reward)
+    shaping: Optional[torch.Tensor]  # DAPO's overlong penalty added to each reward
+
+
+def advantages(state: RunState, exp: Experience) -> Advantages:
+    """Token advantages: the rewards with DAPO's overlong penalty, one no-grad pass of the old
+    policy, the reference and the critic over the samples, the KL in the reward, the estimator."""
+    a, r, t = state.cfg.algo, state.cfg.rollout, state.cfg.trainer
+    rewards = torch.tensor(exp.scored.total, device=state.device)  # (N,)
+    shaping = None
+    if a.overlong_buffer > 0:  # completions near the token limit pay for their length
+        shaping = overlong_penalty(exp.lengths, r.max_new_tokens, a.overlong_buffer, a.overlong_penalty).to(state.device)
+        rewards = rewards + shaping
+    # Before the first update the trainer's log-probs are the sampling policy's: with one update per
+    # rollout old_logp = logp.detach() and that pass is skipped.
+    models = {}
+    if state.updates_per_step > 1 or (a.kl_in_reward and state.reference is not None):
+        models["old_logp"] = partial(logps, state, state.policy)
+    if state.reference is not None:
+        models["ref_logp"] = partial(logps, state, state.reference)
+    if state.critic is not None:
+        models["values"] = partial(sequence_values, state.critic)
+    with autocast(state):
+        micro = [idx for idx, _ in in_step(micro_batches(list(range(len(exp.items))), exp.seq_lens, t))]
+        pre = rollout_forward(models, exp.items, exp.mask.shape[1], micro, partial(make_batch, state))
+    old_logp, ref_logp, old_values = pre.get("old_logp"), pre.get("ref_logp"), pre.get("values")
+    kl_reward = None
+    if a.kl_in_reward and ref_logp is not None:
+        kl_reward = kl_penalty(old_logp, ref_logp, str(a.kl_estimator)) * exp.mask  # (N, T)
+    adv, returns = token_advantages(a, rewards, exp.mask, r.group_size, kl_reward, old_values, state.kl_coef)
+    return Advantages(adv, returns, old_logp, ref_logp, old_values, kl_reward, shaping)
+
+
+def update(state: RunState, exp: Experience, adv: Advantages, step: int) -> Dict[str, torch.Tensor]:
+    """algo.ppo_epochs passes over the step's samples in mini-batches of trainer.mini_batch_size, one
+    optimizer step each. Mini-batches are drawn over global sample ids, so they are the same at any
+    world size; each rank runs its part of one as micro-batches. Returns this rank's statistics,
+    summed over the updates (float64 scalars, so the loop never waits for the device), and the
+    gradient norm of each update under "grad_norms"."""
+    a, t = state.cfg.algo, state.cfg.trainer
+    n_local = len(exp.items)
+    offset = state.rank * n_local
+    state.policy.train()
+    stats = defaultdict(lambda: torch.zeros((), dtype=torch.float64, device=state.device))
+    norms = []
+    for epoch in range(a.ppo_epochs):
+        order = torch.randperm(
+            n_local * state.world, generator=torch.Generator().manual_seed(derive_seed(t.seed, step, epoch))
+        ).tolist()
+        for mini in chunks(order, t.mini_batch_size):
+            norm_by = (max(1, sum(exp.loss_lengths[g] for g in mini)), len(mini))  # the mini-batch's tokens, sequences
+            micro = in_step(micro_batches([g - offset for g in mini if offset <= g < offset + n_local], exp.seq_lens, t))
+            for k, (idx, real) in enumerate(micro):
+                micro_batch_backward(state, exp, adv, idx, 1.0 if real else 0.0, k + 1 == len(micro), norm_by, stats)
+            norm = optimizer_update(state, "policy")
+            if state.critic is not None:
+                norm += optimizer_update(state, "critic")
+            norms.append(norm)
+    return dict(stats) | {"grad_norms": norms}
+
+
+def micro_batch_backward(state, exp, adv, idx: List[int], weight: float, boundary: bool, norm_by, stats) -> None:
+    """Forward and backward of one micro-batch (samples `idx`; weight 0: a filler pass of in_step):
+    the clipped policy loss (TIS-weighted), the KL term, the entropy bonus, and the critic's clipped
+    value loss, each as its share of the mini-batch mean; adds those shares to `stats`."""
+    a, cfg = state.cfg.algo, state.cfg
+    batch = make_batch(state, [exp.items[i] for i in idx])
+    m = batch["completion_mask"] & exp.keep[idx].to(state.device)[:, None]  # (B, Tb) tokens in the loss
+    Tb = m.shape[1]
+    num_tokens, num_seqs = norm_by
+    agg = partial(
+        aggregate, mask=m, mode=str(a.loss_agg), num_tokens=num_tokens, num_seqs=num_seqs, max_len=cfg.rollout.max_new_tokens
+    )
+    with autocast(state):
+        logp, entropy = logps(state, state.policy, batch, with_entropy=True, entropy_grad=a.entropy_coef > 0)  # (B, Tb)
+    old = adv.old_logp[idx, :Tb] if adv.old_logp is not None else logp.detach()
+    token_loss, clipped = policy_loss(logp, old, adv.advantages[idx, :Tb], a.clip_low, a.clip_high, a.dual_clip)
+    if exp.sampler_logp is not None:
+        sampled = exp.sampler_logp[idx, :Tb]
+        if adv.old_logp is None:  # the sampler's vs the trainer's log-probs, taken here (see step_metrics)
+            stats["logp_gap"] += weight * ((old - sampled).abs() * batch["completion_mask"]).sum().double()
+        if a.tis_clip is not None:
+            token_loss = token_loss * tis_weights(old, sampled, a.tis_clip)
+    loss = agg(token_loss) * weight
+    stats["loss/policy"] += loss.detach().double()
+    if adv.ref_logp is not None and not a.kl_in_reward:
+        kl = agg(kl_penalty(logp, adv.ref_logp[idx, :Tb], str(a.kl_estimator))) * weight
+        stats["loss/kl"] += kl.detach().double()
+        loss = loss + state.kl_coef * kl
+    if a.entropy_coef > 0:  # exploration bonus
+        loss = loss - a.entropy_coef * agg(entropy) * weight
+    backward(state.ds_engines, "policy", loss, boundary)
+    stats["loss/clip_frac"] += weight * (clipped & m).sum().double() / num_tokens
+    stats["loss/entropy"] += weight * (entropy.detach() * m).sum().double() / num_tokens
+    approx_kl = kl_penalty(logp.detach(), old, "k3")  # how far the update has moved from the sampler
+    stats["loss/approx_kl"] += weight * (approx_kl * m).sum().double() / num_tokens
+    if state.critic is not None:
+        with autocast(state):
+            values = sequence_values(state.critic, batch)
+        v_loss = agg(value_loss(values, adv.old_values[idx, :Tb], adv.returns[idx, :Tb], a.value_clip)) * weight
+        backward(state.ds_engines, "critic", v_loss, boundary)
+        stats["loss/value"] += v_loss.detach().double()
+
+
+def optimizer_update(state: RunState, name: str) -> float:
+    """One optimizer step of model `name`; its gradient norm (non-finite: the step was skipped)."""
+    return step_optimizer(state.ds_engines, name, *state.optimizers[name], state.cfg.trainer.grad_clip)
+
+
+def evaluate(state: RunState, step: int) -> Dict[str, float]:
+    """eval/<benchmark> accuracies, greedy with the rollout engine, every eval.every steps (ZeRO-3:
+    every rank gathers the weights, rank 0 evaluates)."""
+    cfg = state.cfg
+    scores = {}
+    if cfg.eval.every > 0 and (step + 1) % cfg.eval.every == 0:
+        with gathered_weights(state.policy):
+            if main_rank():
+                out = os.path.join(state.run_dir, "eval", f"step_{step + 1}")
+                results = run_eval(cfg, out, (state.engine, state.tokenizer, state.image_processor))
+                scores = {f"eval/{name}": res["accuracy"] for name, res in results.items()}
+        barrier()
+    return scores
+
+
+def step_metrics(state: RunState, exp: Experience, adv: Advantages, stats: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """The step's metrics over every rank (README: Metrics): rewards and their counts, losses (the
+    shares summed over ranks, averaged over updates), rollout statistics. Adapts the KL coefficient."""
+    r, a, n = state.cfg.rollout, state.cfg.algo, state.cfg.rollout.prompts_per_step * state.cfg.rollout.group_size
+    ranks = exp.every_rank
+    all_rewards = torch.tensor([x for rk in ranks for x in rk["total"]])  # (N_global,)
+    metrics = {
+        "step": state.step + 1,
+        "reward/mean": all_rewards.mean().item(),
+        "reward/std": all_rewards.std().item() if n > 1 else 0.0,
+    }
+    for name in exp.scored.parts:
+        metrics[f"reward/{name}"] = sum(sum(rk["parts"][name]) for rk in ranks) / n
+    for kind in REWARD_COUNTS:
+        metrics[f"reward/{kind}"] = sum(rk["failures"].get(kind, 0) for rk in ranks)
+    norms = stats.pop("grad_norms")
+    logp_gap = stats.pop("logp_gap", None)
+    if stats:  # this rank's shares of the updates' losses: their sums over ranks are the losses
+        summed = all_sum(torch.stack(list(stats.values())).cpu()).tolist()
+        metrics.update({k: v / state.updates_per_step for k, v in zip(stats, summed)})
+    finite = [x for x in norms if math.isfinite(x)]
+    if finite:  # (already global)
+        metrics["loss/grad_norm"] = sum(finite) / state.updates_per_step
+    if adv.kl_reward is not None:  # the KL the rewards were charged
+        metrics["loss/kl"] = (all_sum(adv.kl_reward.sum()) / all_sum(exp.mask.sum().float())).item()
+    metrics["loss/lr"] = state.optimizers["policy"][2].get_last_lr()[0]
+    response_lengths = [x for rk in ranks for x in rk["lengths"]]
+    metrics["rollout/response_len"] = sum(response_lengths) / n
+    metrics["rollout/response_len_max"] = max(response_lengths)
+    metrics["rollout/truncated_frac"] = sum(sum(rk["truncated"]) for rk in ranks) / n
+    metrics["rollout/zero_std_groups"] = zero_std_fraction(all_rewards, r.group_size)
+    if adv.shaping is not None:
+        metrics["reward/overlong"] = all_sum(adv.shaping.sum()).item() / n
+    if state.critic is not None:
+        metrics["loss/explained_var"] = explained_variance(adv.old_values, adv.returns, exp.mask)
+    if a.kl_target is not None:  # adaptive KL: steer the coefficient toward the target KL per token
+        state.kl_coef = adaptive_kl_coef(state.kl_coef, metrics.get("loss/kl", 0.0), a.kl_target, a.kl_horizon, n)
+        metrics["loss/kl_coef"] = state.kl_coef
+    metrics["rollout/vision_token_cut"] = sum(rk["vision_cut"] for rk in ranks)
+    if exp.sampler_logp is not None:  # the sampler's vs the trainer's log-probs, same weights, per token
+        if adv.old_logp is not None:  # (else measured by the update itself, before its optimizer step)
+            logp_gap = ((adv.old_logp - exp.sampler_logp).abs() * exp.mask).sum().double()
+        metrics["rollout/logp_diff"] = all_sum(logp_gap.cpu()).item() / max(1, sum(response_lengths))
+    metrics["rollout/prompt_len"] = sum(rk["prompt_tokens"] for rk in ranks) / r.prompts_per_step
+    metrics["rollout/sampling_rounds"] = len(exp.scored.rounds)
+    metrics["loss/skipped_updates"] = len(norms) - len(finite)
+    return metrics
+
+
+def log(state: RunState, metrics: Dict[str, float], exp: Experience, bar) -> None:
+    """metrics.jsonl, samples.jsonl (every log.samples_every steps), wandb, the progress bar and
+    reward_curve.png, by rank 0."""
+    cfg, step = state.cfg, metrics["step"] - 1
+    state.history.append(metrics)
+    if not main_rank():
+        return
+    with open(os.path.join(state.run_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    if cfg.log.samples_every > 0 and step % cfg.log.samples_every == 0:
+        s = exp.scored
+        write_samples(
+            os.path.join(state.run_dir, "samples.jsonl"),
+            step + 1,
+            s.prompts,
+            s.rollout,
+            s.total,
+            s.parts,
+            cfg.log.samples_per_step,
+        )
+    if state.wandb_run is not None:
+        state.wandb_run.log(metrics, step=step + 1)
+    bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", len=f"{metrics['rollout/response_len']:.0f}")
+    if step + 1 == state.total_steps or step % 10 == 0:
+        plot_rewards(os.path.join(state.run_dir, "reward_curve.png"), state.history)
+
+
+def check_finite(state: RunState, metrics: Dict[str, float]) -> None:
+    """Stop after trainer.max_bad_steps steps in a row with a skipped (non-finite) update."""
+    skipped = metrics["loss/skipped_updates"]
+    state.bad_steps = state.bad_steps + 1 if skipped else 0
+    if state.bad_steps >= state.cfg.trainer.max_bad_steps:
+        raise TrainingError(
+            f"{state.bad_steps} steps in a row had non-finite loss or gradients (last: step {metrics['step']}, "
+            f"{skipped} of {state.updates_per_step} updates skipped); the weights were not changed by those "
+            "updates. Lower trainer.lr or check the rewards; the last checkpoint is in checkpoints/."
         )
 
-    batches = prompt_batches(len(samples), r.prompts_per_step, t.seed, cfg.data.shuffle)
-    for _ in range(batches_used):  # the data order continues where the checkpoint left it
-        next(batches)
 
-    def sample_and_score(batch_ids: List[int], step: int, round_: int, mine: range) -> Scored:
-        """This rank's share (`mine`) of a prompt batch: generated with a seed per prompt (the same
-        samples at any world size), cut before sampled vision tokens, scored."""
-        t_start = time.time()
-        prompts = [encode_prompt(samples[batch_ids[k]], tokenizer, image_processor) for k in mine]
-        seeds = [derive_seed(t.seed, step, "rollout", round_, k) for k in mine]
-        with autocast, gathered_weights(policy) if r.engine == "hf" else nullcontext():  # HF samples the module
-            rollout = engine.generate(prompts, r.group_size, seeds)
-        vision_cut = cut_vision_tokens(rollout, banned_ids.tolist())
-        t_generated = time.time()
-        rows = [prompts[p].sample.reward_row() for p in rollout.prompt_index]
-        total, parts, failures = score(pool, rollout.texts, rows, weights, cfg.reward.timeout_s)
-        return Scored(prompts, rollout, total, parts, failures, vision_cut, t_generated - t_start, time.time() - t_generated)
+# ---------------------------------------------------------------------------------------------
+# Run
+# ---------------------------------------------------------------------------------------------
 
+
+def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
+    """Train with the composed config `cfg`, writing everything into `run_dir`; returns the last metrics."""
+    state = setup(cfg, run_dir)
+    resume(state)
+    open_wandb(state)
     signals = StopSignals()
-    bar = tqdm(range(start_step, total_steps), total=total_steps, initial=start_step, desc=str(cfg.stage.name),
-               disable=not (cfg.log.progress and main_rank), dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(range(state.step, state.total_steps), total=state.total_steps, initial=state.step, desc=str(cfg.stage.name),
+               disable=not (cfg.log.progress and main_rank()), dynamic_ncols=True)  # fmt: skip
     for step in bar:
         t0 = time.time()
-        # ---- rollout ----
-        per_rank = r.prompts_per_step // world
-        mine = range(rank * per_rank, (rank + 1) * per_rank)  # positions in the step's prompt batch
-
-        scored = sample_and_score(next(batches), step, 0, mine)
-        batches_used += 1
-        for round_ in range(1, a.max_sampling_rounds if a.dynamic_sampling else 1):
-            # DAPO's dynamic sampling: groups whose rewards all agree teach nothing; refill them from
-            # fresh prompts (every rank samples while any rank still has such a group)
-            if all_sum(torch.tensor(float(has_flat_group(scored.total, r.group_size)))).item() == 0:
-                break
-            scored = replace_flat_groups(scored, sample_and_score(next(batches), step, round_, mine), r.group_size)
-            batches_used += 1
-        prompts, rollout, total, parts, failures = scored.prompts, scored.rollout, scored.total, scored.parts, scored.failures
-        vision_cut, t_rollout, t_reward = scored.vision_cut, scored.rollout_s, scored.reward_s
-        items = [(prompts[p], c) for p, c in zip(rollout.prompt_index, rollout.completion_ids)]
-        lengths = torch.tensor([len(c) for c in rollout.completion_ids])  # (N,)
-        seq_lens = [len(p.input_ids) + len(c) for p, c in items]  # (N,) prompt + completion tokens
-
-        T = max(1, int(lengths.max()))
-        mask = (torch.arange(T)[None, :] < lengths[:, None]).to(device)  # (N, T)
-        sampler_logp = None if rollout.logprobs is None else right_pad(rollout.logprobs, T, device)  # (N, T)
-
-        # ---- reward & advantage ----
-        rewards = torch.tensor(total, device=device)  # (N,) this rank's
-        if a.overlong_buffer > 0:  # DAPO: completions near the token limit pay for their length
-            shaping = overlong_penalty(lengths, r.max_new_tokens, a.overlong_buffer, a.overlong_penalty).to(device)
-            rewards = rewards + shaping
-        # DAPO: truncated completions take no part in the loss (their tokens are not counted either)
-        keep = ~torch.tensor(rollout.truncated) if a.mask_truncated else torch.ones(len(items), dtype=torch.bool)  # (N,)
-        ranks = gather([(lengths * keep).tolist(), total, parts, dict(failures), rollout.truncated, vision_cut, lengths.tolist()])
-        loss_lengths = [n for rk in ranks for n in rk[0]]  # (N_global,) tokens each sample adds to the loss, in rank order
-        with autocast:
-            micro = [idx for idx, _ in in_step(micro_batches(list(range(n_local)), seq_lens, t))]
-            pre = rollout_forward(pre_models, items, T, micro, make_batch)
-        old_logp, ref_logp, old_values = pre.get("old_logp"), pre.get("ref_logp"), pre.get("values")
-        kl_reward = None
-        if a.kl_in_reward and ref_logp is not None:
-            kl_reward = kl_penalty(old_logp, ref_logp, str(a.kl_estimator)) * mask  # (N, T)
-        advantages, returns = token_advantages(a, rewards, mask, r.group_size, kl_reward, old_values, kl_coef)
-        # the sampler's vs the trainer's log-probs of the same tokens under the same weights: from the
-        # old_logp pass if there is one, else from the update itself (one update: all before its step)
-        logp_gap = 0.0
-        if sampler_logp is not None and old_logp is not None:
-            logp_gap = ((old_logp - sampler_logp).abs() * mask).sum().item()
-
-        # ---- policy update ----
+        exp = rollout(state, step)  # sample groups (dynamic sampling inside), cut, score
+        adv = advantages(state, exp)  # overlong shaping, old/reference/value pass, KL in the reward, estimator
         t1 = time.time()
-        policy.train()
-        stats = defaultdict(float)
-        skipped = 0  # updates skipped for a non-finite loss or gradient
-        for epoch in range(a.ppo_epochs):
-            order = torch.randperm(n_samples, generator=torch.Generator().manual_seed(derive_seed(t.seed, step, epoch))).tolist()
-            for mini in chunks(order, t.mini_batch_size):  # global sample ids: the same mini-batches at any world size
-                num_tokens, num_seqs = max(1, sum(loss_lengths[g] for g in mini)), len(mini)
-                local = [g - offset for g in mini if offset <= g < offset + n_local]
-                micro = in_step(micro_batches(local, seq_lens, t))
-                for k, (idx, real) in enumerate(micro):
-                    boundary = k + 1 == len(micro)
-                    batch = make_batch([items[i] for i in idx])
-                    m = batch["completion_mask"] & keep[idx].to(device)[:, None]  # (B, Tb)
-                    Tb = m.shape[1]
-                    # this micro-batch's share of the mini-batch mean of any (B, Tb) per-token value
-                    agg = partial(
-                        aggregate,
-                        mask=m,
-                        mode=str(a.loss_agg),
-                        num_tokens=num_tokens,
-                        num_seqs=num_seqs,
-                        max_len=r.max_new_tokens,
-                    )
-                    with autocast:
-                        logp, entropy = logps(policy, batch, with_entropy=True, entropy_grad=a.entropy_coef > 0)  # (B, Tb)
-                    old = old_logp[idx, :Tb] if old_logp is not None else logp.detach()
-                    token_loss, clipped = policy_loss(logp, old, advantages[idx, :Tb], a.clip_low, a.clip_high, a.dual_clip)
-                    if sampler_logp is not None:
-                        sampled = sampler_logp[idx, :Tb]
-                        if old_logp is None:
-                            logp_gap += ((old - sampled).abs() * m).sum().item()
-                        if a.tis_clip is not None:
-                            token_loss = token_loss * tis_weights(old, sampled, a.tis_clip)
-                    weight = 1.0 if real else 0.0  # a filler pass (in_step) counts for nothing
-                    loss = agg(token_loss) * weight
-                    stats["loss/policy"] += loss.item()
-                    if ref_logp is not None and not a.kl_in_reward:
-                        kl = agg(kl_penalty(logp, ref_logp[idx, :Tb], str(a.kl_estimator))) * weight
-                        stats["loss/kl"] += kl.item()
-                        loss = loss + kl_coef * kl
-                    if a.entropy_coef > 0:  # exploration bonus
-                        loss = loss - a.entropy_coef * agg(entropy) * weight
-                    backward("policy", loss, boundary)
-                    stats["loss/clip_frac"] += weight * (clipped & m).sum().item() / num_tokens
-                    stats["loss/entropy"] += weight * (entropy.detach() * m).sum().item() / num_tokens
-                    approx_kl = kl_penalty(logp.detach(), old, "k3")  # how far the update has moved from the sampler
-                    stats["loss/approx_kl"] += weight * (approx_kl * m).sum().item() / num_tokens
-                    if critic is not None:
-                        with autocast:
-                            values = sequence_values(critic, batch)
-                        v_loss = agg(value_loss(values, old_values[idx, :Tb], returns[idx, :Tb], a.value_clip)) * weight
-                        backward("critic", v_loss, boundary)
-                        stats["loss/value"] += v_loss.item()
-                norm = update("policy", params, optimizer, schedule)
-                if critic is not None:
-                    norm += update("critic", critic_params, critic_opt, critic_schedule)
-                if math.isfinite(norm):
-                    stats["loss/grad_norm"] += norm
-                else:
-                    skipped += 1
-
-        # ---- sync weights ----
+        stats = update(state, exp, adv, step)  # PPO epochs over mini/micro-batches: loss, KL, entropy, critic
         t2 = time.time()
-        engine.sync_weights(policy)
-        t_sync = time.time() - t2
+        state.engine.sync_weights(state.policy)  # the next rollout samples the updated policy
+        t3 = time.time()
+        eval_scores = evaluate(state, step)  # greedy, every eval.every steps
 
-        # ---- evaluate: greedy, with the rollout engine, every eval.every steps ----
-        eval_scores = {}
-        if cfg.eval.every > 0 and (step + 1) % cfg.eval.every == 0:
-            with gathered_weights(policy):  # (ZeRO-3: every rank gathers, rank 0 evaluates)
-                if main_rank:
-                    out = os.path.join(run_dir, "eval", f"step_{step + 1}")
-                    results = run_eval(cfg, out, (engine, tokenizer, image_processor))
-                    eval_scores = {f"eval/{name}": res["accuracy"] for name, res in results.items()}
-            barrier()
-
-        # ---- log / save ----
-        # every rank's rewards and counts (gathered above); loss shares summed over ranks
-        all_rewards = torch.tensor([x for rk in ranks for x in rk[1]])  # (N_global,)
-        metrics = {
-            "step": step + 1,
-            "reward/mean": all_rewards.mean().item(),
-            "reward/std": all_rewards.std().item() if n_samples > 1 else 0.0,
-        }
-        for name in parts:
-            metrics[f"reward/{name}"] = sum(sum(rk[2][name]) for rk in ranks) / n_samples
-        for kind in REWARD_COUNTS:
-            metrics[f"reward/{kind}"] = sum(rk[3].get(kind, 0) for rk in ranks)
-        shares = {k: v for k, v in stats.items() if k != "loss/grad_norm"}  # the norm is already global
-        summed = all_sum(torch.tensor(list(shares.values()), dtype=torch.float64)).tolist() if shares else []
-        metrics.update({k: v / updates_per_step for k, v in zip(shares, summed)})
-        if "loss/grad_norm" in stats:
-            metrics["loss/grad_norm"] = stats["loss/grad_norm"] / updates_per_step
-        if kl_reward is not None:
-            metrics["loss/kl"] = (
-                all_sum(kl_reward.sum()) / all_sum(mask.sum().float())
-            ).item()  # the KL the rewards were charged
-        metrics["loss/lr"] = schedule.get_last_lr()[0]
-        response_lengths = [n for rk in ranks for n in rk[6]]
-        metrics["rollout/response_len"] = sum(response_lengths) / n_samples
-        metrics["rollout/response_len_max"] = max(response_lengths)
-        metrics["rollout/truncated_frac"] = sum(sum(rk[4]) for rk in ranks) / n_samples
-        metrics["rollout/zero_std_groups"] = zero_std_fraction(all_rewards, r.group_size)
-        if a.overlong_buffer > 0:
-            metrics["reward/overlong"] = all_sum(shaping.sum()).item() / n_samples
-        if critic is not None:
-            metrics["loss/explained_var"] = explained_variance(old_values, returns, mask)
-        if a.kl_target is not None:  # adaptive KL: steer the coefficient toward the target KL per token
-            kl_coef = adaptive_kl_coef(kl_coef, metrics.get("loss/kl", 0.0), a.kl_target, a.kl_horizon, n_samples)
-            metrics["loss/kl_coef"] = kl_coef
-        metrics["rollout/vision_token_cut"] = sum(rk[5] for rk in ranks)
-        if sampler_logp is not None:
-            metrics["rollout/logp_diff"] = all_sum(torch.tensor(logp_gap, dtype=torch.float64)).item() / max(
-                1, sum(response_lengths)
-            )
-        prompt_tokens = all_sum(torch.tensor(float(sum(len(p.input_ids) for p in prompts))))
-        metrics["rollout/prompt_len"] = prompt_tokens.item() / r.prompts_per_step
-        metrics["perf/rollout_s"] = t_rollout
-        metrics["rollout/sampling_rounds"] = len(scored.rounds)
-        metrics["perf/reward_s"] = t_reward
-        metrics["perf/update_s"] = t2 - t1
-        metrics["perf/sync_s"] = t_sync
-        metrics["perf/step_s"] = time.time() - t0
-        metrics["perf/tokens_per_s"] = sum(response_lengths) / metrics["perf/step_s"]
-        metrics["loss/skipped_updates"] = skipped
-        metrics.update(eval_scores)
-        history.append(metrics)
-        last = step + 1 == total_steps
-        if main_rank:
-            with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            if cfg.log.samples_every > 0 and step % cfg.log.samples_every == 0:
-                samples_path = os.path.join(run_dir, "samples.jsonl")
-                write_samples(samples_path, step + 1, prompts, rollout, total, parts, cfg.log.samples_per_step)
-            if wandb_run is not None:
-                wandb_run.log(metrics, step=step + 1)
-            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", len=f"{metrics['rollout/response_len']:.0f}")
-            if last or step % 10 == 0:
-                plot_rewards(os.path.join(run_dir, "reward_curve.png"), history)
-        bad_steps = bad_steps + 1 if skipped else 0
-        if bad_steps >= t.max_bad_steps:
-            raise TrainingError(
-                f"{bad_steps} steps in a row had non-finite loss or gradients (last: step {step + 1}, "
-                f"{skipped} of {updates_per_step} updates skipped); the weights were not changed by those "
-                "updates. Lower trainer.lr or check the rewards; the last checkpoint is in checkpoints/."
-            )
-        stopping = all_sum(torch.tensor(float(signals.received is not None))).item() > 0  # any rank signalled
-        if last or stopping or (t.save_every > 0 and (step + 1) % t.save_every == 0):
-            state = {"step": step + 1, "bad_steps": bad_steps, "history": history, "rng": rng_state(), "kl_coef": kl_coef, "batches_used": batches_used,
-                     "wandb_id": wandb_run.id if wandb_run is not None else None}  # fmt: skip
-            if not engines:  # (DeepSpeed saves its optimizer partitions and schedules itself)
-                state |= {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}
-                if critic is not None:
-                    state |= {"critic_optimizer": critic_opt.state_dict(), "critic_schedule": critic_schedule.state_dict()}
-            save_training_state(run_dir, step + 1, state, policy, tokenizer, image_processor, critic, t.keep_last, engines)
+        metrics = step_metrics(state, exp, adv, stats)
+        metrics |= {"perf/rollout_s": exp.scored.rollout_s, "perf/reward_s": exp.scored.reward_s,
+                    "perf/update_s": t2 - t1, "perf/sync_s": t3 - t2, "perf/step_s": time.time() - t0}  # fmt: skip
+        metrics["perf/tokens_per_s"] = sum(n for rk in exp.every_rank for n in rk["lengths"]) / metrics["perf/step_s"]
+        metrics |= eval_scores
+        log(state, metrics, exp, bar)
+        check_finite(state, metrics)
+        state.step = step + 1
+        last = state.step == state.total_steps
+        stopping = any_rank(signals.received is not None)  # a rank was signalled: all save and stop
+        if last or stopping or (cfg.trainer.save_every > 0 and state.step % cfg.trainer.save_every == 0):
+            save(state)
         if stopping and not last:
-            if wandb_run is not None:
-                wandb_run.finish()
+            if state.wandb_run is not None:
+                state.wandb_run.finish()
             signals.stop()  # exits (or submitit requeues): a requeued job resumes from this checkpoint
     signals.restore()
+    finish(state)
+    return state.history[-1]
 
-    with gathered_weights(policy, critic):
-        if main_rank:
-            save_checkpoint(os.path.join(run_dir, "checkpoints", "final"), policy, tokenizer, image_processor, critic)
-            link_latest(str(cfg.stage.name), run_dir)
-    if wandb_run is not None:
-        wandb_run.finish()
-    return history[-1]
+
+def finish(state: RunState) -> None:
+    """checkpoints/final (the policy as an HF dir, the critic) and outputs/<stage>/latest pointing at it."""
+    with gathered_weights(state.policy, state.critic):
+        if main_rank():
+            final = os.path.join(state.run_dir, "checkpoints", "final")
+            save_checkpoint(final, state.policy, state.tokenizer, state.image_processor, state.critic)
+            link_latest(str(state.cfg.stage.name), state.run_dir)
+    if state.wandb_run is not None:
+        state.wandb_run.finish()
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")

@@ -10,7 +10,7 @@ the weights as an update would, syncs them into each engine, then samples the st
 each engine in turn. Prints each engine's start-up, its sync and rollout time per step (median over
 `--steps` after one warm-up step), HF's rollout time over each engine's, and checks that the
 log-probs each engine returns after a sync are the trainer's (the worst step's mean |d logp|), so
-the timed engine samples the right policy.
+the timed engine samples the right policy, and the same gap of an engine that missed one sync.
 """
 
 import argparse
@@ -110,6 +110,13 @@ def main():
                 rollout_s[name].append(t_rollout)
                 gaps[name].append(logp_gap(model, tokenizer, batch, rollout, r.temperature))
 
+    # what a missed sync looks like: one more update's change, not pushed into the vLLM engine
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1e-2 * torch.randn(p.shape, generator=generator).to(p.device))
+    vllm = engines["vllm (eager)"]
+    stale = logp_gap(model, tokenizer, batch, vllm.generate(batch, r.group_size, seeds), r.temperature)
+
     hf = statistics.median(rollout_s["hf"])
     print(f"{args.steps} steps of {r.prompts_per_step} prompts x {r.group_size} samples, {r.max_new_tokens} new tokens, "
           f"{args.kind} prompts, {args.device}, torch threads {torch.get_num_threads()}")  # fmt: skip
@@ -119,6 +126,7 @@ def main():
         roll = statistics.median(rollout_s[name])
         print(f"| {name} | {start_s[name]:.1f} | {statistics.median(sync_s[name]):.3f} | {roll:.3f} | "
               f"{hf / roll:.2f}x | {max(gaps[name]):.1e} |")  # fmt: skip
+    print(f"vLLM one update stale (no sync): mean abs d logp {stale:.1e}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
 import train
 from conftest import ROOT, TINY_DEFAULTS, compose_cfg
 
@@ -70,7 +71,7 @@ def test_hard_kill_after_a_checkpoint_then_resume_is_the_same_run(tmp_path):
 
     killed_dir = str(tmp_path / "killed")
     proc = train_process(killed_dir, six)
-    wait_for(lambda: os.path.exists(os.path.join(killed_dir, "checkpoints", "step_3", train.STATE_FILE)), proc)
+    wait_for(lambda: os.path.exists(os.path.join(killed_dir, "checkpoints", "step_3", checkpoint.STATE_FILE)), proc)
     proc.send_signal(signal.SIGKILL)  # no chance to clean up
     proc.wait()
     assert not os.path.exists(os.path.join(killed_dir, "checkpoints", "final"))
@@ -94,7 +95,7 @@ def test_sigterm_saves_at_the_end_of_the_step_and_exits_for_requeue(tmp_path):
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
-    (saved,) = train.step_checkpoints(run_dir)  # save_every=0: this one is the signal's
+    (saved,) = checkpoint.step_checkpoints(run_dir)  # save_every=0: this one is the signal's
     assert 1 <= saved[0] < 8 and "saving at the end of this step" in out
     assert [m["step"] for m in metrics_of(run_dir)] == list(range(1, saved[0] + 1))
     resumed = train_process(run_dir, ["trainer.max_steps=8", "trainer.save_every=0"])
@@ -109,7 +110,7 @@ def test_a_crash_between_writing_and_publishing_leaves_the_previous_checkpoint(t
     train.run(compose_cfg(four), str(straight))
 
     published = []
-    real_publish = train.publish
+    real_publish = checkpoint.publish
 
     def crash_on_the_second(tmp, final):
         if published:
@@ -117,13 +118,13 @@ def test_a_crash_between_writing_and_publishing_leaves_the_previous_checkpoint(t
         published.append(final)
         real_publish(tmp, final)
 
-    monkeypatch.setattr(train, "publish", crash_on_the_second)
+    monkeypatch.setattr(checkpoint, "publish", crash_on_the_second)
     run_dir = tmp_path / "crashed"
     with pytest.raises(OSError, match="injected"):
         train.run(compose_cfg(four), str(run_dir))
-    assert [s for s, _ in train.step_checkpoints(str(run_dir))] == [2]  # step 4 was written but never published
+    assert [s for s, _ in checkpoint.step_checkpoints(str(run_dir))] == [2]  # step 4 was written but never published
     assert os.path.isdir(run_dir / "checkpoints" / ".tmp_step_4")
-    monkeypatch.setattr(train, "publish", real_publish)
+    monkeypatch.setattr(checkpoint, "publish", real_publish)
 
     train.run(compose_cfg(four), str(run_dir))  # resumes from step 2
     assert_same_weights(final_weights(str(run_dir)), final_weights(str(straight)))
@@ -134,8 +135,8 @@ def test_a_crash_between_writing_and_publishing_leaves_the_previous_checkpoint(t
 def test_resume_from_another_run_and_keep_last(tmp_path):
     first = tmp_path / "first"
     train.run(compose_cfg([*RUN, "trainer.max_steps=4", "trainer.save_every=1", "trainer.keep_last=2"]), str(first))
-    assert [s for s, _ in train.step_checkpoints(str(first))] == [3, 4]  # older ones deleted
-    state = torch.load(first / "checkpoints" / "step_3" / train.STATE_FILE, weights_only=True)
+    assert [s for s, _ in checkpoint.step_checkpoints(str(first))] == [3, 4]  # older ones deleted
+    state = torch.load(first / "checkpoints" / "step_3" / checkpoint.STATE_FILE, weights_only=True)
     assert state["step"] == 3 and len(state["history"]) == 3 and set(state["rng"]) == {"python", "numpy", "torch"}
     second = tmp_path / "second"
     last = train.run(
@@ -158,7 +159,7 @@ def test_a_checkpoint_that_does_not_load_is_set_aside_and_the_one_before_resumed
     run_dir = tmp_path / "run"
     train.run(compose_cfg(four), str(run_dir))
     straight_weights, straight_metrics = final_weights(str(run_dir)), metrics_of(str(run_dir))
-    size = truncate(run_dir / "checkpoints" / "step_4" / train.STATE_FILE)
+    size = truncate(run_dir / "checkpoints" / "step_4" / checkpoint.STATE_FILE)
     shutil.rmtree(run_dir / "checkpoints" / "final")
     capsys.readouterr()
 
@@ -167,8 +168,8 @@ def test_a_checkpoint_that_does_not_load_is_set_aside_and_the_one_before_resumed
     (kept,) = glob.glob(str(run_dir / "checkpoints" / "step_4.unloadable-*"))
     assert f"warning: {run_dir / 'checkpoints' / 'step_4'} cannot be loaded" in out and f"kept as {kept}" in out
     assert "continuing at step 3 of 4" in out
-    assert os.path.getsize(os.path.join(kept, train.STATE_FILE)) == size  # left as it was found
-    assert [s for s, _ in train.step_checkpoints(str(run_dir))] == [2, 4]  # step 4 written anew
+    assert os.path.getsize(os.path.join(kept, checkpoint.STATE_FILE)) == size  # left as it was found
+    assert [s for s, _ in checkpoint.step_checkpoints(str(run_dir))] == [2, 4]  # step 4 written anew
     assert_same_weights(final_weights(str(run_dir)), straight_weights)
     resumed_metrics = metrics_of(str(run_dir))
     assert len(resumed_metrics) == 4 and all(same_metrics(x, y) for x, y in zip(straight_metrics, resumed_metrics))
@@ -179,20 +180,20 @@ def test_resume_checks_every_file_and_refuses_a_named_checkpoint_that_does_not_l
 
     for step in (1, 2, 3):
         os.makedirs(tmp_path / "checkpoints" / f"step_{step}")
-        torch.save({"step": step}, tmp_path / "checkpoints" / f"step_{step}" / train.STATE_FILE)
+        torch.save({"step": step}, tmp_path / "checkpoints" / f"step_{step}" / checkpoint.STATE_FILE)
         save_file({"w": torch.zeros(64)}, tmp_path / "checkpoints" / f"step_{step}" / "model.safetensors")
     truncate(tmp_path / "checkpoints" / "step_3" / "model.safetensors")  # the weights, not the state
-    truncate(tmp_path / "checkpoints" / "step_2" / train.STATE_FILE)
-    path, state = train.resume_point(str(tmp_path), None)
+    truncate(tmp_path / "checkpoints" / "step_2" / checkpoint.STATE_FILE)
+    path, state = checkpoint.resume_point(str(tmp_path), None)
     assert path.endswith("step_1") and state == {"step": 1}
     assert capsys.readouterr().out.count("cannot be loaded") == 2
     assert len(glob.glob(str(tmp_path / "checkpoints" / "step_*.unloadable-*"))) == 2
 
-    truncate(tmp_path / "checkpoints" / "step_1" / train.STATE_FILE)
-    with pytest.raises(train.TrainingError, match="no checkpoint there can be loaded"):
-        train.resume_point(str(tmp_path / "other"), str(tmp_path / "checkpoints" / "step_1"))
+    truncate(tmp_path / "checkpoints" / "step_1" / checkpoint.STATE_FILE)
+    with pytest.raises(checkpoint.TrainingError, match="no checkpoint there can be loaded"):
+        checkpoint.resume_point(str(tmp_path / "other"), str(tmp_path / "checkpoints" / "step_1"))
     assert os.path.isdir(tmp_path / "checkpoints" / "step_1")  # another run's checkpoint is not renamed
-    assert train.resume_point(str(tmp_path), None) == (None, None)  # none of its own loads: a fresh start
+    assert checkpoint.resume_point(str(tmp_path), None) == (None, None)  # none of its own loads: a fresh start
 
 
 def test_checkpoint_state_is_loaded_safely(tmp_path):
@@ -200,7 +201,7 @@ def test_checkpoint_state_is_loaded_safely(tmp_path):
     is refused instead of running their code."""
     run_dir = tmp_path / "run"
     train.run(compose_cfg([*RUN, "trainer.max_steps=1", "trainer.save_every=1"]), str(run_dir))
-    path = run_dir / "checkpoints" / "step_1" / train.STATE_FILE
+    path = run_dir / "checkpoints" / "step_1" / checkpoint.STATE_FILE
     state = torch.load(path, weights_only=True)
     state["payload"] = Exploit()
     torch.save(state, path)
@@ -237,6 +238,6 @@ def test_a_nan_loss_skips_that_update_and_is_counted(tmp_path, monkeypatch):
 
 def test_repeated_nans_stop_the_run_with_a_clear_message(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "policy_loss", nan_on(set(range(1, 100))))
-    with pytest.raises(train.TrainingError, match="2 steps in a row had non-finite loss or gradients"):
+    with pytest.raises(checkpoint.TrainingError, match="2 steps in a row had non-finite loss or gradients"):
         train.run(compose_cfg([*RUN, "trainer.max_steps=6", "trainer.max_bad_steps=2"]), str(tmp_path))
     assert len(metrics_of(str(tmp_path))) == 2

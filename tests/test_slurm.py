@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-import train
+import dist
 from conftest import ROOT, TINY_DEFAULTS, run_train
 from test_distributed import JOB, assert_trained_alike, launch
 from test_resume import RUN, assert_same_weights, final_weights, metrics_of, same_metrics, train_process
@@ -38,7 +38,7 @@ def slurm(tmp_path_factory):
         why = f"no {', '.join(missing)}" if missing else "not root"
         pytest.skip(f"{why}: the cluster needs root and apt-get install slurm-wlm slurmdbd munge mariadb-server, as .ci/run does")
     state = tmp_path_factory.mktemp("slurm")
-    env = {**os.environ, "SLURMCTLD_PORT": str(train.free_port())}  # beside any other cluster on this machine
+    env = {**os.environ, "SLURMCTLD_PORT": str(dist.free_port())}  # beside any other cluster on this machine
     try:
         started = subprocess.run([SCRIPT, "start", state], env=env, capture_output=True, text=True, timeout=180)
         assert started.returncode == 0, started.stderr

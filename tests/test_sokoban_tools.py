@@ -16,6 +16,7 @@ from PIL import Image
 import sokoban
 from conftest import ROOT, TINY_DEFAULTS, compose_cfg, run_train
 from data import load_dataset
+from eval import sokoban_metrics
 from rewards import gold_problems, reward_pool, sokoban_reward
 
 LEVEL = "#######\n#@ $ .#\n#  $ .#\n#######"
@@ -205,7 +206,7 @@ def test_evaluate_reports_success_by_size_boxes_and_length_with_replays(tmp_path
         "<think>a</think><answer>Left</answer>",  # fails
         "<think>a</think><answer>go right</answer>",  # not a move list
     ]
-    m = sokoban.evaluate(rows, completions, out_dir=str(tmp_path), gifs=3)
+    m = sokoban_metrics(rows, completions, out_dir=str(tmp_path), gifs=3)
     assert m["success"] == 0.5
     assert m["success/size=7x4"] == 1.0 and m["success/size=5x3"] == 0.0
     assert m["success/boxes=2"] == 1.0 and m["success/boxes=1"] == 0.0

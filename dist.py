@@ -1,0 +1,184 @@
+"""Data-parallel plumbing for train.py: ranks, collectives, DeepSpeed engines, backward and optimizer steps.
+
+Ranks split each step's prompts (a prompt's whole group on one rank). Every loss is a rank's share of
+the global mean (normalised by global token counts), so gradients and statistics are *summed* over
+ranks. A single process is rank 0 of 1 and every helper here is then the plain operation.
+"""
+
+import math
+import os
+from contextlib import nullcontext
+from typing import Dict, List, Tuple
+
+import torch
+
+
+def distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def main_rank() -> bool:
+    """Only rank 0 writes files, logs and checkpoints."""
+    return not distributed() or torch.distributed.get_rank() == 0
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def init_distributed(device_name: str, always: bool = False) -> Tuple[int, int, torch.device]:
+    """(rank, world size, device). torchrun sets WORLD_SIZE, RANK and LOCAL_RANK (under
+    cluster=slurm, submitit's tasks derive them from SLURM's); the process group starts once, gloo on
+    CPU and nccl on GPUs. A single process is (0, 1, device),
+    with a one-rank group when `always` (DeepSpeed needs one)."""
+    device = pick_device(device_name)
+    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and "WORLD_SIZE" not in os.environ:
+        import submitit  # a task of cluster=slurm: its SLURM rank, world and master become torch's
+
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    if always:
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+            os.environ.setdefault(key, value)
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if (always or int(os.environ.get("WORLD_SIZE", "1")) > 1) and not distributed():
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        # on GPUs nccl for tensors on the device, gloo for the small CPU ones (counts, flags, metrics)
+        torch.distributed.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
+    if not distributed():
+        return 0, 1, device
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def barrier() -> None:
+    if distributed():
+        torch.distributed.barrier()
+
+
+def all_max(n: int) -> int:
+    if not distributed():
+        return n
+    x = torch.tensor(n)
+    torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX)
+    return int(x)
+
+
+def all_sum(x: torch.Tensor) -> torch.Tensor:
+    """`x` summed over ranks (`x` itself in a single process)."""
+    if distributed():
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+    return x
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` holds on any rank (every rank gets the same answer, so they branch alike)."""
+    return all_sum(torch.tensor(float(flag))).item() > 0
+
+
+def gather(obj) -> list:
+    """[rank 0's obj, rank 1's, ...] on every rank (small Python objects: lists of rewards, counts)."""
+    if not distributed():
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def in_step(micro: List[List[int]]) -> List[Tuple[List[int], bool]]:
+    """(indices, real) micro-batches, padded with zero-weight repeats of the first one so that every
+    rank runs as many forward/backward passes as the busiest: ZeRO's gathers and reductions are
+    collective, and a rank that stopped early would hang the others."""
+    micro = [m for m in micro if m]
+    n = all_max(len(micro))
+    filler = micro[0] if micro else [0]
+    return [(idx, True) for idx in micro] + [(filler, False)] * (n - len(micro))
+
+
+def gathered_weights(*models):
+    """A context in which ZeRO-3-sharded parameters are whole (nothing to do for other models)."""
+    params = [p for m in models if m is not None for p in m.parameters()]
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params)
+    return nullcontext()
+
+
+def deepspeed_engine(model, optimizer, schedule, t, bf16: bool):
+    """`model` under DeepSpeed ZeRO `t.zero_stage` (with our optimizer and schedule, or none for a
+    frozen model), gradients averaged across ranks, clipping done by DeepSpeed."""
+    import deepspeed
+
+    zero = {"stage": t.zero_stage}
+    if t.offload in ("optimizer", "all") and optimizer is not None:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if t.offload == "all":
+        zero["offload_param"] = {"device": "cpu"}
+    ds_config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,  # the loop marks the boundaries itself (micro-batch counts vary)
+        "gradient_clipping": t.grad_clip if optimizer is not None else 0.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,  # our AdamW also with offload: the same numbers as without
+        "steps_per_print": 1 << 30,
+    }
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
+    return engine
+
+
+def sync_gradients(params) -> None:
+    """Each rank's loss is its share of the global mean, so the full gradient is the sum of the ranks'
+    gradients: all-reduce them before the optimizer step."""
+    if distributed():
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            torch.distributed.all_reduce(p.grad)
+
+
+def optimizer_step(params, optimizer, schedule, grad_clip: float) -> float:
+    """Clip, step, advance the schedule, clear grads; returns the grad norm before clipping. A
+    non-finite gradient (a NaN loss, an overflow) skips the step: one bad batch must not poison the
+    weights or Adam's moments. The schedule still advances, so it stays tied to the step count."""
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf")).item()
+    if math.isfinite(norm):
+        optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+def backward(engines: Dict[str, object], name: str, loss: torch.Tensor, boundary: bool) -> None:
+    """Plain backward, or DeepSpeed's for model `name`: it averages gradients over ranks while our
+    losses are shares of a global mean to be summed, hence the factor; the boundary (the mini-batch's
+    last micro-batch) tells ZeRO when to reduce."""
+    if name not in engines:
+        loss.backward()
+        return
+    world = torch.distributed.get_world_size()
+    engines[name].set_gradient_accumulation_boundary(boundary)
+    engines[name].backward(loss * world)
+
+
+def step_optimizer(engines: Dict[str, object], name: str, params, optimizer, schedule, grad_clip: float) -> float:
+    """One optimizer step of model `name`; returns the gradient norm (non-finite: the step was skipped)."""
+    if name not in engines:
+        sync_gradients(params)
+        return optimizer_step(params, optimizer, schedule, grad_clip)
+    engines[name].step()
+    norm = engines[name].get_global_grad_norm()
+    return float(norm) if norm is not None else 0.0
