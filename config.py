@@ -195,7 +195,7 @@ class RewardConfig:
 @dataclass
 class DataConfig:
     source: DataSource = DataSource.files
-    train_files: List[str] = field(default_factory=list)  # jsonl/json files in LMM-R1's row format
+    train_files: List[str] = field(default_factory=list)  # LMM-R1-format rows: .jsonl/.json/.parquet files, save_to_disk dirs
     # where image archives were extracted (a directory or a list): a row's image path that does not
     # exist is looked up under it by its trailing components, so LMM-R1's files load as downloaded
     image_root: Optional[Any] = None
@@ -327,7 +327,7 @@ def validate(cfg: Any) -> None:
     if cfg.reward.timeout_s <= 0 or cfg.reward.workers < 0:
         errors.append(f"reward.timeout_s must be > 0 and reward.workers >= 0 (got {cfg.reward.timeout_s}, {cfg.reward.workers})")
     if cfg.data.source == DataSource.files and not cfg.data.train_files:
-        errors.append("data.train_files is empty: give LMM-R1-format jsonl files, or use data.source=synthetic (debug=tiny does)")
+        errors.append("data.train_files is empty: give LMM-R1 rows (jsonl, parquet, save_to_disk) or data.source=synthetic")
     if a.tis_clip is not None and (a.tis_clip <= 0 or not r.logprobs):
         errors.append(f"algo.tis_clip={a.tis_clip} needs a positive value and rollout.logprobs=true")
     if not 0 < r.gpu_memory_utilization <= 1 or r.tensor_parallel_size < 1:

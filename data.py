@@ -1,8 +1,9 @@
 """Data: LMM-R1's row format, synthetic datasets for the tiny preset, prompt encoding, batching.
 
-A row is one JSON object per line with `message` (a chat list, or a JSON string of one, as LMM-R1
-stores it) and `answer`; images are `{"type": "image", "image": "file:///abs.png" | "rel/path.png"}`
-with relative paths resolved against the data file. Every bad row is an error naming file and line,
+A row is one JSON object per line (or a row of a parquet file or of a `datasets.save_to_disk`
+directory) with `message` (a chat list, or a JSON string of one, as LMM-R1 stores it) and `answer`;
+images are `{"type": "image", "image": "file:///abs.png" | "rel/path.png"}` with relative paths
+resolved against the folder holding the data file (or directory). Every bad row is an error naming file and line,
 or, with data.on_error=skip, a skip that is counted by reason and reported. Nothing is dropped silently.
 """
 
@@ -145,7 +146,12 @@ def candidate_dirs(folder: str, roots: Tuple[str, ...]) -> List[str]:
 
 
 def read_rows(path: str) -> Iterator[Tuple[str, Any]]:
-    """(where, decoded object or BadRow) for each row of a .jsonl (or .json list) file."""
+    """(where, decoded object or BadRow) for each row of a .jsonl or .json (a list) file, a .parquet
+    file, or a directory written by `datasets.save_to_disk`."""
+    if os.path.isdir(path) or path.endswith(".parquet"):
+        for i, obj in enumerate(table_rows(path)):
+            yield f"{path}[{i}]", obj
+        return
     if path.endswith(".json"):
         with open(path) as f:
             rows = json.load(f)
@@ -162,6 +168,29 @@ def read_rows(path: str) -> Iterator[Tuple[str, Any]]:
                 yield f"{path}:{lineno}", json.loads(line)
             except json.JSONDecodeError as e:
                 yield f"{path}:{lineno}", BadRow(f"{path}:{lineno}", "invalid JSON", e.msg)
+
+
+def table_rows(path: str) -> Iterator[Dict[str, Any]]:
+    """Rows of a parquet file (read a record batch at a time) or of a `save_to_disk` directory (a
+    Dataset, or a DatasetDict's "train" split), as plain dicts. Imported here: pyarrow and datasets
+    cost seconds to import and jsonl runs never need them."""
+    if not os.path.isdir(path):
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
+        return
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(path)
+    except FileNotFoundError as e:
+        raise BadRow(path, "a data directory must be written by datasets' save_to_disk", str(e)) from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise BadRow(path, "a saved DatasetDict without a 'train' split", f"splits {sorted(ds)}: name <dir>/<split>")
+        ds = ds["train"]
+    yield from ds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,7 +379,7 @@ def load_dataset(dcfg, seed: int, tokenizer, image_processor, gold_check=None) -
     else:
         candidates = []
         for path in dcfg.train_files:
-            if not os.path.isfile(path):
+            if not os.path.exists(path):
                 raise FileNotFoundError(f"data.train_files: {path} does not exist")
             base_dir = os.path.dirname(os.path.abspath(path))
             candidates += [(where, obj, base_dir) for where, obj in read_rows(path)]

@@ -184,3 +184,65 @@ def test_an_image_still_missing_names_every_path_tried(released_layout, tokenize
     (root / "images" / "mathv_geo_img" / "b.png").unlink()
     with pytest.raises(BadRow, match=f"tried {root}/data/data/mathv_geo/mathv_geo_img/b.png, {root}/images/mathv_geo_img/b.png"):
         load_dataset(dcfg(train_files=files[1:], image_root=str(root / "images")), 0, tokenizer, image_processor)
+
+
+def table_layout(tmp_path, rows):
+    """The same rows as a jsonl file, a parquet file and `save_to_disk` directories (a Dataset, and a
+    DatasetDict with train/test splits), side by side, as a user gets them from the hub's tools."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    splits = {"train": datasets.Dataset.from_list(rows), "test": datasets.Dataset.from_list(rows[:1])}
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "saved_dict"))
+    return write_rows(tmp_path / "train.jsonl", rows), [str(tmp_path / p) for p in ("train.parquet", "saved", "saved_dict")]
+
+
+def test_parquet_and_saved_datasets_load_as_their_jsonl_does(image_dir, tokenizer, image_processor):
+    rows = [lmm_r1_row("images/1.png"), lmm_r1_row("file://" + str(image_dir / "images" / "1.png"), answer="$7$")]
+    rows = [{**r, "datasource": "geo"} for r in rows]
+    jsonl, tables = table_layout(image_dir, rows)
+    expected, _ = load_dataset(dcfg(train_files=[jsonl]), 0, tokenizer, image_processor)
+    for path in tables:
+        samples, skipped = load_dataset(dcfg(train_files=[path]), 0, tokenizer, image_processor)
+        assert not skipped
+        assert [(s.messages, s.answer, s.meta) for s in samples] == [(s.messages, s.answer, s.meta) for s in expected]
+        assert samples[1].where == f"{path}[1]"
+    # a DatasetDict's train split, not its test split
+    assert load_dataset(dcfg(train_files=[tables[2]]), 0, tokenizer, image_processor)[0][1].answer == "$7$"
+
+
+def test_parquet_with_structured_messages_loads(image_dir, tokenizer, image_processor):
+    # `message` as a column of structs (not a JSON string): arrow gives each item every field, None where it had none
+    content = [{"type": "image", "image": "images/1.png"}, {"type": "text", "text": "What is 2+2?"}]
+    _, (parquet, *_) = table_layout(image_dir, [{"message": [{"role": "user", "content": content}], "answer": "4"}])
+    (sample,), _ = load_dataset(dcfg(train_files=[parquet]), 0, tokenizer, image_processor)
+    assert sample.messages[0]["content"][0] == {"type": "image", "image": str(image_dir / "images" / "1.png"), "text": None}
+    prompt = encode_prompt(sample, tokenizer, image_processor)
+    assert prompt.input_ids.count(tokenizer.convert_tokens_to_ids("<|image_pad|>")) == 12
+    assert prompt.text.endswith("<|vision_end|>What is 2+2?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_bad_table_rows_raise_or_are_counted(tmp_path, tokenizer, image_processor):
+    good = {"message": json.dumps([{"role": "user", "content": "q"}]), "answer": "1"}
+    rows = [good, {"message": json.dumps([{"role": "user", "content": "q"}]), "answer": None}, {"message": "[{", "answer": "1"}]
+    _, tables = table_layout(tmp_path, rows)
+    for path in tables:
+        with pytest.raises(BadRow, match=rf"{path}\[1\]: missing or empty 'answer'.*data.on_error=skip"):
+            load_dataset(dcfg(train_files=[path]), 0, tokenizer, image_processor)
+        samples, skipped = load_dataset(dcfg(train_files=[path], on_error="skip"), 0, tokenizer, image_processor)
+        assert len(samples) == 1 and skipped == {"missing or empty 'answer'": 1, "'message' is a string but not valid JSON": 1}
+
+
+def test_a_directory_that_is_not_a_training_split_says_so(tmp_path, tokenizer, image_processor):
+    import datasets
+
+    test_only = datasets.DatasetDict({"test": datasets.Dataset.from_list([{"message": "[]", "answer": "1"}])})
+    test_only.save_to_disk(str(tmp_path / "d"))
+    with pytest.raises(BadRow, match=r"without a 'train' split.*splits \['test'\]"):
+        load_dataset(dcfg(train_files=[str(tmp_path / "d")]), 0, tokenizer, image_processor)
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(BadRow, match="save_to_disk"):
+        load_dataset(dcfg(train_files=[str(tmp_path / "plain")]), 0, tokenizer, image_processor)
