@@ -266,9 +266,13 @@ def image_token_id(model) -> Optional[int]:
     return model.config.image_token_id if is_multimodal(model) else None
 
 
-def frozen_copy(model):
-    """The reference model: a frozen copy of the policy as it starts."""
-    return copy.deepcopy(model).eval().requires_grad_(False)
+def frozen_copy(model, dtype: Optional[torch.dtype] = None):
+    """The reference model: a frozen copy of the policy as it starts, its parameters in `dtype`
+    (model.dtype, the compute dtype: a bf16 reference of the 3B holds 7.5 GB where an fp32 copy of
+    the master weights holds 15) or as they are with None. Each parameter is cast as it is copied
+    (the deepcopy memo), so no second full-precision copy ever exists, and tied weights stay one."""
+    memo = {id(p): nn.Parameter(p.detach().to(dtype or p.dtype, copy=True), requires_grad=False) for p in model.parameters()}
+    return copy.deepcopy(model, memo).eval().requires_grad_(False)
 
 
 class Critic(nn.Module):
@@ -563,26 +567,65 @@ def sequence_values(critic: Critic, batch) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_weights(path: str, model, critic: Optional[Critic] = None) -> None:
-    """Load a `save_checkpoint` dir's weights (safetensors only) into `model` (and `critic`) in place.
-    transformers maps the names save_pretrained wrote back to the module's; every one must fit."""
-    from safetensors.torch import load_file
+MASTER_FILE = "master_weights.safetensors"  # exact weights beside an HF copy written in a narrower dtype
 
-    loaded = type(model).from_pretrained(path, dtype=next(model.parameters()).dtype, use_safetensors=True)
-    model.load_state_dict(loaded.state_dict())
+
+def load_weights(path: str, model, critic: Optional[Critic] = None) -> None:
+    """Load a `save_checkpoint` dir's weights (safetensors only) into `model` (and `critic`) in place:
+    its MASTER_FILE where there is one (resume stays exact when the HF copy is bf16), else the HF
+    weights, whose names transformers maps back to the module's; every one must fit."""
+    from safetensors.torch import load_file, load_model
+
+    if os.path.isfile(os.path.join(path, MASTER_FILE)):
+        load_model(model, os.path.join(path, MASTER_FILE))  # strict; restores the tied alias save_model dropped
+    else:
+        loaded = type(model).from_pretrained(path, dtype=next(model.parameters()).dtype, use_safetensors=True)
+        model.load_state_dict(loaded.state_dict())
     if critic is not None:
         critic.load_state_dict(load_file(os.path.join(path, "critic.safetensors")))
 
 
-def save_checkpoint(path: str, model, tokenizer, image_processor, critic: Optional[Critic] = None) -> None:
-    """A directory `from_pretrained` loads: safetensors weights, config, tokenizer, image processor."""
+def cpu_state_dict(model, dtype: Optional[torch.dtype] = None) -> dict:
+    """`model`'s state dict on the CPU, floating tensors in `dtype` (None: as they are). One copy per
+    storage, so tied weights (the 3B's lm_head and embeddings) stay one tensor that save_pretrained
+    writes once."""
+    copies, out = {}, {}
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape)
+        if key not in copies:
+            cast = dtype if dtype is not None and t.is_floating_point() else t.dtype
+            copies[key] = t.detach().to("cpu", cast).contiguous()
+        out[name] = copies[key]
+    return out
+
+
+def save_checkpoint(path: str, model, tokenizer, image_processor, critic: Optional[Critic] = None,
+                    dtype: Optional[torch.dtype] = None) -> None:  # fmt: skip
+    """A directory `from_pretrained` loads: safetensors weights, config, tokenizer, image processor.
+    Weights are written in `dtype` (model.dtype, the compute dtype: a 3B is ~7 GB in bf16 where its
+    fp32 master weights are ~14 GB), or as they are with None; config.json says which."""
     os.makedirs(path, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True)
+    model.save_pretrained(path, safe_serialization=True, state_dict=cpu_state_dict(model, dtype))
+    if dtype is not None:  # save_pretrained recorded the parameters' dtype, not the file's
+        config = copy.deepcopy(model.config)
+        config.dtype = dtype
+        config.save_pretrained(path)
     tokenizer.save_pretrained(path)
     if image_processor is not None:
         image_processor.save_pretrained(path)
     if critic is not None:
         from safetensors.torch import save_file
 
-        state = {k: v.detach().contiguous().cpu() for k, v in critic.state_dict().items()}
-        save_file(state, os.path.join(path, "critic.safetensors"))
+        save_file(cpu_state_dict(critic), os.path.join(path, "critic.safetensors"))
+
+
+def save_master_weights(path: str, model, dtype: Optional[torch.dtype]) -> None:
+    """The training state's copy of `model`'s weights (MASTER_FILE in a save_checkpoint dir), where
+    they are wider than the HF copy in `dtype`: the fp32 master weights of a run without DeepSpeed,
+    which resume loads. Under DeepSpeed with bf16 the module is bf16 and DeepSpeed's own checkpoint
+    holds the fp32 masters, so nothing is written."""
+    if dtype is None or all(p.dtype == dtype for p in model.parameters()):
+        return
+    from safetensors.torch import save_model
+
+    save_model(model, os.path.join(path, MASTER_FILE))  # tied weights once

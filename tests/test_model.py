@@ -1,5 +1,6 @@
 """The tiny preset (real classes, local tokenizer, PIL processor), log-probs and checkpoints."""
 
+import copy
 import os
 
 import pytest
@@ -11,15 +12,20 @@ from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen
 from data import encode_prompt, synthetic_samples
 from conftest import reference_logps, tiny_text_model
 from model import (
+    MASTER_FILE,
     QWEN_SPECIAL_TOKENS,
     VISION_TOKENS,
     Critic,
     build_tiny_model,
     build_tiny_tokenizer,
     collate,
+    frozen_copy,
     load_policy,
+    load_weights,
+    pack,
     resolve_model_path,
     save_checkpoint,
+    save_master_weights,
     sequence_logps,
     sequence_values,
 )
@@ -156,6 +162,25 @@ def test_critic_values_start_at_zero_and_train(tiny_model, tokenizer, image_proc
     assert not hasattr(critic.backbone, "lm_head")
 
 
+def test_bf16_reference_matches_the_fp32_one_at_half_the_bytes(tiny_model, tokenizer, image_processor):
+    prompts = mixed_prompts(tokenizer, image_processor)
+    batch = pack([(p, list(range(30 + i, 40 + i))) for i, p in enumerate(prompts)], tiny_model, tokenizer.pad_token_id, "cpu")
+    mask = batch["completion_mask"]
+    fp32, bf16 = frozen_copy(tiny_model), frozen_copy(tiny_model, torch.bfloat16)
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16} and not any(p.requires_grad for p in bf16.parameters())
+    assert all(b.dtype == torch.float32 for b in bf16.buffers())  # rotary frequencies stay exact
+    nbytes = [sum(p.numel() * p.element_size() for p in m.parameters()) for m in (fp32, bf16)]
+    assert nbytes[1] * 2 == nbytes[0]
+    with torch.no_grad():
+        exact = sequence_logps(fp32, batch, 1.0, 16)[mask]
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # how the run computes ref_logp
+            today = sequence_logps(fp32, batch, 1.0, 16)[mask]
+            ours = sequence_logps(bf16, batch, 1.0, 16)[mask]
+    # bf16 rounding (~3 digits of log-probs near -6), no worse than the fp32 copy under autocast
+    assert (ours - exact).abs().max() < 0.01 and (ours - exact).abs().max() < 2 * (today - exact).abs().max()
+    assert all(p.dtype == torch.float32 for p in tiny_model.parameters())  # the policy is untouched
+
+
 # ---- loading and checkpoints ----
 
 
@@ -168,6 +193,53 @@ def test_checkpoint_reloads_with_from_pretrained(tmp_path, tiny_model, tokenizer
     ids = torch.tensor([tokenizer("What is $1 + 2$?").input_ids])
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, tiny_model(input_ids=ids).logits)
+
+
+def tied_tiny_model(tiny_model):
+    """The tiny model with lm_head tied to the embeddings, as the 3B has them; random fp32 weights."""
+    config = copy.deepcopy(tiny_model.config)
+    config.tie_word_embeddings = config.text_config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
+    return model
+
+
+def test_checkpoint_in_the_compute_dtype_with_exact_master_weights(tmp_path, tiny_model, tokenizer, image_processor):
+    from safetensors import safe_open
+
+    model = tied_tiny_model(tiny_model)
+    critic = Critic(model)
+    save_checkpoint(str(tmp_path / "fp32"), model, tokenizer, image_processor)
+    save_checkpoint(str(tmp_path / "bf16"), model, tokenizer, image_processor, critic, dtype=torch.bfloat16)
+    save_master_weights(str(tmp_path / "bf16"), model, torch.bfloat16)
+    with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+        assert {f.get_slice(n).get_dtype() for n in names} == {"BF16"}
+    assert "lm_head.weight" not in names  # the tied weight is written once
+    size = {d: os.path.getsize(tmp_path / d / "model.safetensors") for d in ("fp32", "bf16")}
+    assert 0.49 < size["bf16"] / size["fp32"] < 0.51
+    loaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "bf16")  # config.json says bf16
+    assert loaded.dtype == torch.bfloat16 and loaded.lm_head.weight is loaded.model.language_model.embed_tokens.weight
+    ids = torch.tensor([tokenizer("What is $1 + 2$?").input_ids])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits.float(), model(input_ids=ids).logits, atol=0.05, rtol=0.05)
+
+    # resume: the master file restores the fp32 weights exactly; the bf16 HF copy alone would not
+    fresh, fresh_critic = tied_tiny_model(tiny_model), Critic(model)
+    with torch.no_grad():
+        for p in [*fresh.parameters(), *fresh_critic.parameters()]:
+            p.zero_()
+    load_weights(str(tmp_path / "bf16"), fresh, fresh_critic)
+    for (name, p), q in zip(model.named_parameters(), fresh.parameters()):
+        assert q.dtype == torch.float32 and torch.equal(p, q), name
+    assert fresh.lm_head.weight is fresh.model.language_model.embed_tokens.weight
+    assert all(torch.equal(p, q) for p, q in zip(critic.parameters(), fresh_critic.parameters()))
+    os.remove(tmp_path / "bf16" / MASTER_FILE)
+    load_weights(str(tmp_path / "bf16"), fresh)
+    assert not torch.equal(fresh.lm_head.weight, model.lm_head.weight)
+    save_master_weights(str(tmp_path / "fp32"), model, torch.float32)  # the HF copy is already exact
+    assert not os.path.exists(tmp_path / "fp32" / MASTER_FILE)
 
 
 def test_load_policy_from_checkpoint_and_text_only_qwen2(tmp_path, tiny_model, tokenizer, image_processor, tiny_cfg):

@@ -64,6 +64,9 @@ def test_reference_and_critic_copies_keep_the_tie_and_share_nothing(meta_3b):
     assert reference.lm_head.weight is reference.model.language_model.embed_tokens.weight  # still one parameter
     assert reference.lm_head.weight is not meta_3b.lm_head.weight
     assert not any(p.requires_grad for p in reference.parameters())
+    bf16 = frozen_copy(meta_3b, torch.bfloat16)  # as the run keeps it: in the compute dtype
+    assert bf16.lm_head.weight is bf16.model.language_model.embed_tokens.weight
+    assert sum(p.numel() * p.element_size() for p in bf16.parameters()) == 2 * PUBLISHED_PARAMETERS  # 7.5 GB, not 15
     critic = Critic(meta_3b)
     policy_ids = {id(p) for p in meta_3b.parameters()}
     assert not policy_ids & {id(p) for p in critic.parameters()}

@@ -147,6 +147,20 @@ def test_resume_from_another_run_and_keep_last(tmp_path):
         train.run(compose_cfg([*RUN, f"trainer.resume_from={tmp_path / 'nothing'}"]), str(tmp_path / "third"))
 
 
+def test_a_bf16_run_resumes_from_its_checkpoint_exactly(tmp_path):
+    """model.dtype=bfloat16 (the stages' setting) on one process: the fp32 master weights, not the
+    bf16 HF copy, are what the resumed run continues from, so it ends where the straight run does."""
+    bf16 = [*RUN, "model.dtype=bfloat16", "trainer.max_steps=4"]
+    first = tmp_path / "first"
+    train.run(compose_cfg([*bf16, "trainer.save_every=2"]), str(first))
+    second = tmp_path / "second"
+    train.run(compose_cfg([*bf16, f"trainer.resume_from={first / 'checkpoints' / 'step_2'}"]), str(second))
+    assert_same_weights(final_weights(str(second)), final_weights(str(first)))
+    resumed = metrics_of(str(second))
+    assert [m["step"] for m in resumed] == [3, 4] and all(map(same_metrics, metrics_of(str(first))[2:], resumed))
+    assert resumed[0]["loss/grad_norm"] > 0
+
+
 def truncate(path) -> int:
     """Cut a file to half its size, as a full disk or a killed copy leaves it; returns the new size."""
     size = os.path.getsize(path) // 2
