@@ -23,7 +23,7 @@ import safetensors  # (not its safe_open: a SLURM job unpickles train.py's globa
 import torch
 
 from dist import barrier, gathered_weights, main_rank
-from model import save_checkpoint
+from model import save_checkpoint, save_master_weights
 
 STATE_FILE = "trainer_state.pt"  # beside the weights of checkpoints/step_N: optimizers, schedules, RNG, history
 
@@ -65,10 +65,11 @@ def step_checkpoints(run_dir: str) -> List[Tuple[int, str]]:
 
 
 def save_training_state(run_dir: str, step: int, state: dict, policy, tokenizer, image_processor, critic, keep_last: int,
-                        engines: Dict[str, object]) -> str:  # fmt: skip
-    """checkpoints/step_<step>: the policy as a loadable HF dir (safetensors), the critic, `state`
-    (optimizers, schedules, RNG, history) and, under DeepSpeed, each engine's own sharded checkpoint
-    (every rank writes its part); then only the newest `keep_last` are kept. Rank 0 writes the rest."""
+                        engines: Dict[str, object], dtype: torch.dtype) -> str:  # fmt: skip
+    """checkpoints/step_<step>: the policy as a loadable HF dir (safetensors, in `dtype`) with its fp32
+    master weights where that copy is narrower, the critic, `state` (optimizers, schedules, RNG,
+    history) and, under DeepSpeed, each engine's own sharded checkpoint (every rank writes its part);
+    then only the newest `keep_last` are kept. Rank 0 writes the rest."""
     root = os.path.join(run_dir, "checkpoints")
     tmp, final = os.path.join(root, f".tmp_step_{step}"), os.path.join(root, f"step_{step}")
     writer = main_rank()
@@ -80,7 +81,8 @@ def save_training_state(run_dir: str, step: int, state: dict, policy, tokenizer,
         ds_engine.save_checkpoint(tmp, tag=name)  # optimizer partitions, schedule, module: collective
     with gathered_weights(policy, critic):  # ZeRO-3 shards gathered for the HF copy
         if writer:
-            save_checkpoint(tmp, policy, tokenizer, image_processor, critic)
+            save_checkpoint(tmp, policy, tokenizer, image_processor, critic, dtype)  # the HF copy, in model.dtype
+            save_master_weights(tmp, policy, dtype)  # the fp32 masters resume needs, where the HF copy is narrower
             torch.save(state, os.path.join(tmp, STATE_FILE))
     barrier()
     if writer:

@@ -469,6 +469,7 @@ class RunState:
     total_steps: int
     updates_per_step: int  # optimizer steps per RL step: ppo_epochs x mini-batches
     banned_ids: torch.Tensor  # vision tokens, never sampled or scored
+    dtype: torch.dtype  # model.dtype: compute, the reference's weights, HF checkpoints
     # by model name ("policy", "critic"): (trainable params, AdamW, schedule), and the DeepSpeed
     # engines that wrap them when trainer.zero_stage > 0 (none otherwise)
     optimizers: Dict[str, tuple] = field(default_factory=dict)
@@ -533,7 +534,8 @@ def setup(cfg: DictConfig, run_dir: str) -> RunState:
     policy.float()  # fp32 master weights; compute runs in model.dtype under autocast
     pool = reward_pool(cfg.reward.workers)
     samples = load_samples(cfg, tokenizer, image_processor, pool)
-    reference = frozen_copy(policy) if a.kl_coef > 0 else None
+    dtype = getattr(torch, str(cfg.model.dtype))
+    reference = frozen_copy(policy, dtype) if a.kl_coef > 0 else None  # in the compute dtype, not an fp32 copy
     critic = None
     if a.estimator == "gae":  # a value head on a copy of the policy's backbone, or of algo.critic_path's
         source = load_policy(OmegaConf.merge(cfg.model, {"path": a.critic_path}), t.seed, device)[0] if a.critic_path else policy
@@ -543,7 +545,7 @@ def setup(cfg: DictConfig, run_dir: str) -> RunState:
     total_steps = t.max_steps if t.max_steps > 0 else t.episodes * steps_per_epoch(len(samples), r.prompts_per_step)
     banned_ids = torch.tensor(tokenizer.convert_tokens_to_ids(VISION_TOKENS), device=device)
     state = RunState(cfg, run_dir, rank, world, device, policy, tokenizer, image_processor, reference, critic, engine, pool,
-                     samples, total_steps, a.ppo_epochs * (n_samples // t.mini_batch_size), banned_ids, kl_coef=a.kl_coef)  # fmt: skip
+                     samples, total_steps, a.ppo_epochs * (n_samples // t.mini_batch_size), banned_ids, dtype, kl_coef=a.kl_coef)  # fmt: skip
     build_optimizers(state)
     return state
 
@@ -619,7 +621,7 @@ def save(state: RunState) -> None:
                 f"{OPTIMIZER_KEYS[name]}schedule": schedule.state_dict(),
             }
     save_training_state(state.run_dir, state.step, saved, state.policy, state.tokenizer, state.image_processor, state.critic,
-                        state.cfg.trainer.keep_last, state.ds_engines)  # fmt: skip
+                        state.cfg.trainer.keep_last, state.ds_engines, state.dtype)  # fmt: skip
 
 
 def open_wandb(state: RunState) -> None:
@@ -975,11 +977,11 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
 
 
 def finish(state: RunState) -> None:
-    """checkpoints/final (the policy as an HF dir, the critic) and outputs/<stage>/latest pointing at it."""
+    """checkpoints/final (the policy as an HF dir in model.dtype, the critic) and outputs/<stage>/latest pointing at it."""
     with gathered_weights(state.policy, state.critic):
         if main_rank():
             final = os.path.join(state.run_dir, "checkpoints", "final")
-            save_checkpoint(final, state.policy, state.tokenizer, state.image_processor, state.critic)
+            save_checkpoint(final, state.policy, state.tokenizer, state.image_processor, state.critic, state.dtype)
             link_latest(str(state.cfg.stage.name), state.run_dir)
     if state.wandb_run is not None:
         state.wandb_run.finish()

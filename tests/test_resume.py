@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import checkpoint
+import model
 import train
 from conftest import ROOT, TINY_DEFAULTS, compose_cfg
 
@@ -153,6 +154,10 @@ def test_a_bf16_run_resumes_from_its_checkpoint_exactly(tmp_path):
     bf16 = [*RUN, "model.dtype=bfloat16", "trainer.max_steps=4"]
     first = tmp_path / "first"
     train.run(compose_cfg([*bf16, "trainer.save_every=2"]), str(first))
+    step_2 = first / "checkpoints" / "step_2"
+    assert {t.dtype for t in load_file(step_2 / "model.safetensors").values()} == {torch.bfloat16}  # the HF copy
+    assert {t.dtype for t in load_file(step_2 / model.MASTER_FILE).values()} == {torch.float32}  # what resume loads
+    assert {t.dtype for t in final_weights(str(first)).values()} == {torch.bfloat16}
     second = tmp_path / "second"
     train.run(compose_cfg([*bf16, f"trainer.resume_from={first / 'checkpoints' / 'step_2'}"]), str(second))
     assert_same_weights(final_weights(str(second)), final_weights(str(first)))
