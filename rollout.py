@@ -20,7 +20,8 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from data import image_items, load_image
 from model import STOP_TOKENS, VISION_TOKENS, image_token_id, save_checkpoint, vision_inputs
@@ -74,6 +75,51 @@ def generation_inputs(model, prompts, pad_id: int, device) -> dict:
     return inputs | vision_inputs(prompts, inputs["input_ids"], image_token_id(model), device)  # padding is type 0
 
 
+def row_seeds(seed: int, group_size: int) -> List[int]:
+    """A seed for each of a prompt's group_size samples, drawn from the prompt's own seed alone."""
+    return torch.randint(2**62, (group_size,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+class SeededSampler(LogitsProcessor):
+    """The last logits processor of a greedy `generate` that makes it sample: each row is an exact
+    draw from softmax of its processed logits, from that row's own random stream.
+
+    It applies temperature, top-k and top-p as transformers' sampling does (after generate's own
+    processors: the suppressed vision tokens), keeps the log-softmax of the result (the sampler's
+    log-probs), and picks argmax(logp - log q) with q ~ Exp(1) per token, drawn from the row's
+    generator: P(argmax = i) = p_i (the exponential race; vLLM samples the same way). generate then
+    takes the argmax of a one-hot it is given, so it picks exactly this token. A row's noise at step
+    t is the t-th draw of its own generator whatever the other rows are, so a prompt's samples do
+    not depend on the batch it is in. Temperature 0 keeps the argmax of the unwarped logits.
+    """
+
+    def __init__(self, seeds: List[int], temperature: float, top_k: int, top_p: float, device):
+        self.generators = [torch.Generator(device).manual_seed(s) for s in seeds] if temperature > 0 else None
+        self.warpers = []
+        if temperature > 0:
+            self.warpers.append(TemperatureLogitsWarper(temperature))
+            if top_k:
+                self.warpers.append(TopKLogitsWarper(top_k))
+            if top_p < 1.0:
+                self.warpers.append(TopPLogitsWarper(top_p))
+        self.logprobs: List[torch.Tensor] = []  # per step, (rows,): the chosen tokens' log-probs
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        for warp in self.warpers:
+            scores = warp(input_ids, scores)
+        logp = F.log_softmax(scores.float(), dim=-1)  # (rows, V)
+        race = logp
+        if self.generators is not None:
+            noise = torch.empty_like(logp)
+            for row, generator in zip(noise, self.generators):
+                row.exponential_(generator=generator)
+            # a q of exactly 0 must not resurrect a banned (-inf) token as nan
+            race = (logp - noise.log()).masked_fill(logp == float("-inf"), float("-inf"))
+        tokens = race.argmax(dim=-1)  # (rows,)
+        self.logprobs.append(logp.gather(1, tokens[:, None])[:, 0])
+        return torch.full_like(scores, float("-inf")).scatter_(1, tokens[:, None], 0.0)
+
+
 class HFEngine:
     def __init__(self, model, tokenizer, rcfg):
         self.model, self.tokenizer, self.cfg = model, tokenizer, rcfg
@@ -89,55 +135,59 @@ class HFEngine:
         return HFEngine(self.model, self.tokenizer, OmegaConf.merge(self.cfg, overrides))
 
     def generation_config(self) -> GenerationConfig:
-        c = self.cfg
-        # Every sampling knob is set here: a checkpoint's generation_config.json (Qwen ships
-        # repetition_penalty=1.05, top_k=1, ...) must not change the policy being trained.
+        # Every knob is set here: a checkpoint's generation_config.json (Qwen ships
+        # repetition_penalty=1.05, top_k=1, ...) must not change the policy being trained. generate
+        # itself is greedy: SeededSampler does the sampling, with the rollout's temperature / top-k / top-p.
         return GenerationConfig(
-            do_sample=c.temperature > 0,
-            temperature=c.temperature if c.temperature > 0 else 1.0,
-            top_p=c.top_p,
-            top_k=c.top_k,
+            do_sample=False,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=50,  # transformers' default, which greedy ignores (any other value is warned about)
             min_p=None,
             repetition_penalty=1.0,
-            max_new_tokens=c.max_new_tokens,
+            max_new_tokens=self.cfg.max_new_tokens,
             eos_token_id=self.stop_ids,
             pad_token_id=self.pad_id,
             suppress_tokens=self.banned_ids,
-            output_scores=c.logprobs,
             return_dict_in_generate=True,
         )
 
     @torch.no_grad()
     def generate(self, prompts, group_size: int, seeds: List[int]) -> Rollout:
-        """A group per prompt, each sampled from its own seed: a prompt's samples do not depend on
-        which other prompts share the call (or the rank), so data-parallel runs sample what one
-        process would."""
-        device = next(self.model.parameters()).device
+        """group_size samples per prompt, all prompts' rows in batched `generate` calls of
+        rollout.micro_batch_size rows. Each row samples from its own stream, seeded from its prompt's
+        seed: a prompt's samples do not depend on which other prompts share the call (or the rank),
+        so data-parallel runs sample what one process would."""
         was_training = self.model.training
         self.model.eval()
-        gen_cfg = self.generation_config()
+        rows = [(k, s) for k, seed in enumerate(seeds) for s in row_seeds(seed, group_size)]  # (N,) prompt, row seed
         out = Rollout([], [], [], [], [] if self.cfg.logprobs else None)
-        for k, (prompt, seed) in enumerate(zip(prompts, seeds)):
-            torch.manual_seed(seed)
-            for s in range(0, group_size, self.cfg.micro_batch_size):
-                rows = min(self.cfg.micro_batch_size, group_size - s)
-                inputs = generation_inputs(self.model, [prompt] * rows, self.pad_id, device)
-                generated = self.model.generate(**inputs, generation_config=gen_cfg)
-                new_tokens = generated.sequences[:, inputs["input_ids"].shape[1] :]  # (rows, T)
-                completions = [self.trim(row) for row in new_tokens.tolist()]
-                if self.cfg.logprobs:
-                    # the scores are the processed logits generate sampled from (temperature, top-k/p,
-                    # suppressed tokens): these are the sampler's log-probs, as vLLM's processed_logprobs
-                    scores = torch.stack(generated.scores, dim=1).float()  # (rows, T, V)
-                    lp = F.log_softmax(scores, dim=-1).gather(2, new_tokens[..., None]).squeeze(-1)  # (rows, T)
-                    out.logprobs += [row[: len(c)] for row, c in zip(lp.tolist(), completions)]
-                out.prompt_index += [k] * rows
-                out.completion_ids += completions
+        for start in range(0, len(rows), self.cfg.micro_batch_size):
+            chunk = rows[start : start + self.cfg.micro_batch_size]
+            completions, logprobs = self.sample([prompts[k] for k, _ in chunk], [s for _, s in chunk])
+            out.prompt_index += [k for k, _ in chunk]
+            out.completion_ids += completions
+            if out.logprobs is not None:
+                out.logprobs += logprobs
         self.model.train(was_training)
         for c in out.completion_ids:
             out.texts.append(self.tokenizer.decode(c[:-1] if self.stopped(c) else c, skip_special_tokens=False))
             out.truncated.append(not self.stopped(c))
         return out
+
+    def sample(self, prompts, seeds: List[int]) -> Tuple[List[List[int]], List[List[float]]]:
+        """One `generate` call, a row per (prompt, seed): completions and their sampler log-probs."""
+        device = next(self.model.parameters()).device
+        c = self.cfg
+        sampler = SeededSampler(seeds, c.temperature, c.top_k, c.top_p, device)
+        inputs = generation_inputs(self.model, prompts, self.pad_id, device)
+        generated = self.model.generate(
+            **inputs, generation_config=self.generation_config(), logits_processor=LogitsProcessorList([sampler])
+        )
+        new_tokens = generated.sequences[:, inputs["input_ids"].shape[1] :]  # (rows, T)
+        completions = [self.trim(row) for row in new_tokens.tolist()]
+        logprobs = torch.stack(sampler.logprobs, dim=1).tolist()  # (rows, T') with T' >= T
+        return completions, [lp[: len(ids)] for lp, ids in zip(logprobs, completions)]
 
     def stopped(self, ids: List[int]) -> bool:
         return bool(ids) and ids[-1] in self.stop_ids

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from config import RolloutConfig
 from data import Sample, encode_prompt, synthetic_samples
 from model import STOP_TOKENS, VISION_TOKENS, build_tiny_model, collate, save_checkpoint, sequence_logps, use_varlen_attention
-from rollout import HFEngine, Rollout, VLLMEngine, check_vllm, sleep_mode_available, weight_buckets
+from rollout import HFEngine, Rollout, SeededSampler, VLLMEngine, check_vllm, sleep_mode_available, weight_buckets
 
 
 def per_prompt(seed: int, prompts) -> list:
@@ -145,7 +145,7 @@ def test_checkpoint_generation_config_does_not_change_sampling(tiny_model, token
     tiny_model.generation_config.repetition_penalty = 5.0
     engine = HFEngine(tiny_model, tokenizer, rcfg())
     gc = engine.generation_config()
-    assert gc.top_k == 0 and gc.repetition_penalty == 1.0
+    assert gc.repetition_penalty == 1.0 and not gc.do_sample  # the sampling is SeededSampler's
     out = engine.generate(prompts[:1], 6, seeds=per_prompt(0, prompts[:1]))
     assert len({tuple(c) for c in out.completion_ids}) > 1  # top_k=1 would make every sample identical
 
@@ -332,8 +332,72 @@ def test_stages_default_to_vllm_and_say_what_is_missing_where_it_cannot_run(
 
 
 def test_a_prompts_group_does_not_depend_on_the_other_prompts(tiny_model, tokenizer, prompts):
-    """What lets data-parallel ranks sample exactly what a single process would."""
+    """What lets data-parallel ranks sample exactly what a single process would. The rows of several
+    prompts share each generate call here (3 groups of 3 in calls of 2 rows); the tokens are the
+    same as alone, the log-probs up to float rounding (a row's logits depend on its padded batch
+    in the last bits)."""
     engine = HFEngine(tiny_model, tokenizer, rcfg(micro_batch_size=2))
     together = engine.generate(prompts, 3, seeds=[11, 12, 13])
     alone = engine.generate(prompts[1:2], 3, seeds=[12])
-    assert together.completion_ids[3:6] == alone.completion_ids and together.logprobs[3:6] == alone.logprobs
+    assert together.completion_ids[3:6] == alone.completion_ids
+    for a, b in zip(together.logprobs[3:6], alone.logprobs):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
+
+
+# ---- the seeded sampler on a fixed logit vector ----
+
+LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, float("-inf")])  # the last token is banned
+CHI2_999 = {6: 22.46, 4: 18.47, 2: 13.82}  # chi-square 0.999 quantiles by degrees of freedom
+
+
+def draw(seeds, steps: int, **knobs) -> torch.Tensor:
+    """(rows, steps) tokens the sampler picks from LOGITS, one row per seed, a call per step."""
+    sampler = SeededSampler(seeds, device="cpu", **knobs)
+    picks = []
+    for _ in range(steps):
+        one_hot = sampler(None, LOGITS.expand(len(seeds), -1).clone())
+        assert ((one_hot == 0).sum(-1) == 1).all() and torch.isinf(one_hot).sum() == one_hot.numel() - len(seeds)
+        picks.append(one_hot.argmax(-1))
+    return torch.stack(picks, dim=1)
+
+
+@pytest.mark.parametrize(
+    "knobs, allowed",
+    [
+        (dict(temperature=1.0, top_k=0, top_p=1.0), 7),
+        (dict(temperature=0.7, top_k=0, top_p=1.0), 7),
+        (dict(temperature=1.3, top_k=5, top_p=1.0), 5),
+        (dict(temperature=1.0, top_k=0, top_p=0.8), 3),  # p = .41 .25 .15 .09 ...: the top 3 reach 0.8
+    ],
+)
+def test_seeded_sampler_draws_from_the_processed_softmax(knobs, allowed):
+    """Over 24000 draws (fixed seeds: deterministic) the counts fit softmax(logits / T) restricted
+    to the top-k / top-p tokens and renormalised (chi-square, p > 0.001); nothing else is drawn."""
+    tokens = draw(list(range(4000)), 6, **knobs).flatten()
+    scaled = LOGITS / knobs["temperature"]
+    expected = torch.zeros_like(LOGITS)
+    expected[:allowed] = torch.softmax(scaled[:allowed], dim=0)  # LOGITS are sorted: the kept tokens lead
+    counts = torch.bincount(tokens, minlength=len(LOGITS)).double()
+    assert counts[allowed:].sum() == 0
+    e = expected[:allowed].double() * len(tokens)
+    chi2 = ((counts[:allowed] - e) ** 2 / e).sum().item()
+    assert chi2 < CHI2_999[allowed - 1], (counts.tolist(), e.tolist())
+
+
+def test_seeded_sampler_logprobs_are_of_the_processed_distribution():
+    sampler = SeededSampler([0, 1, 2], temperature=0.5, top_k=4, top_p=1.0, device="cpu")
+    tokens = sampler(None, LOGITS.expand(3, -1).clone()).argmax(-1)
+    kept = torch.log_softmax(LOGITS[:4] / 0.5, dim=0)
+    torch.testing.assert_close(sampler.logprobs[0], kept[tokens])
+
+
+def test_seeded_sampler_rows_are_reproducible_and_independent_of_the_other_rows():
+    both = draw([5, 6, 7], 20, temperature=1.0, top_k=0, top_p=1.0)
+    assert torch.equal(both, draw([5, 6, 7], 20, temperature=1.0, top_k=0, top_p=1.0))
+    assert torch.equal(both[1], draw([6], 20, temperature=1.0, top_k=0, top_p=1.0)[0])  # alone
+    assert torch.equal(both[1], draw([9, 6], 20, temperature=1.0, top_k=0, top_p=1.0)[1])  # other neighbours
+    assert not torch.equal(both[0], both[1])
+
+
+def test_seeded_sampler_is_greedy_at_temperature_zero():
+    assert (draw([1, 2], 5, temperature=0.0, top_k=0, top_p=1.0) == 0).all()
