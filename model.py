@@ -8,6 +8,7 @@ directory or the local hub cache, and a missing model fails fast with a message 
 """
 
 import copy
+import inspect
 import os
 import re
 from typing import List, Optional, Tuple
@@ -293,10 +294,15 @@ class Critic(nn.Module):
 # Attention: varlen for packed sequences, SDPA otherwise
 # ---------------------------------------------------------------------------------------------
 
-try:  # GPU-only (requirements-gpu.txt); the fallback below is exact, just slower
+try:  # GPU-only (requirements-gpu.txt), optional: torch's own varlen kernel below does the same job
     from flash_attn import flash_attn_varlen_func
 except ImportError:
     flash_attn_varlen_func = None
+
+try:  # PyTorch's FlashAttention varlen kernel (torch >= 2.10, CUDA only)
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
 
 
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, cu_seqlens=None, max_seqlen=None, **kwargs):  # fmt: skip
@@ -304,24 +310,50 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
 
     query (1, H, S, D), key / value (1, H_kv, S, D) -> (1, S, H, D). With `cu_seqlens` (B + 1,) the
     S tokens are B packed sequences and each token attends causally within its own sequence only:
-    flash-attn's varlen kernel on a GPU where it is installed, otherwise SDPA one sequence at a time
-    (exactly the block-diagonal causal mask, without building an S x S mask). Without `cu_seqlens`
-    (padded batches, HF generate) it is transformers' SDPA with the usual padding mask.
+    on a GPU flash-attn's varlen kernel where it is installed, else PyTorch's own
+    (`torch.nn.attention.varlen.varlen_attn`); elsewhere (CPU) SDPA one sequence at a time
+    (`per_sequence_causal_attention`). Without `cu_seqlens` (padded batches, HF generate)
+    it is transformers' SDPA with the usual padding mask.
     """
     if cu_seqlens is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    if flash_attn_varlen_func is not None and query.is_cuda:
+    if query.is_cuda and (flash_attn_varlen_func is not None or varlen_attn is not None):
         q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (S, heads, D)
-        out = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout, scaling, causal=True)
+        if flash_attn_varlen_func is not None:
+            out = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout, scaling, causal=True)
+        else:
+            out = torch_varlen_causal(q, k, v, cu_seqlens, max_seqlen, scaling)
         return out[None], None
-    bounds = cu_seqlens.tolist()
+    return per_sequence_causal_attention(query, key, value, cu_seqlens, scaling), None
+
+
+def torch_varlen_causal(q, k, v, cu_seqlens, max_seqlen: int, scale) -> torch.Tensor:
+    """torch's varlen_attn, causal, q (S, H, D) and k / v (S, H_kv, D) -> (S, H, D). Its signature
+    moved: torch 2.10 takes `is_causal=`, 2.13 a causal window (-1, 0) and `enable_gqa`; without
+    `enable_gqa` the key/value heads are repeated for the query heads."""
+    params = inspect.signature(varlen_attn).parameters
+    causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            causal["enable_gqa"] = True
+        else:
+            k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale, **causal)
+
+
+def per_sequence_causal_attention(query, key, value, cu_seqlens, scale) -> torch.Tensor:
+    """Exactly the block-diagonal causal attention of packed sequences, without an S x S mask: one
+    SDPA call per sequence, over `split` views. Chosen by measurement on CPU (bench/attention.py):
+    slicing a view per sequence costs a full-size zero gradient buffer per slice in the backward
+    pass (1.6-2.7x slower), and one call over the sequences laid out padded computes the padding
+    (3.4-4.5x slower at RL's skewed lengths). query (1, H, S, D), key / value (1, H_kv, S, D)
+    -> (1, S, H, D)."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
     out = [
-        F.scaled_dot_product_attention(
-            query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True, scale=scaling, enable_gqa=True
-        )
-        for s, e in zip(bounds, bounds[1:])
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))
     ]
-    return torch.cat(out, dim=2).transpose(1, 2), None
+    return torch.cat(out, dim=2).transpose(1, 2)
 
 
 AttentionInterface.register("varlen", varlen_attention)
@@ -522,7 +554,8 @@ def sequence_logps(model, batch, temperature: float, chunk_size: int, banned_ids
     temperature; optionally also the entropy (B, Tc). Padding positions hold 0.
 
     lm_head runs over completion positions only, `chunk_size` tokens at a time; under autograd each
-    chunk is checkpointed, so the fp32 (tokens, vocab) logits never exist for the whole micro-batch.
+    chunk is checkpointed when there are several, so the fp32 (tokens, vocab) logits never exist for
+    the whole micro-batch. A single chunk is not: its logits would be recomputed for the same peak.
     """
     h = hidden_states(model.model, batch)  # (B, L, H)
     rows, cols = completion_positions(batch)
@@ -539,7 +572,7 @@ def sequence_logps(model, batch, temperature: float, chunk_size: int, banned_ids
             with_entropy,
             entropy_grad,
         )
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and h.shape[0] > chunk_size:
             lp, ent = checkpoint(_token_logp, *args, use_reentrant=False)
         else:
             lp, ent = _token_logp(*args)

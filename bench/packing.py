@@ -10,7 +10,10 @@ with grad, clipped loss, backward, AdamW step) three ways:
 - padded (TRL): micro-batches of `--micro` samples in rollout order, every sequence padded to the
   batch's longest (TRL pads the whole generation batch once; verl without remove_padding pads to the limit);
 - padded per micro: the same micro-batches, each padded only to its own longest;
-- packed: first-fit-decreasing micro-batches of at most `--micro` x max-len tokens, no padding.
+- packed, SDPA per sequence: first-fit-decreasing micro-batches of at most `--micro` x max-len
+  tokens, no padding, attention one SDPA call per packed sequence (the kernel before torch's varlen);
+- packed: the same micro-batches with model.varlen_attention's kernel: on CUDA flash-attn's or
+  torch's own varlen kernel, on CPU one SDPA call over the sequences laid out padded.
 Prints token efficiency (real / computed tokens), time per update, their ratio, tokens/s, and on a
 GPU the model FLOPs utilisation and peak memory of each.
 """
@@ -27,7 +30,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from transformers import AttentionInterface, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
 
 from data import Prompt, Sample  # noqa: E402
 from model import QWEN2_5_VL_3B_TEXT, collate, pack, sequence_logps, use_varlen_attention  # noqa: E402
@@ -40,6 +45,20 @@ QWEN_3B = {k: QWEN2_5_VL_3B_TEXT[k] for k in ("hidden_size", "intermediate_size"
 SMALL = dict(
     hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, vocab_size=4096
 )
+
+
+def per_sequence_attention(module, query, key, value, attention_mask, scaling=None, cu_seqlens=None, **kwargs):
+    """The kernel to beat: one SDPA call per packed sequence, query (1, H, S, D) -> (1, S, H, D)."""
+    bounds = cu_seqlens.tolist()
+    out = [
+        F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True, scale=scaling, enable_gqa=True)
+        for s, e in zip(bounds, bounds[1:])
+    ]  # fmt: skip
+    return torch.cat(out, dim=2).transpose(1, 2), None
+
+
+AttentionInterface.register("per_sequence", per_sequence_attention)
+AttentionMaskInterface.register("per_sequence", sdpa_mask)
 
 
 def build_model(sizes: dict, device, dtype):
@@ -83,7 +102,7 @@ def skewed_batch(n: int, min_len: int, max_len: int, truncated: float, vocab: in
 def update(model, optimizer, items, layout: str, micro: int, max_len: int, device):
     """One policy update over all `items`; returns (real tokens, computed tokens)."""
     seq_lens = [len(p.input_ids) + len(c) for p, c in items]
-    t = SimpleNamespace(packing=layout == "packed", max_tokens_per_micro=micro * max_len, micro_batch_size=micro)
+    t = SimpleNamespace(packing=layout.startswith("packed"), max_tokens_per_micro=micro * max_len, micro_batch_size=micro)
     num_tokens = sum(len(c) for _, c in items)
     computed = 0
     for idx in micro_batches(list(range(len(items))), seq_lens, t):
@@ -116,6 +135,9 @@ def update_flops(model, items) -> float:
     return 6 * body * tokens + 6 * model.lm_head.weight.numel() * completion + attention
 
 
+LAYOUTS = ("padded (TRL)", "padded per micro", "packed, SDPA per sequence", "packed")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", choices=["small", "3b"], default="small")
@@ -142,7 +164,9 @@ def main():
     flops = update_flops(model, items)
     print(f"{args.model} model on {device}, {args.dtype}; {len(items)} sequences of {args.min_len}-{args.max_len} tokens")
     results = {}
-    for layout in ("padded (TRL)", "padded per micro", "packed"):
+    for layout in LAYOUTS:
+        kernel = "per_sequence" if layout == "packed, SDPA per sequence" else "varlen"
+        model.set_attn_implementation({"text_config": kernel, "vision_config": "sdpa"})
         update(model, optimizer, items, layout, args.micro, args.max_len, device)  # warm-up
         times = []
         if device.type == "cuda":
@@ -157,13 +181,13 @@ def main():
             times.append(time.perf_counter() - t0)
         seconds = statistics.median(times)
         results[layout] = seconds
-        line = f"{layout:>16}: efficiency {real / computed:.3f} ({real} real / {computed} computed tokens), {seconds:.3f} s/update, {real / seconds:,.0f} tokens/s"
+        line = f"{layout:>26}: efficiency {real / computed:.3f} ({real} real / {computed} computed tokens), {seconds:.3f} s/update, {real / seconds:,.0f} tokens/s"
         if args.peak_tflops:
             line += f", MFU {flops / seconds / (args.peak_tflops * 1e12):.1%}"
         if device.type == "cuda":
             line += f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
         print(line)
-    for baseline in ("padded (TRL)", "padded per micro"):
+    for baseline in LAYOUTS[:-1]:
         print(f"packed is {results[baseline] / results['packed']:.2f}x faster than {baseline}")
 
 

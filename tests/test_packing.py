@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import completion_logprobs, reference_logps, tiny_text_model
 from data import Sample, encode_prompt, synthetic_samples
-from model import VISION_TOKENS, collate, pack, sequence_logps, sequence_values, Critic
+from model import VISION_TOKENS, collate, pack, per_sequence_causal_attention, sequence_logps, sequence_values, Critic
 from rollout import Rollout, cut_vision_tokens
 from train import aggregate, first_fit_decreasing, micro_batches, policy_loss
 
@@ -212,3 +212,64 @@ def test_gradient_checkpointing_and_the_critic_pack_exactly(tiny_model, tokenize
     values = sequence_values(critic, batch)
     padded = sequence_values(critic, collate(items, tokenizer.pad_token_id, tiny_model.config.image_token_id, "cpu"))
     torch.testing.assert_close(values, padded, atol=1e-5, rtol=0)
+
+
+def qkv(lengths, heads: int, kv_heads: int, device, dtype, seed: int = 0):
+    """Random packed query (1, heads, S, 32), key / value (1, kv_heads, S, 32) and cu_seqlens."""
+    g = torch.Generator().manual_seed(seed)
+    S = sum(lengths)
+    q, k, v = (torch.randn(1, h, S, 32, generator=g).to(device, dtype).requires_grad_() for h in (heads, kv_heads, kv_heads))
+    cu_seqlens = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+    return q, k, v, cu_seqlens
+
+
+def per_sequence_attention(q, k, v, cu_seqlens):
+    """The obvious block-diagonal causal attention: one SDPA call per sequence -> (1, S, H, D)."""
+    b = cu_seqlens.tolist()
+    out = [F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True, enable_gqa=True)
+           for s, e in zip(b, b[1:])]  # fmt: skip
+    return torch.cat(out, dim=2).transpose(1, 2)
+
+
+def test_split_views_attend_as_slices_with_their_gradients():
+    """The CPU path (SDPA per `split` view) is the obvious per-slice attention, sequences of 1 to 13
+    tokens, GQA, gradients included."""
+    lengths = [5, 1, 13, 7]
+    q, k, v, cu = qkv(lengths, heads=4, kv_heads=2, device="cpu", dtype=torch.float32)
+    out = per_sequence_causal_attention(q, k, v, cu, None)
+    ref = per_sequence_attention(q, k, v, cu)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+    grad = torch.randn_like(ref)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (q, k, v), grad)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.gpu
+def test_torch_varlen_kernel_is_per_sequence_attention_on_cuda(tokenizer, items, tiny_cfg):
+    """CUDA without flash-attn: packed attention runs torch.nn.attention.varlen.varlen_attn; in bf16
+    its outputs and gradients match one SDPA call per sequence, and packed log-probs match one
+    sequence at a time through transformers' own forward."""
+    from model import build_tiny_model, flash_attn_varlen_func, torch_varlen_causal, use_varlen_attention, varlen_attn
+
+    if not torch.cuda.is_available() or varlen_attn is None:
+        pytest.skip("needs a CUDA GPU and torch.nn.attention.varlen (torch >= 2.10)")
+    lengths = [64, 1, 200, 37]
+    q, k, v, cu = qkv(lengths, heads=4, kv_heads=2, device="cuda", dtype=torch.bfloat16)
+    out = torch_varlen_causal(*(x[0].transpose(0, 1) for x in (q, k, v)), cu, max(lengths), None)[None]
+    ref = per_sequence_attention(q, k, v, cu)
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=0)
+    grad = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(a.float(), b.float(), atol=5e-2, rtol=0)
+    if flash_attn_varlen_func is not None:
+        return  # the model would run flash-attn's kernel instead
+    model = build_tiny_model(tokenizer, tiny_cfg.model.tiny, seed=0).eval().cuda()
+    use_varlen_attention(model, "sdpa")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        logp = sequence_logps(model, pack(items, model, tokenizer.pad_token_id, "cuda"), 1.0, 64)
+        for i, (p, c) in enumerate(items):
+            torch.testing.assert_close(
+                logp[i, : len(c)].float().cpu(), reference_logps(model, p, c, 1.0).float().cpu(), atol=5e-2, rtol=0
+            )
