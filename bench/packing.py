@@ -2,7 +2,7 @@
 
     python bench/packing.py                                   # CPU: a small random Qwen2.5-VL
     python bench/packing.py --model 3b --device cuda --dtype bfloat16 --min-len 512 --max-len 4096 \
-        --samples 64 --micro 4 --peak-tflops 989               # GPU: random-init Qwen2.5-VL-3B
+        --samples 64 --micro 4                                 # GPU: random-init Qwen2.5-VL-3B (bench/gpu.sh)
 
 A batch of (prompt + completion) sequences with right-skewed lengths spanning max/min = 10x, as RL
 rollouts have (log-uniform, plus 10% cut at the generation limit), gets one full update (log-probs
@@ -35,16 +35,17 @@ from transformers import AttentionInterface, Qwen2_5_VLConfig, Qwen2_5_VLForCond
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
 
 from data import Prompt, Sample  # noqa: E402
-from model import QWEN2_5_VL_3B_TEXT, collate, pack, sequence_logps, use_varlen_attention  # noqa: E402
+from model import QWEN2_5_VL_3B_TEXT, QWEN2_5_VL_3B_VISION, collate, pack, sequence_logps, use_varlen_attention  # noqa: E402
 from train import aggregate, micro_batches, policy_loss  # noqa: E402
 
-# Qwen2.5-VL-3B-Instruct's language model (its published config, model.py); vision tower frozen and
-# unused here: the update's cost is the language model's.
+# Qwen2.5-VL-3B-Instruct's published config (model.py), its vision tower frozen and unused here: the
+# update's cost is the language model's.
 QWEN_3B = {k: QWEN2_5_VL_3B_TEXT[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                                "num_attention_heads", "num_key_value_heads", "vocab_size")}  # fmt: skip
 SMALL = dict(
     hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, vocab_size=4096
 )
+SMALL_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=SMALL["hidden_size"])
 
 
 def per_sequence_attention(module, query, key, value, attention_mask, scaling=None, cu_seqlens=None, **kwargs):
@@ -61,18 +62,19 @@ AttentionInterface.register("per_sequence", per_sequence_attention)
 AttentionMaskInterface.register("per_sequence", sdpa_mask)
 
 
-def build_model(sizes: dict, device, dtype):
+def build_model(sizes: dict, device, dtype, vision: dict):
     half = sizes["hidden_size"] // sizes["num_attention_heads"] // 2
     spatial = 3 * half // 8
     config = Qwen2_5_VLConfig(
         text_config=dict(**sizes, max_position_embeddings=32768,
                          rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [half - 2 * spatial, spatial, spatial]}),
-        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=sizes["hidden_size"]),
+        vision_config=vision,
         image_token_id=sizes["vocab_size"] - 1, video_token_id=sizes["vocab_size"] - 2,
         vision_start_token_id=sizes["vocab_size"] - 3, vision_end_token_id=sizes["vocab_size"] - 4,
     )  # fmt: skip
     torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration(config).to(device=device, dtype=dtype)
+    with torch.device(device):  # initialised where it runs: a 3B random init on the CPU takes minutes
+        model = Qwen2_5_VLForConditionalGeneration(config).to(dtype=dtype)
     use_varlen_attention(model, "sdpa")
     model.model.visual.requires_grad_(False)
     return model
@@ -135,6 +137,19 @@ def update_flops(model, items) -> float:
     return 6 * body * tokens + 6 * model.lm_head.weight.numel() * completion + attention
 
 
+def measured_peak_tflops(device) -> float:
+    """The device's bf16 matmul rate: the mean of ten 8192^3 products after three warm-ups."""
+    a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 10 * 2 * 8192**3 / (time.perf_counter() - t0) / 1e12
+
+
 LAYOUTS = ("padded (TRL)", "padded per micro", "packed, SDPA per sequence", "packed")
 
 
@@ -151,10 +166,15 @@ def main():
     )
     parser.add_argument("--truncated", type=float, default=0.1, help="fraction of completions cut at the generation limit")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--peak-tflops", type=float, default=0.0, help="the device's dense peak, for MFU (H100 SXM bf16: 989)")
+    parser.add_argument("--peak-tflops", type=float, default=0.0,
+                        help="the dense peak for MFU; 0 on a GPU = measured here (an 8192^3 bf16 matmul)")  # fmt: skip
     args = parser.parse_args()
     device = torch.device(args.device)
-    model = build_model(QWEN_3B if args.model == "3b" else SMALL, device, getattr(torch, args.dtype))
+    if device.type == "cuda" and not args.peak_tflops:
+        args.peak_tflops = measured_peak_tflops(device)
+        print(f"measured bf16 peak: {args.peak_tflops:.0f} TFLOP/s")
+    sizes, vision = (QWEN_3B, QWEN2_5_VL_3B_VISION) if args.model == "3b" else (SMALL, SMALL_VISION)
+    model = build_model(sizes, device, getattr(torch, args.dtype), vision)
     if args.model == "3b":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
