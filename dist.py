@@ -37,7 +37,9 @@ def init_distributed(device_name: str, always: bool = False) -> Tuple[int, int, 
     if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and "WORLD_SIZE" not in os.environ:
         import submitit  # a task of cluster=slurm: its SLURM rank, world and master become torch's
 
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        # not under torchrun (no WORLD_SIZE), so any torch variable already here was inherited from the
+        # submitting shell or process (vLLM's CPU platform sets LOCAL_WORLD_SIZE, say): SLURM's values win
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
     if always:
         for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
             os.environ.setdefault(key, value)

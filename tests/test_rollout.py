@@ -8,6 +8,7 @@ log-probs must be the trainer's, whichever weights changed.
 """
 
 import copy
+import os
 import sys
 
 import pytest
@@ -58,9 +59,12 @@ def shared_vllm(tokenizer, image_processor, tiny_cfg, tmp_path_factory):
     them (the untied layout of debug=tiny is synced at every step of the vLLM train runs). One: vLLM
     keeps its process groups in globals, and shutting one engine down breaks any other."""
     path = str(tmp_path_factory.mktemp("vllm_tiny"))
+    environ = dict(os.environ)  # vLLM's CPU platform sets variables (LOCAL_WORLD_SIZE, LD_PRELOAD) in-process
     engine = start_vllm(path, fresh_tiny_model(tokenizer, tiny_cfg, tied=True), tokenizer, image_processor, tiny_cfg)
     yield engine
     engine.close()  # its process group too, which would otherwise change later in-process runs
+    os.environ.clear()  # and its variables, which later tests' subprocesses would inherit
+    os.environ.update(environ)
 
 
 @pytest.fixture()
