@@ -112,15 +112,15 @@ def test_truncated_importance_sampling_runs_and_is_neutral_when_sampler_and_trai
 @pytest.mark.slow
 def test_dapo_options_run_and_masking_truncated_completions_stops_their_updates(tmp_path):
     toy = ["+reward.weights={toy_rewards\\:digit_fraction: 1.0}", "~reward.weights.format", "~reward.weights.math"]
-    common = [*TINY_DEFAULTS, *toy, "trainer.max_steps=1", "algo.kl_coef=0", "rollout.max_new_tokens=4"]
+    common = [*TINY_DEFAULTS, *toy, "trainer.max_steps=1", "algo.kl_coef=0"]
     # the random tiny model almost never stops within 4 tokens: every completion is truncated (with the
     # sampler's seeds here, checked; 1 of 16 stopped within 6)
-    masked = train.run(compose_cfg([*common, "algo.mask_truncated=true"]), str(tmp_path / "masked"))
+    masked = train.run(compose_cfg([*common, "rollout.max_new_tokens=4", "algo.mask_truncated=true"]), str(tmp_path / "masked"))
     assert masked["rollout/truncated_frac"] == 1.0
     assert masked["loss/policy"] == 0.0 and masked["loss/grad_norm"] == 0.0  # nothing left to learn from
     dapo = ["algo.clip_high=0.28", "algo.overlong_buffer=4", "algo.overlong_penalty=1.0", "algo.entropy_coef=0.01",
             "algo.kl_coef=0.01", "algo.kl_target=0.01", "algo.estimator=grpo", "algo.std_normalize=false"]  # fmt: skip
-    last = train.run(compose_cfg([*common, *dapo]), str(tmp_path / "dapo"))
+    last = train.run(compose_cfg([*common, "rollout.max_new_tokens=6", *dapo]), str(tmp_path / "dapo"))
     assert last["reward/overlong"] < 0  # every completion reached the limit: penalised
     assert last["loss/kl_coef"] != 0.01 and last["loss/approx_kl"] >= 0 and 0 <= last["rollout/zero_std_groups"] <= 1
 
