@@ -301,8 +301,10 @@ except ImportError:
 
 try:  # PyTorch's FlashAttention varlen kernel (torch >= 2.10, CUDA only)
     from torch.nn.attention.varlen import varlen_attn
+
+    VARLEN_PARAMS = inspect.signature(varlen_attn).parameters  # read once: it is called per layer
 except ImportError:
-    varlen_attn = None
+    varlen_attn, VARLEN_PARAMS = None, {}
 
 
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, cu_seqlens=None, max_seqlen=None, **kwargs):  # fmt: skip
@@ -331,10 +333,9 @@ def torch_varlen_causal(q, k, v, cu_seqlens, max_seqlen: int, scale) -> torch.Te
     """torch's varlen_attn, causal, q (S, H, D) and k / v (S, H_kv, D) -> (S, H, D). Its signature
     moved: torch 2.10 takes `is_causal=`, 2.13 a causal window (-1, 0) and `enable_gqa`; without
     `enable_gqa` the key/value heads are repeated for the query heads."""
-    params = inspect.signature(varlen_attn).parameters
-    causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    causal = {"is_causal": True} if "is_causal" in VARLEN_PARAMS else {"window_size": (-1, 0)}
     if k.shape[1] != q.shape[1]:
-        if "enable_gqa" in params:
+        if "enable_gqa" in VARLEN_PARAMS:
             causal["enable_gqa"] = True
         else:
             k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
