@@ -24,6 +24,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from data import image_items, load_image
+from dist import barrier, distributed, main_rank
 from model import STOP_TOKENS, VISION_TOKENS, image_token_id, save_checkpoint, vision_inputs
 
 
@@ -250,7 +251,7 @@ def check_vllm() -> Optional[str]:
 def several_ranks() -> bool:
     """Whether this process is one of several training ranks (torchrun). vLLM itself initialises a
     one-process torch.distributed group in-process, so being initialised is not enough."""
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    return distributed() and torch.distributed.get_world_size() > 1
 
 
 def sleep_mode_available(wanted: bool) -> bool:
@@ -444,7 +445,7 @@ def release_process_groups() -> None:
         from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
         cleanup_dist_env_and_memory()
-    elif torch.distributed.is_available() and torch.distributed.is_initialized():
+    elif distributed():
         torch.distributed.destroy_process_group()
 
 
@@ -456,10 +457,9 @@ def make_engine(cfg, policy, tokenizer, image_processor, model_path: Optional[st
         return HFEngine(policy, tokenizer, cfg.rollout)
     if model_path is None:
         model_path = os.path.join(run_dir, "vllm_model")
-        if not several_ranks() or torch.distributed.get_rank() == 0:
+        if main_rank():
             save_checkpoint(model_path, policy, tokenizer, image_processor)
-        if several_ranks():
-            torch.distributed.barrier()
+        barrier()
     return VLLMEngine(
         model_path,
         tokenizer,
