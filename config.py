@@ -76,7 +76,7 @@ class WandbMode(Choice):
 
 @dataclass
 class TinyModelConfig:
-    """Sizes of the random-init Qwen2.5-VL used by model=tiny (real classes, tiny widths)."""
+    """Sizes of the Qwen2.5-VL that model=tiny builds (real classes, tiny widths), and its warm start."""
 
     vocab_size: int = 512  # byte-level BPE vocabulary trained locally, Qwen's special tokens included
     hidden_size: int = 64
@@ -87,12 +87,17 @@ class TinyModelConfig:
     vision_depth: int = 2
     vision_hidden_size: int = 32
     vision_num_heads: int = 2
+    # a short supervised pass on the synthetic tasks' worked solutions before RL (model.warm_start),
+    # cached per machine: the random model never answers in LMM-R1's format, the warm-started one
+    # sometimes does, so the real verifiers' rewards have something to rise from. 0 = random weights.
+    warm_start_steps: int = 300
+    warm_start_lr: float = 3e-3
 
 
 @dataclass
 class ModelConfig:
     name: str = "qwen2_5_vl_3b"  # which model/ preset this is
-    # local dir, or hub id looked up in the local hub cache; null = the random-init tiny model
+    # local dir, or hub id looked up in the local hub cache; null = the tiny model (model.tiny)
     path: Optional[str] = "Qwen/Qwen2.5-VL-3B-Instruct"
     dtype: Dtype = Dtype.bfloat16  # parameter dtype for training and generation
     # the vision tower's transformers attention: sdpa | eager | flash_attention_2. The language model

@@ -270,6 +270,37 @@ def synthetic_samples(kind: str, n: int, seed: int, image_size: int, system_prom
     return out
 
 
+WORKED = {  # the reasoning of each synthetic task's worked solution, short enough for debug=tiny's budget
+    "shapes": "I count the {kind}.",
+    "area": "I count the squares inside.",
+    "perimeter": "I add up the four sides.",
+    "sokoban": "I push the box.",
+}
+
+
+def synthetic_solution(sample: Sample, formatted: bool = True) -> str:
+    """A synthetic sample's worked solution: in LMM-R1's format, `<think>…</think><answer>$…$</answer>`
+    (Sokoban: the move list), which the real verifiers score 1; or, `formatted=False`, the same answer
+    as a base model often writes it, outside the format (`The answer is $\\boxed{…}$.`: right, format 0).
+    What the tiny model's warm start imitates."""
+    question = sample.messages[-1]["content"][-1]["text"]
+    kind = sample.meta["datasource"].removeprefix("synthetic_")
+    if kind == "sokoban":
+        answer, plain = sample.answer, sample.answer
+        think = WORKED["sokoban"]
+    else:
+        answer, plain = f"${sample.answer}$", "$\\boxed{" + sample.answer + "}$"
+        if kind == "arithmetic":  # the expression copied next to the answer
+            think = question.removeprefix("What is ").removesuffix("?")
+        elif kind == "shapes":
+            think = WORKED["shapes"].format(kind=question.split()[2])
+        else:
+            think = WORKED["area" if "area" in question else "perimeter"]
+    if not formatted:
+        return f"The answer is {plain}."
+    return f"<think> {think} </think><answer> {answer} </answer>"
+
+
 def synthetic_question_texts() -> List[str]:
     """Every question template of the synthetic sets (what the tiny tokenizer is trained on)."""
     texts = []

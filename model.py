@@ -2,20 +2,26 @@
 checkpoints.
 
 The tiny preset is the real `Qwen2_5_VLForConditionalGeneration` with a small config and random
-weights, a byte-level BPE tokenizer trained here with Qwen's special tokens and chat template, and
-Qwen's PIL image processor (no torchvision). Nothing is downloaded: real weights come from a local
+weights, warm-started by a short supervised pass on the synthetic tasks' worked solutions, a
+byte-level BPE tokenizer trained here with Qwen's special tokens and chat template, and Qwen's PIL
+image processor (no torchvision). Nothing is downloaded: real weights come from a local
 directory or the local hub cache, and a missing model fails fast with a message saying what to do.
 """
 
 import copy
+import hashlib
 import inspect
+import json
 import os
+import random
 import re
 from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import transformers
+from omegaconf import OmegaConf
 from torch.utils.checkpoint import checkpoint
 from transformers import (
     AttentionInterface,
@@ -30,7 +36,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from data import LMM_R1_SYSTEM_PROMPT, synthetic_question_texts
+from data import LMM_R1_SYSTEM_PROMPT, encode_prompt, synthetic_question_texts, synthetic_samples, synthetic_solution
 
 # Qwen2/2.5-VL's added tokens, in Qwen's order. The tiny tokenizer carries the same strings so that
 # the chat template, the stop tokens and the image placeholders behave exactly as with the real model.
@@ -87,7 +93,7 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 def resolve_model_path(path: Optional[str]) -> Optional[str]:
     """A local directory for `path` (a directory, or a hub id already in the local hub cache).
 
-    None means the random-init tiny model. Never downloads: a missing model raises FileNotFoundError
+    None means the tiny model (model.tiny). Never downloads: a missing model raises FileNotFoundError
     with the commands that fetch the weights and the command that runs the tiny preset instead.
     """
     if path is None:
@@ -199,6 +205,74 @@ def build_tiny_model(tokenizer, tiny, seed: int) -> Qwen2_5_VLForConditionalGene
         return Qwen2_5_VLForConditionalGeneration(qwen2_5_vl_config(tokenizer, text, vision))
 
 
+# The warm start's recipe. Bump WARM_START_VERSION whenever it (or data.synthetic_solution) changes,
+# so that caches of the old recipe are not loaded.
+WARM_START_VERSION = 1
+# Worked solutions per synthetic task, from their own seed (not the RL rows, not a held-out split).
+# Arithmetic gets the most: its answers must be computed, where the others' are mostly the format.
+WARM_START_SAMPLES = {"arithmetic": 1024, "shapes": 256, "geometry": 256, "sokoban": 256}
+WARM_START_BATCH = 32
+WARM_START_IMAGE_SIZE = 112  # data.image_size's default
+
+
+def warm_start_path(tiny, seed: int, image_processor) -> str:
+    """Where the warm start of this tiny config and seed is cached: $LMM_R1_CACHE or ~/.cache/lmm-r1,
+    under a hash of everything that decides its weights."""
+    recipe = {"version": WARM_START_VERSION, "tiny": OmegaConf.to_container(tiny) if OmegaConf.is_config(tiny) else dict(tiny),
+              "seed": seed, "pixels": [image_processor.size.shortest_edge, image_processor.size.longest_edge],
+              "torch": torch.__version__.split("+")[0], "transformers": transformers.__version__}  # fmt: skip
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    root = os.environ.get("LMM_R1_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lmm-r1")
+    return os.path.join(root, "tiny_warm_start", key, "model.safetensors")
+
+
+def warm_start(model, tokenizer, image_processor, tiny, seed: int) -> None:
+    """Give the random tiny model a head start, in place (`fit_worked_solutions`), so that RL with the
+    real verifiers has rewards to raise. Built once per machine and cached (`warm_start_path`); where
+    the cache cannot be written, the run goes on with the warm start in memory and says so."""
+    from safetensors.torch import load_model, save_model
+
+    path = warm_start_path(tiny, seed, image_processor)
+    if os.path.isfile(path):
+        load_model(model, path)
+        return
+    print(f"[model] warm-starting the tiny model: {tiny.warm_start_steps} supervised steps on the synthetic tasks' "
+          f"worked solutions (once; cached in {os.path.dirname(path)})", flush=True)  # fmt: skip
+    fit_worked_solutions(model, tokenizer, image_processor, tiny, seed)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_model(model, tmp)
+        os.replace(tmp, path)  # atomic: a concurrent run sees the whole file or none
+    except OSError as e:
+        print(f"[model] warning: the warm start could not be cached ({e}); the next run builds it again", flush=True)
+
+
+def fit_worked_solutions(model, tokenizer, image_processor, tiny, seed: int) -> None:
+    """`tiny.warm_start_steps` supervised steps (token-mean NLL, AdamW, batches of WARM_START_BATCH)
+    on the synthetic tasks' worked solutions: half in LMM-R1's format (`<think>…</think><answer>$…$
+    </answer>`), half outside it, so that the model answers in the format about half the time and
+    sometimes right. Deterministic from `seed`."""
+    eos = tokenizer.convert_tokens_to_ids(STOP_TOKENS[0])
+    items = []  # (prompt, solution token ids)
+    for kind, n in WARM_START_SAMPLES.items():
+        for i, s in enumerate(synthetic_samples(kind, n, f"warm-start-{seed}", WARM_START_IMAGE_SIZE, LMM_R1_SYSTEM_PROMPT)):
+            solution = tokenizer(synthetic_solution(s, formatted=i % 2 == 0), add_special_tokens=False).input_ids
+            items.append((encode_prompt(s, tokenizer, image_processor), solution + [eos]))
+    rng, was_training = random.Random(seed), model.training
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tiny.warm_start_lr, weight_decay=0.0)
+    model.train()
+    for _ in range(tiny.warm_start_steps):
+        batch = collate(rng.sample(items, WARM_START_BATCH), tokenizer.pad_token_id, model.config.image_token_id, "cpu")
+        mask = batch["completion_mask"]  # (B, Tc)
+        loss = -(sequence_logps(model, batch, 1.0, chunk_size=mask.numel()) * mask).sum() / mask.sum()
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+    model.train(was_training)
+
+
 def qwen2_5_vl_config(tokenizer, text: dict, vision: dict) -> Qwen2_5_VLConfig:
     """A Qwen2.5-VL config of the given text and vision sizes, with `tokenizer`'s special-token ids
     and Qwen's patching (14-pixel patches, 2x2 merge, 2 frames per temporal patch)."""
@@ -235,7 +309,10 @@ def load_policy(mcfg, seed: int, device: torch.device):
     path = resolve_model_path(mcfg.path)
     if path is None:
         tokenizer = build_tiny_tokenizer(mcfg.tiny.vocab_size)
-        model = build_tiny_model(tokenizer, mcfg.tiny, seed).to(dtype)
+        model = build_tiny_model(tokenizer, mcfg.tiny, seed)
+        if mcfg.tiny.warm_start_steps > 0:
+            warm_start(model, tokenizer, build_image_processor(mcfg.min_pixels, mcfg.max_pixels), mcfg.tiny, seed)
+        model.to(dtype)
     else:
         remote = bool(mcfg.trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote)

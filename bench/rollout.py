@@ -41,11 +41,16 @@ from model import (
 from rollout import HFEngine, VLLMEngine  # noqa: E402
 
 
+# the run RESULTS.md records: the random tiny model (no warm start), debug=tiny's batch sizes before it learnt
+RANDOM_TINY_RUN = ["model.tiny.warm_start_steps=0", "rollout.prompts_per_step=4", "rollout.group_size=4",
+                   "rollout.max_new_tokens=24", "rollout.micro_batch_size=16"]  # fmt: skip
+
+
 def tiny_run_config(device: str):
     with initialize_config_dir(
         config_dir=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf"), version_base="1.3"
     ):
-        return compose("config", overrides=["debug=tiny", f"trainer.device={device}"])
+        return compose("config", overrides=["debug=tiny", f"trainer.device={device}", *RANDOM_TINY_RUN])
 
 
 def logp_gap(model, tokenizer, prompts, rollout, temperature: float) -> float:

@@ -43,7 +43,7 @@ def ours(model_dir: str, steps: int, run_dir: str):
         f"trainer.seed={SEED}", f"trainer.max_steps={steps}", f"data.num_synthetic={N_DATA}",
         f"rollout.prompts_per_step={PROMPTS}", f"rollout.group_size={GROUP}", f"rollout.max_new_tokens={NEW_TOKENS}",
         "rollout.temperature=1.0", f"rollout.micro_batch_size={PROMPTS * GROUP}",
-        f"trainer.mini_batch_size={PROMPTS * GROUP}", f"trainer.lr={LR}", "trainer.warmup_ratio=0", "trainer.min_lr_ratio=1.0",
+        f"trainer.mini_batch_size={PROMPTS * GROUP}", "trainer.micro_batch_size=8", f"trainer.lr={LR}", "trainer.warmup_ratio=0", "trainer.min_lr_ratio=1.0",
         "algo.estimator=grpo", "algo.kl_coef=0", "algo.loss_agg=token_mean", "trainer.save_every=0",
         "+reward.weights={toy_rewards\\:digit_fraction: 1.0}", "~reward.weights.format", "~reward.weights.math",
     ]  # fmt: skip
@@ -110,7 +110,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = compose_cfg(["debug=tiny", f"trainer.seed={SEED}"])
+        cfg = compose_cfg(["debug=tiny", f"trainer.seed={SEED}", "model.tiny.warm_start_steps=0"])  # random weights, as recorded
         policy, tokenizer, image_processor = load_policy(cfg.model, SEED, torch.device("cpu"))
         model_dir = os.path.join(tmp, "tiny")
         save_checkpoint(model_dir, policy, tokenizer, image_processor)  # both start from these weights

@@ -16,6 +16,7 @@ from data import (
     prompt_batches,
     prompt_length,
     synthetic_samples,
+    synthetic_solution,
 )
 
 
@@ -246,3 +247,21 @@ def test_a_directory_that_is_not_a_training_split_says_so(tmp_path, tokenizer, i
     (tmp_path / "plain").mkdir()
     with pytest.raises(BadRow, match="save_to_disk"):
         load_dataset(dcfg(train_files=[str(tmp_path / "plain")]), 0, tokenizer, image_processor)
+
+
+@pytest.mark.parametrize("kind", ["arithmetic", "shapes", "geometry", "sokoban"])
+def test_worked_solutions_score_as_the_warm_start_means_them(kind):
+    """The warm start imitates these: in the format, right on every verifier; outside it, format 0,
+    the answer still right for math (the Sokoban verifier gates on the format: no verdict)."""
+    from rewards import REWARDS, Malformed
+
+    answer_reward = REWARDS["sokoban" if kind == "sokoban" else "math"]
+    for sample in synthetic_samples(kind, 8, 0, 56, LMM_R1_SYSTEM_PROMPT):
+        row, formatted, plain = sample.reward_row(), synthetic_solution(sample), synthetic_solution(sample, formatted=False)
+        assert (REWARDS["format"](formatted, row), answer_reward(formatted, row)) == (1.0, 1.0), formatted
+        assert REWARDS["format"](plain, row) == 0.0 and sample.answer in plain, plain
+        if kind == "sokoban":
+            with pytest.raises(Malformed):
+                answer_reward(plain, row)
+        else:
+            assert answer_reward(plain, row) == 1.0, plain

@@ -6,11 +6,12 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from PIL import Image
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2ForCausalLM
 
 from data import encode_prompt, synthetic_samples
-from conftest import reference_logps, tiny_text_model
+from conftest import compose_cfg, reference_logps, tiny_text_model
 from model import (
     MASTER_FILE,
     QWEN_SPECIAL_TOKENS,
@@ -28,6 +29,7 @@ from model import (
     save_master_weights,
     sequence_logps,
     sequence_values,
+    warm_start_path,
 )
 from rollout import generation_inputs
 
@@ -78,6 +80,25 @@ def test_tiny_model_is_real_qwen2_5_vl_and_deterministic(tokenizer, tiny_cfg):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert any(not torch.equal(sa[k], sc[k]) for k in sa)
     assert sum(p.numel() for p in a.parameters()) < 1_000_000
+
+
+def test_warm_start_is_deterministic_cached_and_keyed_by_its_recipe(tiny_cfg, tmp_path, monkeypatch):
+    """Two machines (two caches) build the same warm start; a second load reads the cache and
+    builds nothing; another tiny config or seed is another cache entry; and it changed the weights."""
+    mcfg = compose_cfg(["debug=tiny", "model.tiny.warm_start_steps=3"]).model
+    built = []
+    for cache, new_files in (("a", 1), ("b", 1), ("a", 0)):
+        monkeypatch.setenv("LMM_R1_CACHE", str(tmp_path / cache))
+        before = set(tmp_path.rglob("*.safetensors"))
+        built.append(load_policy(mcfg, 0, torch.device("cpu"))[0].state_dict())
+        assert len(set(tmp_path.rglob("*.safetensors")) - before) == new_files
+    assert all(torch.equal(built[0][k], built[i][k]) for i in (1, 2) for k in built[0])
+    random = load_policy(OmegaConf.merge(mcfg, {"tiny": {"warm_start_steps": 0}}), 0, torch.device("cpu"))[0].state_dict()
+    assert any(not torch.equal(built[0][k], random[k]) for k in random)
+    processor = load_policy(mcfg, 0, torch.device("cpu"))[2]
+    paths = {warm_start_path(mcfg.tiny, 0, processor), warm_start_path(mcfg.tiny, 1, processor),
+             warm_start_path(OmegaConf.merge(mcfg.tiny, {"warm_start_lr": 1e-3}), 0, processor)}  # fmt: skip
+    assert len(paths) == 3 and all(p.startswith(str(tmp_path / "a")) for p in paths)
 
 
 def test_image_processor_resizes_within_pixel_budget(image_processor):

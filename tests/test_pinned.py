@@ -45,7 +45,10 @@ def test_a_fixed_seed_run_logs_its_pinned_metrics(estimator):
     for step, (got, want) in enumerate(zip(steps, pinned), start=1):
         assert set(got) == set(want), f"step {step}: metric names changed"
         for key in want:  # fp32 sums: equal up to rounding, and the policy loss is a near-cancelling sum
-            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), f"step {step} {key}"
+            # explained_var is 1 - a ratio of variances near 1: its fp32 rounding (summation order,
+            # thread count) shows at ~3e-7 (seen on CI), a real change far above
+            tol = 1e-6 if key == "loss/explained_var" else 1e-7
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=tol), f"step {step} {key}"
 
 
 if __name__ == "__main__":
