@@ -15,6 +15,7 @@ import json
 import os
 import random
 import re
+import tempfile
 from typing import List, Optional, Tuple
 
 import torch
@@ -36,6 +37,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from dist import any_rank, barrier, main_rank
 from data import LMM_R1_SYSTEM_PROMPT, encode_prompt, synthetic_question_texts, synthetic_samples, synthetic_solution
 
 # Qwen2/2.5-VL's added tokens, in Qwen's order. The tiny tokenizer carries the same strings so that
@@ -205,8 +207,8 @@ def build_tiny_model(tokenizer, tiny, seed: int) -> Qwen2_5_VLForConditionalGene
         return Qwen2_5_VLForConditionalGeneration(qwen2_5_vl_config(tokenizer, text, vision))
 
 
-# The warm start's recipe. Bump WARM_START_VERSION whenever it (or data.synthetic_solution) changes,
-# so that caches of the old recipe are not loaded.
+# The warm start's recipe. Bump WARM_START_VERSION when `fit_worked_solutions` changes (the cache
+# key hashes the training items, so changes to the data, prompts or solutions need no bump).
 WARM_START_VERSION = 1
 # Worked solutions per synthetic task, from their own seed (not the RL rows, not a held-out split).
 # Arithmetic gets the most: its answers must be computed, where the others' are mostly the format.
@@ -215,50 +217,83 @@ WARM_START_BATCH = 32
 WARM_START_IMAGE_SIZE = 112  # data.image_size's default
 
 
-def warm_start_path(tiny, seed: int, image_processor) -> str:
-    """Where the warm start of this tiny config and seed is cached: $LMM_R1_CACHE or ~/.cache/lmm-r1,
-    under a hash of everything that decides its weights."""
-    recipe = {"version": WARM_START_VERSION, "tiny": OmegaConf.to_container(tiny) if OmegaConf.is_config(tiny) else dict(tiny),
-              "seed": seed, "pixels": [image_processor.size.shortest_edge, image_processor.size.longest_edge],
-              "torch": torch.__version__.split("+")[0], "transformers": transformers.__version__}  # fmt: skip
-    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
-    root = os.environ.get("LMM_R1_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lmm-r1")
-    return os.path.join(root, "tiny_warm_start", key, "model.safetensors")
-
-
-def warm_start(model, tokenizer, image_processor, tiny, seed: int) -> None:
-    """Give the random tiny model a head start, in place (`fit_worked_solutions`), so that RL with the
-    real verifiers has rewards to raise. Built once per machine and cached (`warm_start_path`); where
-    the cache cannot be written, the run goes on with the warm start in memory and says so."""
-    from safetensors.torch import load_model, save_model
-
-    path = warm_start_path(tiny, seed, image_processor)
-    if os.path.isfile(path):
-        load_model(model, path)
-        return
-    print(f"[model] warm-starting the tiny model: {tiny.warm_start_steps} supervised steps on the synthetic tasks' "
-          f"worked solutions (once; cached in {os.path.dirname(path)})", flush=True)  # fmt: skip
-    fit_worked_solutions(model, tokenizer, image_processor, tiny, seed)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        save_model(model, tmp)
-        os.replace(tmp, path)  # atomic: a concurrent run sees the whole file or none
-    except OSError as e:
-        print(f"[model] warning: the warm start could not be cached ({e}); the next run builds it again", flush=True)
-
-
-def fit_worked_solutions(model, tokenizer, image_processor, tiny, seed: int) -> None:
-    """`tiny.warm_start_steps` supervised steps (token-mean NLL, AdamW, batches of WARM_START_BATCH)
-    on the synthetic tasks' worked solutions: half in LMM-R1's format (`<think>…</think><answer>$…$
-    </answer>`), half outside it, so that the model answers in the format about half the time and
-    sometimes right. Deterministic from `seed`."""
+def worked_solution_items(tokenizer, image_processor, seed: int) -> list:
+    """The warm start's training pairs (prompt, solution token ids + <|im_end|>): WARM_START_SAMPLES
+    of each synthetic task from their own seed, every other one in LMM-R1's format."""
     eos = tokenizer.convert_tokens_to_ids(STOP_TOKENS[0])
-    items = []  # (prompt, solution token ids)
+    items = []
     for kind, n in WARM_START_SAMPLES.items():
         for i, s in enumerate(synthetic_samples(kind, n, f"warm-start-{seed}", WARM_START_IMAGE_SIZE, LMM_R1_SYSTEM_PROMPT)):
             solution = tokenizer(synthetic_solution(s, formatted=i % 2 == 0), add_special_tokens=False).input_ids
             items.append((encode_prompt(s, tokenizer, image_processor), solution + [eos]))
+    return items
+
+
+def warm_start_path(tiny, seed: int, tokenizer, items) -> str:
+    """Where this warm start is cached: $LMM_R1_CACHE or ~/.cache/lmm-r1, under a hash of all that
+    decides its weights: the recipe (version, tiny config, seed, batch), the tokenizer, the training
+    items themselves (token ids and pixels: the data generators, prompts and drawing), the library versions."""
+    digest = hashlib.sha256()
+    recipe = {"version": WARM_START_VERSION, "tiny": OmegaConf.to_container(tiny) if OmegaConf.is_config(tiny) else dict(tiny),
+              "seed": seed, "batch": WARM_START_BATCH, "torch": torch.__version__.split("+")[0],
+              "transformers": transformers.__version__}  # fmt: skip
+    digest.update(json.dumps(recipe, sort_keys=True).encode())
+    digest.update(tokenizer.backend_tokenizer.to_str().encode())
+    for prompt, solution in items:
+        digest.update(json.dumps([prompt.input_ids, solution]).encode())
+        if prompt.pixel_values is not None:
+            digest.update(prompt.pixel_values.numpy().tobytes())
+    root = os.environ.get("LMM_R1_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lmm-r1")
+    return os.path.join(root, "tiny_warm_start", digest.hexdigest()[:16], "model.safetensors")
+
+
+def warm_start(model, tokenizer, image_processor, tiny, seed: int) -> None:
+    """Give the random tiny model a head start, in place (`fit_worked_solutions`), so that RL with the
+    real verifiers has rewards to raise. Built once per machine and cached (`warm_start_path`): rank 0
+    builds it, every rank loads the same file. Where the cache cannot be written (or a rank cannot
+    see rank 0's), the warm start is built in memory, and the run says so."""
+    from safetensors.torch import load_model
+
+    items = worked_solution_items(tokenizer, image_processor, seed)
+    path = warm_start_path(tiny, seed, tokenizer, items)
+    fitted = False
+    if any_rank(not os.path.isfile(path)):  # one decision on every rank
+        if main_rank():
+            print(f"[model] warm-starting the tiny model: {tiny.warm_start_steps} supervised steps on the synthetic tasks' "
+                  f"worked solutions (once; cached in {os.path.dirname(path)})", flush=True)  # fmt: skip
+            fit_worked_solutions(model, tokenizer, items, tiny, seed)
+            cache_weights(model, path)
+            fitted = True
+        barrier()
+    if os.path.isfile(path):
+        load_model(model, path)
+    elif not fitted:
+        print(f"[model] {path} is not on this rank's file system: building the warm start here", flush=True)
+        fit_worked_solutions(model, tokenizer, items, tiny, seed)
+
+
+def cache_weights(model, path: str) -> None:
+    """`model`'s weights to `path` atomically (a concurrent reader sees the whole file or none); a
+    failure to write is reported, not raised: the run goes on with the weights it has."""
+    from safetensors.torch import save_model
+
+    tmp = None
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        os.close(fd)
+        save_model(model, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        print(f"[model] warning: could not cache {path} ({e}); the next run builds it again", flush=True)
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def fit_worked_solutions(model, tokenizer, items, tiny, seed: int) -> None:
+    """`tiny.warm_start_steps` supervised steps (token-mean NLL, AdamW, batches of WARM_START_BATCH)
+    on `items` (`worked_solution_items`): half in LMM-R1's format, half outside it, so that the model
+    answers in the format part of the time and sometimes right. Deterministic from `seed`."""
     rng, was_training = random.Random(seed), model.training
     optimizer = torch.optim.AdamW(model.parameters(), lr=tiny.warm_start_lr, weight_decay=0.0)
     model.train()

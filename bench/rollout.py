@@ -4,8 +4,8 @@
     python bench/rollout.py --compiled          # also vLLM with torch.compile (rollout.enforce_eager=false)
     python bench/rollout.py --device cuda       # GPU: the same on CUDA (vllm from requirements-gpu.txt)
 
-The run is debug=tiny's (the embedded tiny model, 4 prompts x 4 samples, 24 new tokens, temperature
-1.0, log-probs on), on the synthetic prompts of `--kind` (shapes: one image each). Every step moves
+The run is debug=tiny_random's (the embedded tiny model with random weights, 4 prompts x 4 samples,
+24 new tokens, temperature 1.0, log-probs on), on the synthetic prompts of `--kind` (shapes: one image each). Every step moves
 the weights as an update would, syncs them into each engine, then samples the step's prompts with
 each engine in turn. Prints each engine's start-up, its sync and rollout time per step (median over
 `--steps` after one warm-up step), HF's rollout time over each engine's, and checks that the
@@ -41,16 +41,11 @@ from model import (
 from rollout import HFEngine, VLLMEngine  # noqa: E402
 
 
-# the run RESULTS.md records: the random tiny model (no warm start), debug=tiny's batch sizes before it learnt
-RANDOM_TINY_RUN = ["model.tiny.warm_start_steps=0", "rollout.prompts_per_step=4", "rollout.group_size=4",
-                   "rollout.max_new_tokens=24", "rollout.micro_batch_size=16"]  # fmt: skip
-
-
 def tiny_run_config(device: str):
     with initialize_config_dir(
         config_dir=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf"), version_base="1.3"
     ):
-        return compose("config", overrides=["debug=tiny", f"trainer.device={device}", *RANDOM_TINY_RUN])
+        return compose("config", overrides=["debug=tiny_random", f"trainer.device={device}"])
 
 
 def logp_gap(model, tokenizer, prompts, rollout, temperature: float) -> float:

@@ -110,7 +110,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = compose_cfg(["debug=tiny", f"trainer.seed={SEED}", "model.tiny.warm_start_steps=0"])  # random weights, as recorded
+        cfg = compose_cfg(["debug=tiny_random", f"trainer.seed={SEED}"])  # random weights, as recorded
         policy, tokenizer, image_processor = load_policy(cfg.model, SEED, torch.device("cpu"))
         model_dir = os.path.join(tmp, "tiny")
         save_checkpoint(model_dir, policy, tokenizer, image_processor)  # both start from these weights

@@ -13,12 +13,9 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 import config as _config  # noqa: E402,F401  (registers the schema)
 from model import build_image_processor, build_tiny_model, build_tiny_tokenizer, use_varlen_attention  # noqa: E402
 
-# debug=tiny as the pipeline tests run it: the random tiny model (no warm start) and small, fast
-# batches; the learning tests (test_stage_learning.py) run debug=tiny itself
-TINY_DEFAULTS = ["debug=tiny", "log.wandb=disabled", "log.progress=false", "model.tiny.warm_start_steps=0",
-                 "rollout.prompts_per_step=4", "rollout.group_size=4", "rollout.max_new_tokens=24", "rollout.micro_batch_size=16",
-                 "trainer.max_steps=8", "trainer.lr=4e-7", "trainer.warmup_ratio=0.03", "trainer.mini_batch_size=16",
-                 "trainer.micro_batch_size=8", "algo.critic_lr=9e-6"]  # fmt: skip
+# The pipeline tests run debug=tiny_random: the random tiny model and small, fast batches. The
+# learning tests (test_stage_learning.py) and the README's command run debug=tiny itself.
+TINY_DEFAULTS = ["debug=tiny_random", "log.wandb=disabled", "log.progress=false"]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -13,14 +13,12 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, TINY_DEFAULTS
 from test_resume import assert_same_weights, final_weights, metrics_of
 
 TOY = ["+reward.weights={toy_rewards\\:digit_fraction: 1.0}", "~reward.weights.format", "~reward.weights.math"]
 JOB = [
-    "debug=tiny",
-    "log.wandb=disabled",
-    "log.progress=false",
+    *TINY_DEFAULTS,
     *TOY,
     "trainer.lr=1e-3",
     "trainer.warmup_ratio=0",

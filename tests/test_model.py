@@ -30,6 +30,7 @@ from model import (
     sequence_logps,
     sequence_values,
     warm_start_path,
+    worked_solution_items,
 )
 from rollout import generation_inputs
 
@@ -84,7 +85,8 @@ def test_tiny_model_is_real_qwen2_5_vl_and_deterministic(tokenizer, tiny_cfg):
 
 def test_warm_start_is_deterministic_cached_and_keyed_by_its_recipe(tiny_cfg, tmp_path, monkeypatch):
     """Two machines (two caches) build the same warm start; a second load reads the cache and
-    builds nothing; another tiny config or seed is another cache entry; and it changed the weights."""
+    builds nothing; another tiny config, seed or training set is another cache entry; and it changed
+    the weights."""
     mcfg = compose_cfg(["debug=tiny", "model.tiny.warm_start_steps=3"]).model
     built = []
     for cache, new_files in (("a", 1), ("b", 1), ("a", 0)):
@@ -95,10 +97,12 @@ def test_warm_start_is_deterministic_cached_and_keyed_by_its_recipe(tiny_cfg, tm
     assert all(torch.equal(built[0][k], built[i][k]) for i in (1, 2) for k in built[0])
     random = load_policy(OmegaConf.merge(mcfg, {"tiny": {"warm_start_steps": 0}}), 0, torch.device("cpu"))[0].state_dict()
     assert any(not torch.equal(built[0][k], random[k]) for k in random)
-    processor = load_policy(mcfg, 0, torch.device("cpu"))[2]
-    paths = {warm_start_path(mcfg.tiny, 0, processor), warm_start_path(mcfg.tiny, 1, processor),
-             warm_start_path(OmegaConf.merge(mcfg.tiny, {"warm_start_lr": 1e-3}), 0, processor)}  # fmt: skip
-    assert len(paths) == 3 and all(p.startswith(str(tmp_path / "a")) for p in paths)
+    _, tokenizer, processor = load_policy(mcfg, 0, torch.device("cpu"))
+    items = worked_solution_items(tokenizer, processor, 0)
+    paths = {warm_start_path(mcfg.tiny, 0, tokenizer, items), warm_start_path(mcfg.tiny, 1, tokenizer, items),
+             warm_start_path(OmegaConf.merge(mcfg.tiny, {"warm_start_lr": 1e-3}), 0, tokenizer, items),
+             warm_start_path(mcfg.tiny, 0, tokenizer, items[:-1])}  # the data (prompts, solutions, pixels) is in the key  # fmt: skip
+    assert len(paths) == 4 and all(p.startswith(str(tmp_path / "a")) for p in paths)
 
 
 def test_image_processor_resizes_within_pixel_budget(image_processor):

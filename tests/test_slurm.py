@@ -86,7 +86,7 @@ def test_a_sweep_runs_as_slurm_jobs_in_dirs_named_by_their_overrides(tmp_path, s
     out = sweep(tmp_path, [*TINY_DEFAULTS, "trainer.max_steps=1", "trainer.lr=1e-3,5e-4"], slurm)
     assert out.returncode == 0, out.stderr[-3000:]
     names = [os.path.basename(d) for d in job_dirs(tmp_path)]
-    common = "debug=tiny,log.progress=False,log.wandb=disabled"  # (as Hydra writes the values)
+    common = "debug=tiny_random,log.progress=False,log.wandb=disabled"  # (as Hydra writes the values)
     assert names == [f"0_{common},trainer.lr=0.001,trainer.max_steps=1", f"1_{common},trainer.lr=0.0005,trainer.max_steps=1"]
     for job, run_dir in zip(job_ids(tmp_path), job_dirs(tmp_path), strict=True):
         assert [m["step"] for m in metrics_of(run_dir)] == [1]

@@ -232,7 +232,7 @@ def test_stage_composes_with_lmm_r1s_reward_and_frozen_vision():
 
 @pytest.mark.slow
 def test_sokoban_stage_trains_on_the_fly_levels_and_on_a_built_set(built, tmp_path):
-    args = ["stage=mgt_sokoban", "debug=tiny", "trainer.max_steps=2", "log.progress=false", "log.wandb=disabled"]
+    args = ["stage=mgt_sokoban", *TINY_DEFAULTS, "trainer.max_steps=2"]
     out = run_train(args, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     (run_dir,) = glob.glob(str(tmp_path / "outputs" / "mgt_sokoban" / "2*"))

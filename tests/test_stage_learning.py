@@ -1,13 +1,15 @@
 """Learning evidence per stage: `python train.py stage=<stage> debug=tiny` — the warm-started tiny
 model, the stage's synthetic task, its own verifiers (reward.weights) and advantage estimator —
-raises the reward on a held-out split that neither the RL run nor the warm start trained on, and
-the same run with the policy loss's sign flipped does not.
+raises the reward on a held-out split (problems that neither the RL run nor the warm start trained
+on), and the same run with the policy loss's sign flipped does not: it falls.
 
 The held-out reward is sampled as the rollout samples (temperature 1), the same seeds before and
 after, so that the two measurements differ by the weights, not by the draw. The measured rises
 (`python tests/test_stage_learning.py SEED...` prints them) are in MARGIN's comment.
 """
 
+import hashlib
+import json
 import sys
 
 import pytest
@@ -16,8 +18,8 @@ from conftest import compose_cfg  # first: it puts the repository on sys.path
 from omegaconf import OmegaConf
 
 import train
-from data import LMM_R1_SYSTEM_PROMPT, encode_prompt, synthetic_samples
-from model import load_policy
+from data import LMM_R1_SYSTEM_PROMPT, encode_prompt, image_items, synthetic_samples
+from model import WARM_START_IMAGE_SIZE, WARM_START_SAMPLES, load_policy
 from rewards import reward_pool, score
 from rollout import HFEngine
 
@@ -38,14 +40,29 @@ def stage_cfg(stage: str, seed: int = 0):
     return compose_cfg([f"stage={stage}", "debug=tiny", "log.wandb=disabled", "log.progress=false", f"trainer.seed={seed}"])
 
 
-def held_out_reward(cfg, model, tokenizer, image_processor) -> float:
-    """The mean weighted reward of 4 samples on each of HELD_OUT prompts of the stage's synthetic
-    task drawn from their own seed ("held-out"), scored with the stage's reward weights."""
-    d = cfg.data
+def sample_key(sample) -> str:
+    """What makes two synthetic samples the same problem: question, answer, level, image pixels."""
+    images = [hashlib.sha1(item["image"].tobytes()).hexdigest() for item in image_items(sample.messages)]
+    return json.dumps([sample.messages[-1]["content"][-1]["text"], sample.answer, sample.meta.get("level"), images])
+
+
+def held_out_samples(cfg) -> list:
+    """HELD_OUT samples of the stage's synthetic task from their own seed, none of them a problem of
+    the warm start's or of the RL run's (arithmetic has only 1323 questions: many repeat)."""
+    d, kind, seed = cfg.data, str(cfg.data.synthetic), cfg.trainer.seed
     system = d.system_prompt if d.system_prompt is not None else LMM_R1_SYSTEM_PROMPT
-    samples = synthetic_samples(str(d.synthetic), HELD_OUT, "held-out", d.image_size, system)
+    trained = synthetic_samples(kind, WARM_START_SAMPLES[kind], f"warm-start-{seed}", WARM_START_IMAGE_SIZE, LMM_R1_SYSTEM_PROMPT)
+    trained += synthetic_samples(kind, d.num_synthetic, seed, d.image_size, system)
+    seen = {sample_key(s) for s in trained}
+    fresh = [s for s in synthetic_samples(kind, 8 * HELD_OUT, "held-out", d.image_size, system) if sample_key(s) not in seen]
+    assert len(fresh) >= HELD_OUT, f"only {len(fresh)} unseen {kind} problems"
+    return fresh[:HELD_OUT]
+
+
+def held_out_reward(cfg, samples, model, tokenizer, image_processor) -> float:
+    """The mean weighted reward (the stage's reward.weights) of 4 samples on each held-out prompt."""
     prompts = [encode_prompt(s, tokenizer, image_processor) for s in samples]
-    rollout = HFEngine(model, tokenizer, cfg.rollout).generate(prompts, 4, seeds=list(range(HELD_OUT)))
+    rollout = HFEngine(model, tokenizer, cfg.rollout).generate(prompts, 4, seeds=list(range(len(prompts))))
     rows = [samples[k].reward_row() for k in rollout.prompt_index]
     total, _, _ = score(reward_pool(cfg.reward.workers), rollout.texts, rows, dict(cfg.reward.weights), cfg.reward.timeout_s)
     return sum(total) / len(total)
@@ -55,11 +72,10 @@ def policy(cfg, path=None):
     return load_policy(OmegaConf.merge(cfg.model, {"path": path}), cfg.trainer.seed, torch.device("cpu"))
 
 
-def before_and_after(cfg, run_dir) -> tuple:
-    """The held-out reward of the warm start, and after the stage's debug=tiny run."""
-    before = held_out_reward(cfg, *policy(cfg))
+def after_rl(cfg, samples, run_dir) -> float:
+    """The held-out reward after the stage's debug=tiny run."""
     train.run(cfg, str(run_dir))
-    return before, held_out_reward(cfg, *policy(cfg, str(run_dir / "checkpoints" / "final")))
+    return held_out_reward(cfg, samples, *policy(cfg, str(run_dir / "checkpoints" / "final")))
 
 
 def wrong_sign(clipped_loss):
@@ -70,13 +86,23 @@ def wrong_sign(clipped_loss):
     return negated
 
 
+def measure(cfg, tmp_path) -> tuple:
+    """Held-out reward of the warm start, after RL, after RL with the policy loss's sign flipped."""
+    samples = held_out_samples(cfg)
+    before = held_out_reward(cfg, samples, *policy(cfg))
+    after = after_rl(cfg, samples, tmp_path / "rl")
+    original, train.policy_loss = train.policy_loss, wrong_sign(train.policy_loss)
+    try:
+        flipped = after_rl(cfg, samples, tmp_path / "flipped")
+    finally:
+        train.policy_loss = original
+    return before, after, flipped
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", STAGES)
-def test_rl_raises_the_held_out_reward_and_a_sign_error_does_not(stage, tmp_path, monkeypatch):
-    cfg = stage_cfg(stage)
-    before, after = before_and_after(cfg, tmp_path / "rl")
-    monkeypatch.setattr(train, "policy_loss", wrong_sign(train.policy_loss))
-    _, flipped = before_and_after(cfg, tmp_path / "flipped")
+def test_rl_raises_the_held_out_reward_and_a_sign_error_does_not(stage, tmp_path):
+    before, after, flipped = measure(stage_cfg(stage), tmp_path)
     assert before > 0.1, before  # the warm start scores: there is a reward to raise, and to lose
     assert after > before + MARGIN, (before, after, flipped)
     assert flipped < before, (before, after, flipped)
@@ -88,10 +114,6 @@ if __name__ == "__main__":  # the measured rises: python tests/test_stage_learni
 
     for seed in map(int, sys.argv[1:]):
         for stage in STAGES:
-            cfg = stage_cfg(stage, seed)
             with tempfile.TemporaryDirectory() as d:
-                before, after = before_and_after(cfg, pathlib.Path(d) / "rl")
-                original, train.policy_loss = train.policy_loss, wrong_sign(train.policy_loss)
-                _, flipped = before_and_after(cfg, pathlib.Path(d) / "flipped")
-                train.policy_loss = original
+                before, after, flipped = measure(stage_cfg(stage, seed), pathlib.Path(d))
             print(f"seed {seed} {stage:16s} warm start {before:.3f}  RL {after:.3f}  sign-flipped RL {flipped:.3f}", flush=True)

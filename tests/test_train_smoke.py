@@ -53,9 +53,9 @@ def test_tiny_stage_trains_and_writes_its_run_dir(tmp_path, stage):
 @pytest.mark.slow
 def test_mgt_stage_starts_from_the_fre_text_checkpoint(tmp_path):
     """The two-stage chain: FRE-Text's final checkpoint is where MGT-Geo starts (here on the tiny model)."""
-    assert run_train(["stage=fre_text", "debug=tiny", *SHORT, "log.wandb=disabled"], cwd=tmp_path).returncode == 0
+    assert run_train(["stage=fre_text", "debug=tiny_random", *SHORT, "log.wandb=disabled"], cwd=tmp_path).returncode == 0
     ckpt = "outputs/fre_text/latest/checkpoints/final"
-    out = run_train(["stage=mgt_geo", "debug=tiny", f"model.path={ckpt}", *SHORT, "log.wandb=disabled"], cwd=tmp_path)
+    out = run_train(["stage=mgt_geo", "debug=tiny_random", f"model.path={ckpt}", *SHORT, "log.wandb=disabled"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     run_dir = only_run_dir(tmp_path / "outputs" / "mgt_geo")
     assert f"path: {ckpt}" in open(os.path.join(run_dir, "config.yaml")).read()
@@ -157,7 +157,7 @@ def test_value_model_from_its_own_checkpoint(tmp_path, tokenizer, tiny_cfg):
 @pytest.mark.slow
 def test_lmm_r1_released_files_train_with_an_image_root(released_layout):
     root, files = released_layout
-    args = ["stage=fre_multi", "debug=tiny", "data.source=files", f"data.train_files=[{files[0]},{files[1]}]", *SHORT[1:],
+    args = ["stage=fre_multi", "debug=tiny_random", "data.source=files", f"data.train_files=[{files[0]},{files[1]}]", *SHORT[1:],
             "trainer.max_steps=1", "rollout.prompts_per_step=2", "trainer.mini_batch_size=8", "log.wandb=disabled"]  # fmt: skip
     out = run_train(args, cwd=root)
     assert out.returncode != 0 and "image not found" in out.stderr and "data.image_root is ['data/VerMulti']" in out.stderr
