@@ -8,6 +8,7 @@ or, with data.on_error=skip, a skip that is counted by reason and reported. Noth
 """
 
 import functools
+import hashlib
 import json
 import math
 import os
@@ -301,6 +302,16 @@ def synthetic_solution(sample: Sample, formatted: bool = True) -> str:
     return f"<think> {think} </think><answer> {answer} </answer>"
 
 
+def prompt_key(sample: Sample) -> str:
+    """What the model is shown, as one string: every message's text, the gold answer, the Sokoban
+    level and a hash of each image's pixels. Two samples with the same key are the same prompt."""
+    texts = [
+        m["content"] if isinstance(m["content"], str) else [c.get("text", "") for c in m["content"]] for m in sample.messages
+    ]
+    images = [hashlib.sha1(load_image(item["image"]).tobytes()).hexdigest() for item in image_items(sample.messages)]
+    return json.dumps([texts, sample.answer, sample.meta.get("level"), images])
+
+
 def synthetic_question_texts() -> List[str]:
     """Every question template of the synthetic sets (what the tiny tokenizer is trained on)."""
     texts = []
@@ -395,6 +406,11 @@ def encode_prompt(sample: Sample, tokenizer, image_processor) -> Prompt:
 # ---------------------------------------------------------------------------------------------
 
 
+def system_prompt_of(dcfg) -> str:
+    """The system prompt a synthetic row gets: data.system_prompt, or LMM-R1's math prompt."""
+    return dcfg.system_prompt if dcfg.system_prompt is not None else LMM_R1_SYSTEM_PROMPT
+
+
 def load_dataset(dcfg, seed: int, tokenizer, image_processor, gold_check=None) -> Tuple[List[Sample], Counter]:
     """Validated samples for the `data` config, and the count of skipped rows by reason.
 
@@ -402,7 +418,7 @@ def load_dataset(dcfg, seed: int, tokenizer, image_processor, gold_check=None) -
     (after image-token expansion) within data.max_prompt_len, and -- with `gold_check(samples) ->
     [problem or None]` -- a gold answer the stage's rewards can use. Multimodal prompts are never truncated.
     """
-    system_prompt = dcfg.system_prompt if dcfg.system_prompt is not None else LMM_R1_SYSTEM_PROMPT
+    system_prompt = system_prompt_of(dcfg)
     skipped: Counter = Counter()
     if dcfg.source == "synthetic":
         synthetic = synthetic_samples(str(dcfg.synthetic), dcfg.num_synthetic, seed, dcfg.image_size, system_prompt)

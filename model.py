@@ -38,7 +38,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from dist import any_rank, barrier, main_rank
-from data import LMM_R1_SYSTEM_PROMPT, encode_prompt, synthetic_question_texts, synthetic_samples, synthetic_solution
+from data import LMM_R1_SYSTEM_PROMPT, encode_prompt, prompt_key, synthetic_question_texts, synthetic_samples, synthetic_solution
 
 # Qwen2/2.5-VL's added tokens, in Qwen's order. The tiny tokenizer carries the same strings so that
 # the chat template, the stop tokens and the image placeholders behave exactly as with the real model.
@@ -217,32 +217,36 @@ WARM_START_BATCH = 32
 WARM_START_IMAGE_SIZE = 112  # data.image_size's default
 
 
-def worked_solution_items(tokenizer, image_processor, seed: int) -> list:
-    """The warm start's training pairs (prompt, solution token ids + <|im_end|>): WARM_START_SAMPLES
-    of each synthetic task from their own seed, every other one in LMM-R1's format."""
-    eos = tokenizer.convert_tokens_to_ids(STOP_TOKENS[0])
-    items = []
+def warm_start_samples(seed: int) -> list:
+    """The warm start's (sample, worked solution text) pairs: WARM_START_SAMPLES of each synthetic
+    task from their own seed, every other one in LMM-R1's format."""
+    pairs = []
     for kind, n in WARM_START_SAMPLES.items():
         for i, s in enumerate(synthetic_samples(kind, n, f"warm-start-{seed}", WARM_START_IMAGE_SIZE, LMM_R1_SYSTEM_PROMPT)):
-            solution = tokenizer(synthetic_solution(s, formatted=i % 2 == 0), add_special_tokens=False).input_ids
-            items.append((encode_prompt(s, tokenizer, image_processor), solution + [eos]))
-    return items
+            pairs.append((s, synthetic_solution(s, formatted=i % 2 == 0)))
+    return pairs
 
 
-def warm_start_path(tiny, seed: int, tokenizer, items) -> str:
+def worked_solution_items(pairs, tokenizer, image_processor) -> list:
+    """`warm_start_samples`' pairs encoded for training: (prompt, solution token ids + <|im_end|>)."""
+    eos = tokenizer.convert_tokens_to_ids(STOP_TOKENS[0])
+    return [(encode_prompt(s, tokenizer, image_processor), tokenizer(text, add_special_tokens=False).input_ids + [eos])
+            for s, text in pairs]  # fmt: skip
+
+
+def warm_start_path(tiny, seed: int, tokenizer, image_processor, pairs) -> str:
     """Where this warm start is cached: $LMM_R1_CACHE or ~/.cache/lmm-r1, under a hash of all that
-    decides its weights: the recipe (version, tiny config, seed, batch), the tokenizer, the training
-    items themselves (token ids and pixels: the data generators, prompts and drawing), the library versions."""
+    decides its weights: the recipe (version, tiny config, seed, batch), the tokenizer and image
+    processor, the training pairs themselves (`data.prompt_key` and the solution: the data
+    generators, prompts and drawing), the library versions. Nothing is encoded to compute it."""
     digest = hashlib.sha256()
     recipe = {"version": WARM_START_VERSION, "tiny": OmegaConf.to_container(tiny) if OmegaConf.is_config(tiny) else dict(tiny),
-              "seed": seed, "batch": WARM_START_BATCH, "torch": torch.__version__.split("+")[0],
-              "transformers": transformers.__version__}  # fmt: skip
+              "seed": seed, "batch": WARM_START_BATCH, "pixels": [image_processor.size.shortest_edge, image_processor.size.longest_edge],
+              "torch": torch.__version__.split("+")[0], "transformers": transformers.__version__}  # fmt: skip
     digest.update(json.dumps(recipe, sort_keys=True).encode())
     digest.update(tokenizer.backend_tokenizer.to_str().encode())
-    for prompt, solution in items:
-        digest.update(json.dumps([prompt.input_ids, solution]).encode())
-        if prompt.pixel_values is not None:
-            digest.update(prompt.pixel_values.numpy().tobytes())
+    for sample, solution in pairs:
+        digest.update(json.dumps([prompt_key(sample), solution]).encode())
     root = os.environ.get("LMM_R1_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lmm-r1")
     return os.path.join(root, "tiny_warm_start", digest.hexdigest()[:16], "model.safetensors")
 
@@ -254,14 +258,14 @@ def warm_start(model, tokenizer, image_processor, tiny, seed: int) -> None:
     see rank 0's), the warm start is built in memory, and the run says so."""
     from safetensors.torch import load_model
 
-    items = worked_solution_items(tokenizer, image_processor, seed)
-    path = warm_start_path(tiny, seed, tokenizer, items)
+    pairs = warm_start_samples(seed)
+    path = warm_start_path(tiny, seed, tokenizer, image_processor, pairs)
     fitted = False
     if any_rank(not os.path.isfile(path)):  # one decision on every rank
         if main_rank():
             print(f"[model] warm-starting the tiny model: {tiny.warm_start_steps} supervised steps on the synthetic tasks' "
                   f"worked solutions (once; cached in {os.path.dirname(path)})", flush=True)  # fmt: skip
-            fit_worked_solutions(model, tokenizer, items, tiny, seed)
+            fit_worked_solutions(model, tokenizer, worked_solution_items(pairs, tokenizer, image_processor), tiny, seed)
             cache_weights(model, path)
             fitted = True
         barrier()
@@ -269,7 +273,7 @@ def warm_start(model, tokenizer, image_processor, tiny, seed: int) -> None:
         load_model(model, path)
     elif not fitted:
         print(f"[model] {path} is not on this rank's file system: building the warm start here", flush=True)
-        fit_worked_solutions(model, tokenizer, items, tiny, seed)
+        fit_worked_solutions(model, tokenizer, worked_solution_items(pairs, tokenizer, image_processor), tiny, seed)
 
 
 def cache_weights(model, path: str) -> None:

@@ -25,6 +25,16 @@ def warm_start_cache(tmp_path_factory):
     os.environ["LMM_R1_CACHE"] = str(tmp_path_factory.mktemp("lmm_r1_cache"))
 
 
+def wrong_sign(clipped_loss):
+    """`train.policy_loss` with its sign flipped: what the learning tests' runs must fail with."""
+
+    def negated(*args, **kwargs):
+        loss, clipped = clipped_loss(*args, **kwargs)
+        return -loss, clipped
+
+    return negated
+
+
 def compose_cfg(overrides):
     """The config `python train.py <overrides>` would run with (Hydra's compose API)."""
     with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):

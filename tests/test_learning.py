@@ -6,7 +6,7 @@ import json
 import pytest
 
 import train
-from conftest import TINY_DEFAULTS, compose_cfg
+from conftest import TINY_DEFAULTS, compose_cfg, wrong_sign
 
 # The toy reward (tests/toy_rewards.py): the fraction of completion characters that are digits.
 # The random tiny model sits near 0.2 (digit tokens are common in its arithmetic-trained BPE).
@@ -48,13 +48,7 @@ def test_rl_loop_raises_a_toy_reward(tmp_path, estimator):
 @pytest.mark.slow
 def test_sign_error_in_the_loss_fails_the_learning_check(tmp_path, monkeypatch):
     """The check above can fail: with the policy loss negated, the same run must not pass it."""
-    clipped_loss = train.policy_loss
-
-    def wrong_sign(*args, **kwargs):
-        loss, clipped = clipped_loss(*args, **kwargs)
-        return -loss, clipped
-
-    monkeypatch.setattr(train, "policy_loss", wrong_sign)
+    monkeypatch.setattr(train, "policy_loss", wrong_sign(train.policy_loss))
     curve = reward_curve(tmp_path, "grpo")
     assert not learned(curve), curve
     assert sum(curve[-3:]) < sum(curve[:3]), curve  # it unlearns

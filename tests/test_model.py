@@ -30,7 +30,7 @@ from model import (
     sequence_logps,
     sequence_values,
     warm_start_path,
-    worked_solution_items,
+    warm_start_samples,
 )
 from rollout import generation_inputs
 
@@ -98,10 +98,10 @@ def test_warm_start_is_deterministic_cached_and_keyed_by_its_recipe(tiny_cfg, tm
     random = load_policy(OmegaConf.merge(mcfg, {"tiny": {"warm_start_steps": 0}}), 0, torch.device("cpu"))[0].state_dict()
     assert any(not torch.equal(built[0][k], random[k]) for k in random)
     _, tokenizer, processor = load_policy(mcfg, 0, torch.device("cpu"))
-    items = worked_solution_items(tokenizer, processor, 0)
-    paths = {warm_start_path(mcfg.tiny, 0, tokenizer, items), warm_start_path(mcfg.tiny, 1, tokenizer, items),
-             warm_start_path(OmegaConf.merge(mcfg.tiny, {"warm_start_lr": 1e-3}), 0, tokenizer, items),
-             warm_start_path(mcfg.tiny, 0, tokenizer, items[:-1])}  # the data (prompts, solutions, pixels) is in the key  # fmt: skip
+    pairs = warm_start_samples(0)
+    paths = {warm_start_path(mcfg.tiny, 0, tokenizer, processor, pairs), warm_start_path(mcfg.tiny, 1, tokenizer, processor, pairs),
+             warm_start_path(OmegaConf.merge(mcfg.tiny, {"warm_start_lr": 1e-3}), 0, tokenizer, processor, pairs),
+             warm_start_path(mcfg.tiny, 0, tokenizer, processor, pairs[:-1])}  # the data (prompts, solutions, pixels) is in the key  # fmt: skip
     assert len(paths) == 4 and all(p.startswith(str(tmp_path / "a")) for p in paths)
 
 

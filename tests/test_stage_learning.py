@@ -8,18 +8,16 @@ after, so that the two measurements differ by the weights, not by the draw. The 
 (`python tests/test_stage_learning.py SEED...` prints them) are in MARGIN's comment.
 """
 
-import hashlib
-import json
 import sys
 
 import pytest
 import torch
-from conftest import compose_cfg  # first: it puts the repository on sys.path
+from conftest import compose_cfg, wrong_sign  # first: it puts the repository on sys.path
 from omegaconf import OmegaConf
 
 import train
-from data import LMM_R1_SYSTEM_PROMPT, encode_prompt, image_items, synthetic_samples
-from model import WARM_START_IMAGE_SIZE, WARM_START_SAMPLES, load_policy
+from data import encode_prompt, prompt_key, synthetic_samples, system_prompt_of
+from model import load_policy, warm_start_samples
 from rewards import reward_pool, score
 from rollout import HFEngine
 
@@ -40,21 +38,14 @@ def stage_cfg(stage: str, seed: int = 0):
     return compose_cfg([f"stage={stage}", "debug=tiny", "log.wandb=disabled", "log.progress=false", f"trainer.seed={seed}"])
 
 
-def sample_key(sample) -> str:
-    """What makes two synthetic samples the same problem: question, answer, level, image pixels."""
-    images = [hashlib.sha1(item["image"].tobytes()).hexdigest() for item in image_items(sample.messages)]
-    return json.dumps([sample.messages[-1]["content"][-1]["text"], sample.answer, sample.meta.get("level"), images])
-
-
 def held_out_samples(cfg) -> list:
-    """HELD_OUT samples of the stage's synthetic task from their own seed, none of them a problem of
+    """HELD_OUT samples of the stage's synthetic task from their own seed, none of them a prompt of
     the warm start's or of the RL run's (arithmetic has only 1323 questions: many repeat)."""
     d, kind, seed = cfg.data, str(cfg.data.synthetic), cfg.trainer.seed
-    system = d.system_prompt if d.system_prompt is not None else LMM_R1_SYSTEM_PROMPT
-    trained = synthetic_samples(kind, WARM_START_SAMPLES[kind], f"warm-start-{seed}", WARM_START_IMAGE_SIZE, LMM_R1_SYSTEM_PROMPT)
-    trained += synthetic_samples(kind, d.num_synthetic, seed, d.image_size, system)
-    seen = {sample_key(s) for s in trained}
-    fresh = [s for s in synthetic_samples(kind, 8 * HELD_OUT, "held-out", d.image_size, system) if sample_key(s) not in seen]
+    system = system_prompt_of(d)
+    seen = {prompt_key(s) for s, _ in warm_start_samples(seed)}
+    seen |= {prompt_key(s) for s in synthetic_samples(kind, d.num_synthetic, seed, d.image_size, system)}
+    fresh = [s for s in synthetic_samples(kind, 8 * HELD_OUT, "held-out", d.image_size, system) if prompt_key(s) not in seen]
     assert len(fresh) >= HELD_OUT, f"only {len(fresh)} unseen {kind} problems"
     return fresh[:HELD_OUT]
 
@@ -76,14 +67,6 @@ def after_rl(cfg, samples, run_dir) -> float:
     """The held-out reward after the stage's debug=tiny run."""
     train.run(cfg, str(run_dir))
     return held_out_reward(cfg, samples, *policy(cfg, str(run_dir / "checkpoints" / "final")))
-
-
-def wrong_sign(clipped_loss):
-    def negated(*args, **kwargs):
-        loss, clipped = clipped_loss(*args, **kwargs)
-        return -loss, clipped
-
-    return negated
 
 
 def measure(cfg, tmp_path) -> tuple:
