@@ -10,6 +10,7 @@ after, so that the two measurements differ by the weights, not by the draw. The 
 
 import json
 import sys
+from statistics import fmean
 
 import pytest
 import torch
@@ -77,9 +78,10 @@ def training_rise(cfg, run_dir) -> dict:
     """Each weighted reward part of the run's own rollouts (metrics.jsonl's reward/<part>): its mean
     over the last 20 steps minus its mean over the first 10, what the run's reward curve shows."""
     with open(run_dir / "metrics.jsonl") as f:
-        rows = [r for r in map(json.loads, f) if "reward/mean" in r]
-    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
-    return {k: mean(rows[-20:], f"reward/{k}") - mean(rows[:10], f"reward/{k}") for k in cfg.reward.weights}
+        rows = [json.loads(line) for line in f]  # one per step
+    return {
+        k: fmean(r[f"reward/{k}"] for r in rows[-20:]) - fmean(r[f"reward/{k}"] for r in rows[:10]) for k in cfg.reward.weights
+    }
 
 
 def measure(cfg, tmp_path) -> tuple:
