@@ -309,6 +309,9 @@ def fit_worked_solutions(model, tokenizer, items, tiny, seed: int) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+    # A built model must equal a loaded one in everything a run reads: left on the parameters, the
+    # last step's gradients would be summed into the first RL update (a cached start has none)
+    optimizer.zero_grad(set_to_none=True)
     model.train(was_training)
 
 

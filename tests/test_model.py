@@ -105,6 +105,29 @@ def test_warm_start_is_deterministic_cached_and_keyed_by_its_recipe(tiny_cfg, tm
     assert len(paths) == 4 and all(p.startswith(str(tmp_path / "a")) for p in paths)
 
 
+@pytest.mark.slow
+def test_a_run_from_a_built_warm_start_equals_one_from_the_cache(tmp_path, monkeypatch):
+    """The first run on a machine builds the warm start, later ones load it: both must train alike,
+    step for step (a built model once kept its last supervised gradients, summed into RL's first
+    update, so the two parted ways within a few steps)."""
+    import train
+    from test_resume import metrics_of, same_metrics
+
+    monkeypatch.setenv("LMM_R1_CACHE", str(tmp_path / "cache"))
+    cfg = compose_cfg(["debug=tiny", "model.tiny.warm_start_steps=5", "trainer.max_steps=3", "rollout.prompts_per_step=4",
+                       "rollout.group_size=4", "rollout.max_new_tokens=16", "trainer.mini_batch_size=8",
+                       "trainer.micro_batch_size=8", "log.wandb=disabled", "log.progress=false"])  # fmt: skip
+    runs = []
+    for name in ("built", "cached"):
+        before = set((tmp_path / "cache").rglob("*.safetensors"))
+        train.run(cfg, str(tmp_path / name))
+        assert len(set((tmp_path / "cache").rglob("*.safetensors")) - before) == (name == "built")
+        runs.append(metrics_of(tmp_path / name))
+    built, cached = runs
+    assert len(built) == len(cached) == 3
+    assert all(same_metrics(a, b) for a, b in zip(built, cached)), (built, cached)
+
+
 def test_image_processor_resizes_within_pixel_budget(image_processor):
     out = image_processor(images=[Image.new("RGB", (112, 112)), Image.new("RGB", (640, 480))], return_tensors="pt")
     grid = out["image_grid_thw"]
