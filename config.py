@@ -92,6 +92,9 @@ class TinyModelConfig:
     # sometimes does, so the real verifiers' rewards have something to rise from. 0 = random weights.
     warm_start_steps: int = 300
     warm_start_lr: float = 3e-3
+    # the warm start's own seed (its init, data and batches), not trainer.seed: like a pretrained
+    # checkpoint it is one model per machine, whatever the run's seed, and is built once
+    warm_start_seed: int = 0
 
 
 @dataclass

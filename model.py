@@ -234,14 +234,14 @@ def worked_solution_items(pairs, tokenizer, image_processor) -> list:
             for s, text in pairs]  # fmt: skip
 
 
-def warm_start_path(tiny, seed: int, tokenizer, image_processor, pairs) -> str:
+def warm_start_path(tiny, tokenizer, image_processor, pairs) -> str:
     """Where this warm start is cached: $LMM_R1_CACHE or ~/.cache/lmm-r1, under a hash of all that
-    decides its weights: the recipe (version, tiny config, seed, batch), the tokenizer and image
+    decides its weights: the recipe (version, tiny config with its seed, batch), the tokenizer and image
     processor, the training pairs themselves (`data.prompt_key` and the solution: the data
     generators, prompts and drawing), the library versions. Nothing is encoded to compute it."""
     digest = hashlib.sha256()
     recipe = {"version": WARM_START_VERSION, "tiny": OmegaConf.to_container(tiny) if OmegaConf.is_config(tiny) else dict(tiny),
-              "seed": seed, "batch": WARM_START_BATCH, "pixels": [image_processor.size.shortest_edge, image_processor.size.longest_edge],
+              "batch": WARM_START_BATCH, "pixels": [image_processor.size.shortest_edge, image_processor.size.longest_edge],
               "torch": torch.__version__.split("+")[0], "transformers": transformers.__version__}  # fmt: skip
     digest.update(json.dumps(recipe, sort_keys=True).encode())
     digest.update(tokenizer.backend_tokenizer.to_str().encode())
@@ -251,15 +251,16 @@ def warm_start_path(tiny, seed: int, tokenizer, image_processor, pairs) -> str:
     return os.path.join(root, "tiny_warm_start", digest.hexdigest()[:16], "model.safetensors")
 
 
-def warm_start(model, tokenizer, image_processor, tiny, seed: int) -> None:
+def warm_start(model, tokenizer, image_processor, tiny) -> None:
     """Give the random tiny model a head start, in place (`fit_worked_solutions`), so that RL with the
     real verifiers has rewards to raise. Built once per machine and cached (`warm_start_path`): rank 0
     builds it, every rank loads the same file. Where the cache cannot be written (or a rank cannot
     see rank 0's), the warm start is built in memory, and the run says so."""
     from safetensors.torch import load_model
 
+    seed = tiny.warm_start_seed
     pairs = warm_start_samples(seed)
-    path = warm_start_path(tiny, seed, tokenizer, image_processor, pairs)
+    path = warm_start_path(tiny, tokenizer, image_processor, pairs)
     fitted = False
     if any_rank(not os.path.isfile(path)):  # one decision on every rank
         if main_rank():
@@ -351,9 +352,11 @@ def load_policy(mcfg, seed: int, device: torch.device):
     path = resolve_model_path(mcfg.path)
     if path is None:
         tokenizer = build_tiny_tokenizer(mcfg.tiny.vocab_size)
-        model = build_tiny_model(tokenizer, mcfg.tiny, seed)
-        if mcfg.tiny.warm_start_steps > 0:
-            warm_start(model, tokenizer, build_image_processor(mcfg.min_pixels, mcfg.max_pixels), mcfg.tiny, seed)
+        if mcfg.tiny.warm_start_steps > 0:  # the warm start starts from its own seed's init
+            model = build_tiny_model(tokenizer, mcfg.tiny, mcfg.tiny.warm_start_seed)
+            warm_start(model, tokenizer, build_image_processor(mcfg.min_pixels, mcfg.max_pixels), mcfg.tiny)
+        else:
+            model = build_tiny_model(tokenizer, mcfg.tiny, seed)
         model.to(dtype)
     else:
         remote = bool(mcfg.trust_remote_code)

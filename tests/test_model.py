@@ -84,24 +84,25 @@ def test_tiny_model_is_real_qwen2_5_vl_and_deterministic(tokenizer, tiny_cfg):
 
 
 def test_warm_start_is_deterministic_cached_and_keyed_by_its_recipe(tiny_cfg, tmp_path, monkeypatch):
-    """Two machines (two caches) build the same warm start; a second load reads the cache and
-    builds nothing; another tiny config, seed or training set is another cache entry; and it changed
-    the weights."""
+    """Two machines (two caches) build the same warm start; a second load, from a run of another
+    seed too, reads the cache and builds nothing; another tiny config, warm-start seed or training
+    set is another cache entry; and it changed the weights."""
     mcfg = compose_cfg(["debug=tiny", "model.tiny.warm_start_steps=3"]).model
     built = []
-    for cache, new_files in (("a", 1), ("b", 1), ("a", 0)):
+    for cache, new_files, run_seed in (("a", 1, 0), ("b", 1, 0), ("a", 0, 7)):
         monkeypatch.setenv("LMM_R1_CACHE", str(tmp_path / cache))
         before = set(tmp_path.rglob("*.safetensors"))
-        built.append(load_policy(mcfg, 0, torch.device("cpu"))[0].state_dict())
+        built.append(load_policy(mcfg, run_seed, torch.device("cpu"))[0].state_dict())
         assert len(set(tmp_path.rglob("*.safetensors")) - before) == new_files
     assert all(torch.equal(built[0][k], built[i][k]) for i in (1, 2) for k in built[0])
     random = load_policy(OmegaConf.merge(mcfg, {"tiny": {"warm_start_steps": 0}}), 0, torch.device("cpu"))[0].state_dict()
     assert any(not torch.equal(built[0][k], random[k]) for k in random)
     _, tokenizer, processor = load_policy(mcfg, 0, torch.device("cpu"))
     pairs = warm_start_samples(0)
-    paths = {warm_start_path(mcfg.tiny, 0, tokenizer, processor, pairs), warm_start_path(mcfg.tiny, 1, tokenizer, processor, pairs),
-             warm_start_path(OmegaConf.merge(mcfg.tiny, {"warm_start_lr": 1e-3}), 0, tokenizer, processor, pairs),
-             warm_start_path(mcfg.tiny, 0, tokenizer, processor, pairs[:-1])}  # the data (prompts, solutions, pixels) is in the key  # fmt: skip
+    paths = {warm_start_path(mcfg.tiny, tokenizer, processor, pairs),
+             warm_start_path(OmegaConf.merge(mcfg.tiny, {"warm_start_seed": 1}), tokenizer, processor, pairs),
+             warm_start_path(OmegaConf.merge(mcfg.tiny, {"warm_start_lr": 1e-3}), tokenizer, processor, pairs),
+             warm_start_path(mcfg.tiny, tokenizer, processor, pairs[:-1])}  # the data (prompts, solutions, pixels) is in the key  # fmt: skip
     assert len(paths) == 4 and all(p.startswith(str(tmp_path / "a")) for p in paths)
 
 

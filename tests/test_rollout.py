@@ -17,9 +17,10 @@ import torch.nn as nn
 from omegaconf import OmegaConf
 
 from config import RolloutConfig
+from conftest import need
 from data import Sample, encode_prompt, synthetic_samples
 from model import STOP_TOKENS, VISION_TOKENS, build_tiny_model, collate, save_checkpoint, sequence_logps, use_varlen_attention
-from rollout import HFEngine, Rollout, SeededSampler, VLLMEngine, check_vllm, sleep_mode_available, weight_buckets
+from rollout import HFEngine, Rollout, SeededSampler, VLLMEngine, sleep_mode_available, weight_buckets
 
 
 def per_prompt(seed: int, prompts) -> list:
@@ -46,9 +47,7 @@ def fresh_tiny_model(tokenizer, tiny_cfg, tied: bool = False):
 
 def start_vllm(path: str, model, tokenizer, image_processor, tiny_cfg, **kw) -> VLLMEngine:
     """A vLLM engine on `model`, saved at `path` for it; skips where vLLM does not import."""
-    problem = check_vllm()
-    if problem:
-        pytest.skip(problem)
+    need("vllm")
     save_checkpoint(path, model, tokenizer, image_processor)
     return VLLMEngine(path, tokenizer, rcfg(**kw), tiny_cfg.model, max_model_len=2048, seed=0)
 
@@ -267,8 +266,7 @@ def test_vllm_follows_a_change_of_the_tied_embedding(vllm_and_model, tokenizer, 
 
 
 def test_sleep_mode_is_used_only_where_the_platform_has_it(capsys):
-    if check_vllm():
-        pytest.skip(check_vllm())
+    need("vllm")
     from vllm.platforms import current_platform
 
     available = current_platform.is_sleep_mode_available()

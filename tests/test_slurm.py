@@ -1,14 +1,13 @@
 """train.py on a real one-node SLURM cluster (scripts/local_slurm.sh), swept the way users sweep:
 `python train.py -m cluster=slurm ...` through Hydra's submitit launcher. Jobs are submitted,
 preempted with the signal SLURM sends before a time limit, requeued and resumed; a job runs two
-data-parallel tasks; a job fails. Skipped, saying why, only where the cluster cannot run: no
-slurm-wlm (.ci/run installs it) or not root.
+data-parallel tasks; a job fails. Where the cluster cannot run (no slurm-wlm, or not root) they skip,
+saying why and how to install it; under `.ci/run` (LMM_R1_REQUIRE) they fail instead.
 """
 
 import glob
 import os
 import re
-import shutil
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,12 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import dist
-from conftest import ROOT, TINY_DEFAULTS, run_train
+from conftest import ROOT, TINY_DEFAULTS, need, run_train
 from test_distributed import JOB, assert_trained_alike, launch
 from test_resume import RUN, assert_same_weights, final_weights, metrics_of, same_metrics, train_process
 
 SCRIPT = os.path.join(ROOT, "scripts", "local_slurm.sh")
-DAEMONS = ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd")
 # CPU-only jobs, a CPU per task. SLURM enforces time limits only every ~30 s, so the limit is far
 # off and preemption is driven with scancel instead.
 ON_SLURM = ["-m", "cluster=slurm", "cluster.gpus_per_node=0", "cluster.cpus_per_task=1", "cluster.timeout_min=30",
@@ -33,10 +31,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
     """The environment of a cluster started for these tests (SLURM_CONF), stopped after them."""
-    missing = [name for name in DAEMONS if shutil.which(name) is None]
-    if missing or os.geteuid() != 0:
-        why = f"no {', '.join(missing)}" if missing else "not root"
-        pytest.skip(f"{why}: the cluster needs root and apt-get install slurm-wlm slurmdbd munge mariadb-server, as .ci/run does")
+    need("slurm")
     state = tmp_path_factory.mktemp("slurm")
     env = {**os.environ, "SLURMCTLD_PORT": str(dist.free_port())}  # beside any other cluster on this machine
     try:

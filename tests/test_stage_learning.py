@@ -48,7 +48,7 @@ def held_out_samples(cfg) -> list:
     the warm start's or of the RL run's (arithmetic has only 1323 questions: many repeat)."""
     d, kind, seed = cfg.data, str(cfg.data.synthetic), cfg.trainer.seed
     system = system_prompt_of(d)
-    seen = {prompt_key(s) for s, _ in warm_start_samples(seed)}
+    seen = {prompt_key(s) for s, _ in warm_start_samples(cfg.model.tiny.warm_start_seed)}
     seen |= {prompt_key(s) for s in synthetic_samples(kind, d.num_synthetic, seed, d.image_size, system)}
     fresh = [s for s in synthetic_samples(kind, 8 * HELD_OUT, "held-out", d.image_size, system) if prompt_key(s) not in seen]
     assert len(fresh) >= HELD_OUT, f"only {len(fresh)} unseen {kind} problems"

@@ -14,8 +14,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, TINY_DEFAULTS, run_train
-from rollout import check_vllm
+from conftest import ROOT, TINY_DEFAULTS, need, run_train
 from test_distributed import launch
 from test_eval import data_dir  # noqa: F401  (a fixture: benchmark files in their public formats)
 from test_resume import assert_same_weights, final_weights, metrics_of, same_metrics
@@ -39,9 +38,7 @@ def train_on_vllm(tmp_path, name: str, extra):
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", STAGES)
 def test_stage_trains_on_vllm_and_its_engine_follows_every_update(tmp_path, stage):
-    problem = check_vllm()
-    if problem:
-        pytest.skip(problem)
+    need("vllm")
     run_dir, out = train_on_vllm(tmp_path, "run", [f"stage={stage}"])
     metrics = metrics_of(run_dir)
     assert [m["step"] for m in metrics] == [1, 2, 3]
@@ -64,9 +61,7 @@ def test_two_ranks_each_follow_the_updates_with_their_own_vllm_engine(tmp_path):
     """torchrun, 2 CPU ranks: each starts its own engine (vLLM's external_launcher on the trainer's
     gloo group), and ZeRO-3 gathers the weights for the sync one parameter at a time
     (sync_bucket_mb=0: layers straddle buckets)."""
-    problem = check_vllm()
-    if problem:
-        pytest.skip(problem)
+    need("vllm")
     extra = [
         "rollout.engine=vllm",
         "trainer.zero_stage=3",
@@ -83,9 +78,7 @@ def test_two_ranks_each_follow_the_updates_with_their_own_vllm_engine(tmp_path):
 def test_eval_generates_on_vllm(data_dir, tmp_path):  # noqa: F811  (the fixture imported above)
     """`python eval.py debug=tiny rollout.engine=vllm`: text and image benchmarks, greedy, on the tiny
     model written into the output dir."""
-    problem = check_vllm()
-    if problem:
-        pytest.skip(problem)
+    need("vllm")
     out_dir = tmp_path / "out"
     cmd = [sys.executable, os.path.join(ROOT, "eval.py"), *TINY_DEFAULTS, "rollout.engine=vllm", f"eval.data_dir={data_dir}",
            "eval.benchmarks=[math500,sokoban]", "eval.max_new_tokens=8", f"hydra.run.dir={out_dir}"]  # fmt: skip
