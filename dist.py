@@ -22,6 +22,13 @@ def main_rank() -> bool:
     return not distributed() or torch.distributed.get_rank() == 0
 
 
+def set_cpu_threads(wanted: int) -> int:
+    """torch's intra-op CPU threads for this process: `wanted`, or where 0, AUTO_RULE_TBD."""
+    n = wanted if wanted > 0 else torch.get_num_threads()
+    torch.set_num_threads(n)
+    return n
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

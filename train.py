@@ -35,7 +35,7 @@ from checkpoint import StopSignals, TrainingError, resume_point, rewrite_logs, r
 from config import ConfigError, validate
 from data import BadRow, encode_prompt, load_dataset, prompt_batches, steps_per_epoch
 from dist import all_sum, any_rank, backward, barrier, deepspeed_engine, distributed, gather, gathered_weights, in_step
-from dist import init_distributed, main_rank, pick_device, step_optimizer
+from dist import init_distributed, main_rank, pick_device, set_cpu_threads, step_optimizer
 from eval import run_eval
 from model import (
     VISION_TOKENS,
@@ -516,6 +516,7 @@ def setup(cfg: DictConfig, run_dir: str) -> RunState:
     models, the data and the rollout engine, build the optimizers (under DeepSpeed at zero_stage > 0)."""
     validate(cfg)
     t, r, a = cfg.trainer, cfg.rollout, cfg.algo
+    set_cpu_threads(t.threads)
     for name in cfg.reward.weights:
         resolve(name)  # unknown reward names fail now, not after the model has loaded
     model_path = resolve_model_path(cfg.model.path)  # a missing model fails now, with how to get it

@@ -88,8 +88,9 @@ TINY_DEFAULTS = ["debug=tiny_random", "log.wandb=disabled", "log.progress=false"
 @pytest.fixture(scope="session", autouse=True)
 def warm_start_cache(tmp_path_factory):
     """The tiny model's warm start is built once per test session, in a fresh cache (subprocesses
-    inherit LMM_R1_CACHE), never read from or written to the user's own."""
-    os.environ["LMM_R1_CACHE"] = str(tmp_path_factory.mktemp("lmm_r1_cache"))
+    inherit LMM_R1_CACHE), never read from or written to the user's own; or, where LMM_R1_TEST_CACHE
+    names one (`.ci/run` builds it up front with scripts/warm_start.py), in that one."""
+    os.environ["LMM_R1_CACHE"] = os.environ.get("LMM_R1_TEST_CACHE") or str(tmp_path_factory.mktemp("lmm_r1_cache"))
 
 
 def wrong_sign(clipped_loss):

@@ -99,3 +99,14 @@ def test_default_model_without_weights_fails_fast_with_help(tmp_path):
     assert "huggingface-cli download Qwen/Qwen2.5-VL-3B-Instruct" in out.stderr
     assert "python train.py debug=tiny" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("debug", ["tiny", "tiny_random"])
+def test_tiny_percereason_is_tiny_fre_multi(debug):
+    """Their debug forms differ in the stage's name only (both VerMulti-shaped synthetic tasks,
+    reinforce_baseline, the same rewards): the tests that train every stage train one of the two."""
+    configs = [
+        OmegaConf.to_container(compose_cfg([f"stage={stage}", f"debug={debug}"])) for stage in ("fre_multi", "mgt_percereason")
+    ]
+    assert [c["stage"].pop("name") for c in configs] == ["fre_multi", "mgt_percereason"]
+    assert configs[0] == configs[1]
