@@ -118,7 +118,7 @@ class ModelConfig:
 class TrainerConfig:
     seed: int = 42  # every RNG (data order, sampling, init) is derived from (seed, step, index)
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
-    threads: int = 0  # torch's intra-op CPU threads in each process; 0: AUTO_RULE_TBD
+    threads: int = 0  # torch's intra-op CPU threads in this process; 0: torch's own (OMP_NUM_THREADS, else a core each)
     lr: float = 1e-6  # actor learning rate
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
     weight_decay: float = 0.0

@@ -22,11 +22,11 @@ def main_rank() -> bool:
     return not distributed() or torch.distributed.get_rank() == 0
 
 
-def set_cpu_threads(wanted: int) -> int:
-    """torch's intra-op CPU threads for this process: `wanted`, or where 0, AUTO_RULE_TBD."""
-    n = wanted if wanted > 0 else torch.get_num_threads()
-    torch.set_num_threads(n)
-    return n
+def set_cpu_threads(wanted: int) -> None:
+    """torch's intra-op CPU threads for this process (trainer.threads): `wanted`; 0 keeps torch's own
+    choice (OMP_NUM_THREADS where a launcher set it, as torchrun does, else a thread per core)."""
+    if wanted > 0:
+        torch.set_num_threads(wanted)
 
 
 def pick_device(name: str) -> torch.device:

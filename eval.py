@@ -467,9 +467,11 @@ def load_engine(cfg, out_dir: str):
     (vLLM loads the tiny preset from `out_dir`)."""
     import torch
 
+    from dist import set_cpu_threads
     from model import load_policy, resolve_model_path
     from rollout import make_engine
 
+    set_cpu_threads(cfg.trainer.threads)
     device = torch.device("cuda" if cfg.trainer.device != "cpu" and torch.cuda.is_available() else "cpu")
     model, tokenizer, image_processor = load_policy(cfg.model, cfg.trainer.seed, device)
     engine = make_engine(cfg, model, tokenizer, image_processor, resolve_model_path(cfg.model.path), out_dir)

@@ -6,6 +6,7 @@
 .ci/run calls it once, up front, so that every test that runs debug=tiny loads the same file.
 """
 
+import glob
 import os
 import sys
 
@@ -16,6 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import config  # noqa: E402,F401  (registers the schema)
+from dist import set_cpu_threads  # noqa: E402
 from model import load_policy  # noqa: E402
 
 if __name__ == "__main__":
@@ -26,4 +28,9 @@ if __name__ == "__main__":
         sys.exit(
             f"error: this config has no warm start (model.path={m.path}, model.tiny.warm_start_steps={m.tiny.warm_start_steps})"
         )
+    set_cpu_threads(cfg.trainer.threads)  # as the run would build it: the threads change its rounding
     load_policy(m, cfg.trainer.seed, torch.device("cpu"))
+    if not glob.glob(
+        os.path.join(os.environ.get("LMM_R1_CACHE") or os.path.expanduser("~/.cache/lmm-r1"), "tiny_warm_start", "*", "*")
+    ):
+        sys.exit("error: the warm start was built but could not be cached (see the warning above)")

