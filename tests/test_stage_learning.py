@@ -135,10 +135,12 @@ if __name__ == "__main__":  # the measured distribution: python tests/test_stage
     import pathlib
     import tempfile
 
-    torch.set_num_threads(int(sys.argv[1]))
+    threads = int(sys.argv[1])
     os.environ["LMM_R1_CACHE"] = tempfile.mkdtemp()  # a warm start built with these threads too, as a test session's
     for seed in map(int, sys.argv[2:]):
         for stage in STAGES:
+            cfg = stage_cfg(stage, seed)
+            cfg.trainer.threads = threads  # debug=tiny's 1, or another rounding of the same runs
             with tempfile.TemporaryDirectory() as d:
-                m = measure(stage_cfg(stage, seed), pathlib.Path(d))
-            print(json.dumps({"stage": stage, "seed": seed, "threads": torch.get_num_threads(), **m}), flush=True)
+                m = measure(cfg, pathlib.Path(d))
+            print(json.dumps({"stage": stage, "seed": seed, "threads": threads, **m}), flush=True)
