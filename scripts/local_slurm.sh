@@ -70,7 +70,8 @@ SlurmctldPidFile=$dir/slurmctld.pid
 SlurmdPidFile=$dir/slurmd.pid
 SlurmctldLogFile=$dir/log/slurmctld.log
 SlurmdLogFile=$dir/log/slurmd.log
-NodeName=$host CPUs=$(nproc) State=UNKNOWN
+# every core (nproc alone reads OMP_NUM_THREADS: under a test worker's share the 2-task job could never start)
+NodeName=$host CPUs=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) State=UNKNOWN
 PartitionName=local Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF
     # slurmdbd reads it beside slurm.conf, and only if no one else may read it (it could hold a password)
