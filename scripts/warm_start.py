@@ -6,7 +6,6 @@
 .ci/run calls it once, up front, so that every test that runs debug=tiny loads the same file.
 """
 
-import glob
 import os
 import sys
 
@@ -18,7 +17,7 @@ sys.path.insert(0, ROOT)
 
 import config  # noqa: E402,F401  (registers the schema)
 from dist import set_cpu_threads  # noqa: E402
-from model import load_policy  # noqa: E402
+from model import load_policy, warm_start_path, warm_start_samples  # noqa: E402
 
 if __name__ == "__main__":
     with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
@@ -29,8 +28,8 @@ if __name__ == "__main__":
             f"error: this config has no warm start (model.path={m.path}, model.tiny.warm_start_steps={m.tiny.warm_start_steps})"
         )
     set_cpu_threads(cfg.trainer.threads)  # as the run would build it: the threads change its rounding
-    load_policy(m, cfg.trainer.seed, torch.device("cpu"))
-    if not glob.glob(
-        os.path.join(os.environ.get("LMM_R1_CACHE") or os.path.expanduser("~/.cache/lmm-r1"), "tiny_warm_start", "*", "*")
-    ):
-        sys.exit("error: the warm start was built but could not be cached (see the warning above)")
+    _, tokenizer, processor = load_policy(m, cfg.trainer.seed, torch.device("cpu"))
+    path = warm_start_path(m.tiny, tokenizer, processor, warm_start_samples(m.tiny.warm_start_seed))
+    if not os.path.isfile(path):
+        sys.exit(f"error: the warm start was built but could not be cached at {path} (see the warning above)")
+    print(f"[warm start] {path}")
