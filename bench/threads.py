@@ -1,7 +1,7 @@
 """torch's intra-op CPU threads when a run is not alone on its cores: `python train.py debug=tiny`,
 timed alone and beside a second identical run, for each thread setting, side by side in one call.
 
-    python bench/threads.py [--steps 20] [--threads 2 1 0] [--repeats 2]
+    python bench/threads.py [--steps 20] [--threads 2 1] [--repeats 2]
 
 Each run is its own process (`python train.py debug=tiny trainer.max_steps=STEPS`, warm start cached
 first), started with `trainer.threads=N`; the figure is the median step time (perf/step_s, the first
@@ -46,7 +46,13 @@ def timed(threads: int, steps: int, together: int, root: str) -> list:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--threads", type=int, nargs="+", default=[os.cpu_count(), 1, 0], help="trainer.threads values")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[os.cpu_count(), 1],
+        help="trainer.threads values (default: a thread per core, as torch's own choice, then 1)",
+    )
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     root = tempfile.mkdtemp()
