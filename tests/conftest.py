@@ -76,8 +76,9 @@ def pytest_configure(config):
 
 # ---- two workers (pytest-xdist, `-n 2`) ----
 # A file's tests run on one worker, where its module fixtures (a SLURM cluster, a vLLM engine,
-# rendered frames) are built once; the tests of these files (independent long training runs) are
-# spread over the workers and started first, so that none is left to run alone at the end.
+# rendered frames) are built once; the tests of these files (long training runs, independent per
+# parameter) are spread over the workers by parameter and started first, so that none is left to run
+# alone at the end, and the tests of one parameter (one stage's RL run and its flipped twin) share a worker.
 SPREAD_FILES = ("tests/test_stage_learning.py", "tests/test_learning.py")
 
 
@@ -87,8 +88,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.hookimpl(tryfirst=True, optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """xdist's scope scheduling with a file as the scope, but a test of SPREAD_FILES on its own, in
-    collection order (xdist would put its largest scopes first). Only for the default --dist load."""
+    """xdist's scope scheduling with a file as the scope, but a parameter (`[...]` of the test id) of
+    SPREAD_FILES, in collection order (xdist would put its largest scopes first). Only for the
+    default --dist load."""
     if config.getvalue("dist") != "load":
         return None
     from xdist.scheduler import LoadScopeScheduling
@@ -96,7 +98,7 @@ def pytest_xdist_make_scheduler(config, log):
     class ByFile(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             file = nodeid.split("::")[0]
-            return nodeid if file in SPREAD_FILES else file
+            return f"{file}[{nodeid.partition('[')[2]}" if file in SPREAD_FILES else file
 
     config.option.loadscopereorder = False
     return ByFile(config, log)
