@@ -38,6 +38,9 @@ class LossAgg(Choice):
     token_mean = "token_mean"  # every completion token of the mini-batch weighs the same
     seq_mean_token_mean = "seq_mean_token_mean"  # mean over each sequence's tokens, then over sequences
     seq_mean_token_sum_norm = "seq_mean_token_sum_norm"  # token sum / max_new_tokens, mean over sequences (Dr. GRPO)
+    # token mean within chunks of algo.loss_chunk consecutive sequences, mean over the chunks: LMM-R1's
+    # loss (a masked mean per micro-batch of micro_train_batch_size, averaged by gradient accumulation)
+    chunk_token_mean = "chunk_token_mean"
 
 
 class KLEstimator(Choice):
@@ -169,6 +172,7 @@ class AlgoConfig:
     clip_high: float = 0.2  # > clip_low = clip-higher (DAPO)
     dual_clip: Optional[float] = None  # c > 1: bound the loss of negative-advantage tokens by c * |A|
     loss_agg: LossAgg = LossAgg.token_mean
+    loss_chunk: int = 2  # chunk_token_mean: sequences per chunk (1 = seq_mean_token_mean; the mini-batch = token_mean)
     kl_coef: float = 0.001  # 0 = no reference model is loaded
     kl_estimator: KLEstimator = KLEstimator.k3
     kl_in_reward: bool = False  # true: -kl_coef * KL per token is added to the reward; false: to the loss
@@ -329,6 +333,8 @@ def validate(cfg: Any) -> None:
         errors.append("algo.overlong_buffer must be in [0, rollout.max_new_tokens) and algo.max_sampling_rounds >= 1")
     if a.kl_coef < 0:
         errors.append(f"algo.kl_coef={a.kl_coef} must be >= 0")
+    if a.loss_chunk < 1:
+        errors.append(f"algo.loss_chunk={a.loss_chunk} must be >= 1 (sequences per chunk of chunk_token_mean)")
     if cfg.data.on_error not in ("raise", "skip"):
         errors.append(f"data.on_error={cfg.data.on_error}: expected raise or skip")
     if not cfg.reward.weights:

@@ -69,10 +69,13 @@ def compute_advantages(
     dr_grpo:            r - mean_g                     (no std: Dr. GRPO)
     rloo:               r - mean of the other G-1 of the group = (r - mean_g) * G / (G - 1)
     reinforce_baseline: r - mean_g                     (whitened over the batch afterwards)
-    A group whose rewards are all equal gets advantage 0 under every estimator.
+    A group whose rewards are all equal (max == min) gets advantage exactly 0 under every estimator:
+    in float32 the mean of a value such as 0.7 or 2/3 is off by an ulp, and dividing that by a
+    std of 0 (+ eps) would give up to ~0.06.
     """
     r = rewards.float().view(-1, group_size)  # (P, G)
-    centered = r - r.mean(dim=1, keepdim=True)
+    flat = r.amax(dim=1, keepdim=True) == r.amin(dim=1, keepdim=True)  # (P, 1)
+    centered = torch.where(flat, 0.0, r - r.mean(dim=1, keepdim=True))
     if estimator == "grpo":
         adv = centered / (r.std(dim=1, keepdim=True) + eps) if std_normalize else centered
     elif estimator in ("dr_grpo", "reinforce_baseline"):
@@ -222,23 +225,32 @@ def tis_weights(old_logp: torch.Tensor, sampler_logp: torch.Tensor, clip: float)
     return torch.exp(old_logp - sampler_logp).clamp(max=clip).detach()
 
 
-def aggregate(token_values, mask, mode: str, num_tokens: int, num_seqs: int, max_len: int) -> torch.Tensor:
-    """Reduce (B, T) per-token values of one micro-batch to its share of the mini-batch loss.
-
-    The normalisers are global (the whole mini-batch, every micro-batch), so summing the shares of
-    all micro-batches gives the same loss however the mini-batch is split.
-    token_mean:              sum over tokens / num_tokens
-    seq_mean_token_mean:     sum over sequences of (token mean) / num_seqs
-    seq_mean_token_sum_norm: sum over tokens / (num_seqs * max_len)   (Dr. GRPO's constant normaliser)
-    """
-    masked = token_values * mask
-    if mode == "token_mean":
-        return masked.sum() / num_tokens
-    if mode == "seq_mean_token_mean":
-        return (masked.sum(1) / mask.sum(1).clamp_min(1)).sum() / num_seqs
+def sequence_weights(lengths: List[int], mode: str, chunk: int, max_len: int) -> List[float]:
+    """Each sequence's weight w_b in a mini-batch's loss sum_b w_b sum_t v_bt, for its sequences in the
+    mini-batch's order with `lengths` loss tokens each (n of them):
+    token_mean:              1 / the mini-batch's tokens
+    seq_mean_token_mean:     1 / (n * its own tokens)
+    seq_mean_token_sum_norm: 1 / (n * max_len)                    (Dr. GRPO's constant normaliser)
+    chunk_token_mean:        1 / (chunks * its chunk's tokens), in chunks of `chunk` consecutive
+                             sequences: LMM-R1's loss, a masked token mean per micro-batch of
+                             micro_train_batch_size sequences, micro-batches averaged by DeepSpeed's
+                             gradient accumulation. chunk=1 is seq_mean_token_mean, chunk >= n token_mean.
+    Weights, not a reduction, so that the loss does not depend on how the sequences are packed into
+    micro-batches or spread over ranks."""
+    n = len(lengths)
     if mode == "seq_mean_token_sum_norm":
-        return masked.sum() / (num_seqs * max_len)
-    raise ValueError(f"unknown loss aggregation {mode!r}")
+        return [1 / (n * max_len)] * n
+    size = {"token_mean": n, "seq_mean_token_mean": 1, "chunk_token_mean": chunk}.get(mode)
+    if size is None:
+        raise ValueError(f"unknown loss aggregation {mode!r}")
+    chunks = [lengths[i : i + size] for i in range(0, n, size)]
+    return [1 / (len(chunks) * max(1, sum(c))) for c in chunks for _ in c]
+
+
+def aggregate(token_values, mask, weights) -> torch.Tensor:
+    """A micro-batch's share of the mini-batch loss: (B, T) per-token values, (B, T) mask, (B,)
+    sequence_weights -> scalar. The shares of a mini-batch's micro-batches sum to its loss."""
+    return ((token_values * mask).sum(1) * weights).sum()
 
 
 def lr_factor(step: int, total: int, warmup_ratio: float, min_ratio: float) -> float:
@@ -770,7 +782,12 @@ def update(state: RunState, exp: Experience, adv: Advantages, step: int) -> Dict
             n_local * state.world, generator=torch.Generator().manual_seed(derive_seed(t.seed, step, epoch))
         ).tolist()
         for mini in chunks(order, t.mini_batch_size):
-            norm_by = (max(1, sum(exp.loss_lengths[g] for g in mini)), len(mini))  # the mini-batch's tokens, sequences
+            lengths = [exp.loss_lengths[g] for g in mini]
+            weights = torch.zeros(n_local, dtype=torch.float32)  # (n_local,) 0 outside this mini-batch
+            for g, w in zip(mini, sequence_weights(lengths, str(a.loss_agg), a.loss_chunk, state.cfg.rollout.max_new_tokens)):
+                if offset <= g < offset + n_local:
+                    weights[g - offset] = w
+            norm_by = (weights, max(1, sum(lengths)))  # the loss's sequence weights, the mini-batch's tokens
             micro = in_step(micro_batches([g - offset for g in mini if offset <= g < offset + n_local], exp.seq_lens, t))
             for k, (idx, real) in enumerate(micro):
                 micro_batch_backward(state, exp, adv, idx, 1.0 if real else 0.0, k + 1 == len(micro), norm_by, stats)
@@ -785,14 +802,12 @@ def micro_batch_backward(state, exp, adv, idx: List[int], weight: float, boundar
     """Forward and backward of one micro-batch (samples `idx`; weight 0: a filler pass of in_step):
     the clipped policy loss (TIS-weighted), the KL term, the entropy bonus, and the critic's clipped
     value loss, each as its share of the mini-batch mean; adds those shares to `stats`."""
-    a, cfg = state.cfg.algo, state.cfg
+    a = state.cfg.algo
     batch = make_batch(state, [exp.items[i] for i in idx])
     m = batch["completion_mask"] & exp.keep[idx].to(state.device)[:, None]  # (B, Tb) tokens in the loss
     Tb = m.shape[1]
-    num_tokens, num_seqs = norm_by
-    agg = partial(
-        aggregate, mask=m, mode=str(a.loss_agg), num_tokens=num_tokens, num_seqs=num_seqs, max_len=cfg.rollout.max_new_tokens
-    )
+    weights, num_tokens = norm_by
+    agg = partial(aggregate, mask=m, weights=weights[idx].to(state.device))
     with autocast(state):
         logp, entropy = logps(state, state.policy, batch, with_entropy=True, entropy_grad=a.entropy_coef > 0)  # (B, Tb)
     old = adv.old_logp[idx, :Tb] if adv.old_logp is not None else logp.detach()

@@ -13,6 +13,7 @@ from train import (
     Scored,
     adaptive_kl_coef,
     aggregate,
+    sequence_weights,
     compute_advantages,
     explained_variance,
     has_flat_group,
@@ -70,6 +71,18 @@ def test_zero_variance_group_gets_zero_advantage(est):
     assert adv.abs().max().item() == 0.0
 
 
+@pytest.mark.parametrize("est", ["grpo", "dr_grpo", "rloo", "reinforce_baseline"])
+@pytest.mark.parametrize("group_size", [3, 5, 8, 16])
+def test_a_flat_group_of_rewards_inexact_in_binary_gets_exactly_zero_advantage(est, group_size):
+    # sokoban_progress gives thirds and tenths: their float32 group mean is off by an ulp, which
+    # divided by GRPO's std of 0 (+ eps) gave up to 0.06; the group beside it keeps its spread
+    for value in (0.7, 2 / 3, 0.1, 1 / 3):
+        rewards = torch.tensor([value] * group_size + [0.0] * (group_size - 1) + [1.0])
+        adv = compute_advantages(rewards, group_size, est)
+        assert adv[:group_size].tolist() == [0.0] * group_size, value
+        assert adv[-1] > 0 > adv[group_size]
+
+
 def test_unknown_group_estimator_is_an_error():
     with pytest.raises(ValueError, match="gae"):
         compute_advantages(torch.zeros(4), 2, "gae")
@@ -97,7 +110,7 @@ def test_ratio_one_gives_minus_mean_advantage():
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=torch.bool)
     logp = torch.randn(2, 3)
     loss, clipped = policy_loss(logp, logp.clone(), A, 0.2, 0.2)
-    assert aggregate(loss, mask, "token_mean", int(mask.sum()), 2, 3).item() == pytest.approx(-(1 - 2 + 3 + 0.5) / 4)
+    assert agg(loss, mask, "token_mean").item() == pytest.approx(-(1 - 2 + 3 + 0.5) / 4)
     assert not clipped.any()
 
 
@@ -121,24 +134,51 @@ def test_clip_higher_and_dual_clip():
     assert loss.tolist() == pytest.approx([-1.28, 3.0])  # ratio 5 with A<0 bounded by dual_clip * |A|
 
 
-def test_aggregation_does_not_depend_on_micro_batch_split():
+def agg(values, mask, mode: str, chunk: int = 2, max_len: int = 10) -> torch.Tensor:
+    """The loss of one mini-batch held in one micro-batch."""
+    return aggregate(values, mask, torch.tensor(sequence_weights(mask.sum(1).tolist(), mode, chunk, max_len)))
+
+
+MODES = ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm", "chunk_token_mean"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_aggregation_does_not_depend_on_how_the_mini_batch_is_split_into_micro_batches(mode):
     torch.manual_seed(0)
     values = torch.randn(6, 5)
     mask = torch.rand(6, 5) > 0.3
     mask[:, 0] = True
-    n_tok, n_seq = int(mask.sum()), 6
-    for mode in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"):
-        whole = aggregate(values, mask, mode, n_tok, n_seq, 8)
-        split = sum(aggregate(values[i : i + 2], mask[i : i + 2], mode, n_tok, n_seq, 8) for i in (0, 2, 4))
+    weights = torch.tensor(sequence_weights(mask.sum(1).tolist(), mode, 2, 8))  # the mini-batch's order: chunks 01 23 45
+    whole = aggregate(values, mask, weights)
+    for micro in ([[0, 1], [2, 3], [4, 5]], [[0, 3], [5, 1], [2, 4]], [[4], [0, 1, 2, 3, 5]]):  # packing reorders freely
+        split = sum(aggregate(values[i], mask[i], weights[i]) for i in micro)
         assert split.item() == pytest.approx(whole.item(), rel=1e-6)
 
 
 def test_aggregation_hand_values():
-    v = torch.tensor([[1.0, 3.0, 0.0], [4.0, 0.0, 0.0]])
-    m = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
-    assert aggregate(v, m, "token_mean", 3, 2, 10).item() == pytest.approx(8 / 3)
-    assert aggregate(v, m, "seq_mean_token_mean", 3, 2, 10).item() == pytest.approx((2 + 4) / 2)
-    assert aggregate(v, m, "seq_mean_token_sum_norm", 3, 2, 10).item() == pytest.approx(8 / 20)
+    v = torch.tensor([[1.0, 3.0, 0.0], [4.0, 0.0, 0.0], [2.0, 2.0, 5.0], [6.0, 0.0, 0.0]])
+    m = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 0, 0]], dtype=torch.bool)  # 2, 1, 3, 1 tokens
+    assert agg(v, m, "token_mean").item() == pytest.approx(23 / 7)
+    assert agg(v, m, "seq_mean_token_mean").item() == pytest.approx((2 + 4 + 3 + 6) / 4)
+    assert agg(v, m, "seq_mean_token_sum_norm").item() == pytest.approx(23 / (4 * 10))
+    # LMM-R1 with micro_train_batch_size 2: the token mean of sequences 0-1 and of 2-3, averaged
+    assert agg(v, m, "chunk_token_mean", chunk=2).item() == pytest.approx(((1 + 3 + 4) / 3 + (2 + 2 + 5 + 6) / 4) / 2)
+    # a last chunk shorter than the rest (a last, smaller micro-batch) weighs as much as the others
+    assert agg(v[:3], m[:3], "chunk_token_mean", chunk=2).item() == pytest.approx(((1 + 3 + 4) / 3 + (2 + 2 + 5) / 3) / 2)
+
+
+def test_chunks_of_one_are_the_sequence_mean_and_of_the_whole_mini_batch_the_token_mean():
+    torch.manual_seed(1)
+    values, mask = torch.randn(8, 6), torch.rand(8, 6) > 0.4
+    mask[:, 0] = True
+    per_sequence = ((values * mask).sum(1) / mask.sum(1)).mean()
+    assert agg(values, mask, "chunk_token_mean", chunk=1).item() == pytest.approx(per_sequence.item(), rel=1e-6)
+    for whole in (8, 100):
+        assert agg(values, mask, "chunk_token_mean", chunk=whole).item() == pytest.approx(
+            (values[mask].sum() / mask.sum()).item(), rel=1e-6
+        )
+    with pytest.raises(ValueError, match="unknown loss aggregation"):
+        sequence_weights([1, 2], "token_sum", 2, 8)
 
 
 def test_value_loss_clips_around_old_values():

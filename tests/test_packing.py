@@ -15,7 +15,7 @@ from conftest import completion_logprobs, reference_logps, tiny_text_model
 from data import Sample, encode_prompt, synthetic_samples
 from model import VISION_TOKENS, collate, pack, per_sequence_causal_attention, sequence_logps, sequence_values, Critic
 from rollout import Rollout, cut_vision_tokens
-from train import aggregate, first_fit_decreasing, micro_batches, policy_loss
+from train import aggregate, first_fit_decreasing, micro_batches, policy_loss, sequence_weights
 
 
 def two_image_sample() -> Sample:
@@ -108,7 +108,7 @@ def mini_batch_update(model, items, advantages, old_logp, budget=None, padded_si
     each), returning the loss and the gradients."""
     seq_lens = [len(p.input_ids) + len(c) for p, c in items]
     t = type("T", (), {"packing": budget is not None, "max_tokens_per_micro": budget, "micro_batch_size": padded_size})
-    num_tokens = sum(len(c) for _, c in items)
+    weights = torch.tensor(sequence_weights([len(c) for _, c in items], "token_mean", 1, 64))
     model.zero_grad()
     total = 0.0
     for idx in micro_batches(list(range(len(items))), seq_lens, t):
@@ -118,7 +118,7 @@ def mini_batch_update(model, items, advantages, old_logp, budget=None, padded_si
         Tb = m.shape[1]
         logp = sequence_logps(model, batch, 1.0, 16)
         token_loss, _ = policy_loss(logp, old_logp[idx, :Tb], advantages[idx, :Tb], 0.2, 0.28)
-        loss = aggregate(token_loss, m, "token_mean", num_tokens, len(items), 64)
+        loss = aggregate(token_loss, m, weights[idx])
         loss.backward()
         total += loss.item()
     return total, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -99,6 +99,25 @@ def test_packed_and_padded_training_take_the_same_step(tmp_path):
 
 
 @pytest.mark.slow
+def test_chunk_token_mean_is_the_token_mean_in_chunks_of_the_whole_mini_batch_and_the_sequence_mean_in_chunks_of_one(tmp_path):
+    """The whole trainer, one RL step (16 sequences of varying lengths, one mini-batch packed into
+    several micro-batches): LMM-R1's chunked loss reduces to the other two modes at its ends, and in
+    between (chunks of 2) is neither."""
+    toy = ["+reward.weights={toy_rewards\\:digit_fraction: 1.0}", "~reward.weights.format", "~reward.weights.math"]
+    common = [*TINY_DEFAULTS, *toy, "trainer.max_steps=1", "trainer.max_tokens_per_micro=300", "algo.kl_coef=0"]
+    modes = {"token": ["algo.loss_agg=token_mean"], "whole": ["algo.loss_agg=chunk_token_mean", "algo.loss_chunk=16"],
+             "seq": ["algo.loss_agg=seq_mean_token_mean"], "one": ["algo.loss_agg=chunk_token_mean", "algo.loss_chunk=1"],
+             "pairs": ["algo.loss_agg=chunk_token_mean", "algo.loss_chunk=2"]}  # fmt: skip
+    m = {name: train.run(compose_cfg([*common, *args]), str(tmp_path / name)) for name, args in modes.items()}
+    assert m["token"]["rollout/response_len_max"] > m["token"]["rollout/response_len"] > 0  # lengths vary
+    for a, b in (("token", "whole"), ("seq", "one")):
+        assert m[a]["loss/policy"] == pytest.approx(m[b]["loss/policy"], abs=1e-6), (a, b)
+        assert m[a]["loss/grad_norm"] == pytest.approx(m[b]["loss/grad_norm"], rel=1e-4), (a, b)
+    for other in ("token", "seq"):
+        assert m["pairs"]["loss/grad_norm"] != pytest.approx(m[other]["loss/grad_norm"], rel=1e-3), other
+
+
+@pytest.mark.slow
 def test_truncated_importance_sampling_runs_and_is_neutral_when_sampler_and_trainer_agree(tmp_path):
     toy = ["+reward.weights={toy_rewards\\:digit_fraction: 1.0}", "~reward.weights.format", "~reward.weights.math"]
     common = [*TINY_DEFAULTS, *toy, "trainer.max_steps=1", "algo.kl_coef=0"]
