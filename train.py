@@ -70,8 +70,8 @@ def compute_advantages(
     rloo:               r - mean of the other G-1 of the group = (r - mean_g) * G / (G - 1)
     reinforce_baseline: r - mean_g                     (whitened over the batch afterwards)
     A group whose rewards are all equal (max == min) gets advantage exactly 0 under every estimator:
-    in float32 the mean of a value such as 0.7 or 2/3 is off by an ulp, and dividing that by a
-    std of 0 (+ eps) would give up to ~0.06.
+    in float32 the mean of sixteen 0.7s is off by 6e-8, and dividing that by their std (0 or 6e-8,
+    with the tensor's layout) + eps gave 0.06.
     """
     r = rewards.float().view(-1, group_size)  # (P, G)
     flat = r.amax(dim=1, keepdim=True) == r.amin(dim=1, keepdim=True)  # (P, 1)
@@ -228,23 +228,25 @@ def tis_weights(old_logp: torch.Tensor, sampler_logp: torch.Tensor, clip: float)
 def sequence_weights(lengths: List[int], mode: str, chunk: int, max_len: int) -> List[float]:
     """Each sequence's weight w_b in a mini-batch's loss sum_b w_b sum_t v_bt, for its sequences in the
     mini-batch's order with `lengths` loss tokens each (n of them):
-    token_mean:              1 / the mini-batch's tokens
+    token_mean:              1 / the mini-batch's tokens                     (verl's default)
     seq_mean_token_mean:     1 / (n * its own tokens)
     seq_mean_token_sum_norm: 1 / (n * max_len)                    (Dr. GRPO's constant normaliser)
     chunk_token_mean:        1 / (chunks * its chunk's tokens), in chunks of `chunk` consecutive
-                             sequences: LMM-R1's loss, a masked token mean per micro-batch of
-                             micro_train_batch_size sequences, micro-batches averaged by DeepSpeed's
-                             gradient accumulation. chunk=1 is seq_mean_token_mean, chunk >= n token_mean.
+                             sequences (the last may be shorter): LMM-R1's loss, a token mean per
+                             micro-batch of micro_train_batch_size sequences (from 2025-04-12; before,
+                             a token mean per sequence), micro-batches averaged by DeepSpeed's gradient
+                             accumulation. chunk=1 is seq_mean_token_mean, chunk >= n token_mean.
     Weights, not a reduction, so that the loss does not depend on how the sequences are packed into
-    micro-batches or spread over ranks."""
+    micro-batches or spread over ranks. A sequence (or chunk) without loss tokens (algo.mask_truncated)
+    still counts in n (or chunks), as a masked-out sample of a fixed-size batch does."""
     n = len(lengths)
     if mode == "seq_mean_token_sum_norm":
         return [1 / (n * max_len)] * n
     size = {"token_mean": n, "seq_mean_token_mean": 1, "chunk_token_mean": chunk}.get(mode)
     if size is None:
         raise ValueError(f"unknown loss aggregation {mode!r}")
-    chunks = [lengths[i : i + size] for i in range(0, n, size)]
-    return [1 / (len(chunks) * max(1, sum(c))) for c in chunks for _ in c]
+    groups = chunks(lengths, size)
+    return [1 / (len(groups) * max(1, sum(g))) for g in groups for _ in g]
 
 
 def aggregate(token_values, mask, weights) -> torch.Tensor:
@@ -773,7 +775,6 @@ def update(state: RunState, exp: Experience, adv: Advantages, step: int) -> Dict
     gradient norm of each update under "grad_norms"."""
     a, t = state.cfg.algo, state.cfg.trainer
     n_local = len(exp.items)
-    offset = state.rank * n_local
     state.policy.train()
     stats = defaultdict(lambda: torch.zeros((), dtype=torch.float64, device=state.device))
     norms = []
@@ -782,13 +783,9 @@ def update(state: RunState, exp: Experience, adv: Advantages, step: int) -> Dict
             n_local * state.world, generator=torch.Generator().manual_seed(derive_seed(t.seed, step, epoch))
         ).tolist()
         for mini in chunks(order, t.mini_batch_size):
-            lengths = [exp.loss_lengths[g] for g in mini]
-            weights = torch.zeros(n_local, dtype=torch.float32)  # (n_local,) 0 outside this mini-batch
-            for g, w in zip(mini, sequence_weights(lengths, str(a.loss_agg), a.loss_chunk, state.cfg.rollout.max_new_tokens)):
-                if offset <= g < offset + n_local:
-                    weights[g - offset] = w
-            norm_by = (weights, max(1, sum(lengths)))  # the loss's sequence weights, the mini-batch's tokens
-            micro = in_step(micro_batches([g - offset for g in mini if offset <= g < offset + n_local], exp.seq_lens, t))
+            mine, weights = local_weights(state, exp, mini)
+            norm_by = (weights, max(1, sum(exp.loss_lengths[g] for g in mini)))  # + the mini-batch's tokens
+            micro = in_step(micro_batches(mine, exp.seq_lens, t))
             for k, (idx, real) in enumerate(micro):
                 micro_batch_backward(state, exp, adv, idx, 1.0 if real else 0.0, k + 1 == len(micro), norm_by, stats)
             norm = optimizer_update(state, "policy")
@@ -796,6 +793,18 @@ def update(state: RunState, exp: Experience, adv: Advantages, step: int) -> Dict
                 norm += optimizer_update(state, "critic")
             norms.append(norm)
     return dict(stats) | {"grad_norms": norms}
+
+
+def local_weights(state: RunState, exp: Experience, mini: List[int]) -> Tuple[List[int], torch.Tensor]:
+    """This rank's samples of mini-batch `mini` (global ids, in its order) as local ids, and the loss
+    weight (sequence_weights over the whole mini-batch) of every local sample: (n_local,), 0 outside it."""
+    a, n_local = state.cfg.algo, len(exp.items)
+    offset = state.rank * n_local
+    every = sequence_weights([exp.loss_lengths[g] for g in mini], str(a.loss_agg), a.loss_chunk, state.cfg.rollout.max_new_tokens)
+    mine = [(g - offset, w) for g, w in zip(mini, every) if offset <= g < offset + n_local]
+    weights = torch.zeros(n_local, dtype=torch.float32, device=state.device)
+    weights[[i for i, _ in mine]] = torch.tensor([w for _, w in mine], dtype=torch.float32, device=state.device)
+    return [i for i, _ in mine], weights
 
 
 def micro_batch_backward(state, exp, adv, idx: List[int], weight: float, boundary: bool, norm_by, stats) -> None:
@@ -807,7 +816,7 @@ def micro_batch_backward(state, exp, adv, idx: List[int], weight: float, boundar
     m = batch["completion_mask"] & exp.keep[idx].to(state.device)[:, None]  # (B, Tb) tokens in the loss
     Tb = m.shape[1]
     weights, num_tokens = norm_by
-    agg = partial(aggregate, mask=m, weights=weights[idx].to(state.device))
+    agg = partial(aggregate, mask=m, weights=weights[idx])
     with autocast(state):
         logp, entropy = logps(state, state.policy, batch, with_entropy=True, entropy_grad=a.entropy_coef > 0)  # (B, Tb)
     old = adv.old_logp[idx, :Tb] if adv.old_logp is not None else logp.detach()

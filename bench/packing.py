@@ -36,7 +36,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa
 
 from data import Prompt, Sample  # noqa: E402
 from model import QWEN2_5_VL_3B_TEXT, QWEN2_5_VL_3B_VISION, collate, pack, sequence_logps, use_varlen_attention  # noqa: E402
-from train import aggregate, micro_batches, policy_loss  # noqa: E402
+from train import aggregate, micro_batches, policy_loss, sequence_weights  # noqa: E402
 
 # Qwen2.5-VL-3B-Instruct's published config (model.py), its vision tower frozen and unused here: the
 # update's cost is the language model's.
@@ -105,7 +105,7 @@ def update(model, optimizer, items, layout: str, micro: int, max_len: int, devic
     """One policy update over all `items`; returns (real tokens, computed tokens)."""
     seq_lens = [len(p.input_ids) + len(c) for p, c in items]
     t = SimpleNamespace(packing=layout.startswith("packed"), max_tokens_per_micro=micro * max_len, micro_batch_size=micro)
-    num_tokens = sum(len(c) for _, c in items)
+    weights = torch.tensor(sequence_weights([len(c) for _, c in items], "token_mean", 1, max_len), device=device)
     computed = 0
     for idx in micro_batches(list(range(len(items))), seq_lens, t):
         pairs = [items[i] for i in idx]
@@ -120,7 +120,7 @@ def update(model, optimizer, items, layout: str, micro: int, max_len: int, devic
         old = logp.detach() + 0.01 * torch.randn_like(logp)  # a few-% importance ratio, as after one update
         advantages = torch.randn_like(logp)
         token_loss, _ = policy_loss(logp, old, advantages, 0.2, 0.28)
-        aggregate(token_loss, m, "token_mean", num_tokens, len(items), max_len).backward()
+        aggregate(token_loss, m, weights[idx]).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return sum(seq_lens), computed
