@@ -3,7 +3,8 @@
 Each test runs the same short RL job once in a single process and once as 2 ranks, and compares the
 rollouts, the metrics and the weights after the steps. Every rank samples its prompts from the same
 per-prompt seeds a single process uses, mini-batches are drawn from the same global permutation, and
-losses are normalised by global token counts: only fp32 summation order differs.
+each sequence's loss weight comes from its whole mini-batch (train.sequence_weights): only fp32
+summation order differs.
 """
 
 import os
@@ -25,7 +26,9 @@ JOB = [
     "trainer.max_steps=2",
     "algo.kl_coef=0.01",
     "trainer.mini_batch_size=8",
-]  # fmt: skip  (2 updates per step)
+    "algo.loss_agg=chunk_token_mean",
+    "algo.loss_chunk=3",
+]  # fmt: skip  (2 updates per step; LMM-R1's chunked loss with chunks that span the ranks, the last one short)
 
 
 def launch(run_dir, extra, nproc: int):
