@@ -74,8 +74,7 @@ def compute_advantages(
     with the tensor's layout) + eps gave 0.06.
     """
     r = rewards.float().view(-1, group_size)  # (P, G)
-    flat = r.amax(dim=1, keepdim=True) == r.amin(dim=1, keepdim=True)  # (P, 1)
-    centered = torch.where(flat, 0.0, r - r.mean(dim=1, keepdim=True))
+    centered = torch.where(flat_groups(r)[:, None], 0.0, r - r.mean(dim=1, keepdim=True))
     if estimator == "grpo":
         adv = centered / (r.std(dim=1, keepdim=True) + eps) if std_normalize else centered
     elif estimator in ("dr_grpo", "reinforce_baseline"):
@@ -177,10 +176,14 @@ def adaptive_kl_coef(coef: float, kl: float, target: float, horizon: int, n_samp
     return coef * (1.0 + error * n_samples / horizon)
 
 
+def flat_groups(grouped: torch.Tensor) -> torch.Tensor:
+    """(P, G) rewards -> (P,) bool: the groups whose rewards all agree (max == min, exactly)."""
+    return grouped.amax(dim=1) == grouped.amin(dim=1)
+
+
 def zero_std_fraction(rewards: torch.Tensor, group_size: int) -> float:
     """Share of groups whose rewards all agree: they carry no group-relative signal."""
-    r = rewards.view(-1, group_size)
-    return (r.max(dim=1).values == r.min(dim=1).values).float().mean().item()
+    return flat_groups(rewards.view(-1, group_size)).float().mean().item()
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
@@ -783,8 +786,7 @@ def update(state: RunState, exp: Experience, adv: Advantages, step: int) -> Dict
             n_local * state.world, generator=torch.Generator().manual_seed(derive_seed(t.seed, step, epoch))
         ).tolist()
         for mini in chunks(order, t.mini_batch_size):
-            mine, weights = local_weights(state, exp, mini)
-            norm_by = (weights, max(1, sum(exp.loss_lengths[g] for g in mini)))  # + the mini-batch's tokens
+            mine, norm_by = local_weights(state, exp, mini)
             micro = in_step(micro_batches(mine, exp.seq_lens, t))
             for k, (idx, real) in enumerate(micro):
                 micro_batch_backward(state, exp, adv, idx, 1.0 if real else 0.0, k + 1 == len(micro), norm_by, stats)
@@ -795,16 +797,18 @@ def update(state: RunState, exp: Experience, adv: Advantages, step: int) -> Dict
     return dict(stats) | {"grad_norms": norms}
 
 
-def local_weights(state: RunState, exp: Experience, mini: List[int]) -> Tuple[List[int], torch.Tensor]:
-    """This rank's samples of mini-batch `mini` (global ids, in its order) as local ids, and the loss
-    weight (sequence_weights over the whole mini-batch) of every local sample: (n_local,), 0 outside it."""
+def local_weights(state: RunState, exp: Experience, mini: List[int]) -> Tuple[List[int], tuple]:
+    """This rank's samples of mini-batch `mini` (global ids, in its order) as local ids, and
+    (the loss weight of every local sample, (n_local,) with 0 outside the mini-batch, the mini-batch's
+    loss tokens): the weights are sequence_weights over the whole mini-batch."""
     a, n_local = state.cfg.algo, len(exp.items)
     offset = state.rank * n_local
-    every = sequence_weights([exp.loss_lengths[g] for g in mini], str(a.loss_agg), a.loss_chunk, state.cfg.rollout.max_new_tokens)
+    lengths = [exp.loss_lengths[g] for g in mini]
+    every = sequence_weights(lengths, str(a.loss_agg), a.loss_chunk, state.cfg.rollout.max_new_tokens)
     mine = [(g - offset, w) for g, w in zip(mini, every) if offset <= g < offset + n_local]
     weights = torch.zeros(n_local, dtype=torch.float32, device=state.device)
     weights[[i for i, _ in mine]] = torch.tensor([w for _, w in mine], dtype=torch.float32, device=state.device)
-    return [i for i, _ in mine], weights
+    return [i for i, _ in mine], (weights, max(1, sum(lengths)))
 
 
 def micro_batch_backward(state, exp, adv, idx: List[int], weight: float, boundary: bool, norm_by, stats) -> None:

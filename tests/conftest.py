@@ -98,7 +98,9 @@ def pytest_xdist_make_scheduler(config, log):
     class ByFile(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             file = nodeid.split("::")[0]
-            return (f"{file}[{nodeid.partition('[')[2]}" if "[" in nodeid else nodeid) if file in SPREAD_FILES else file
+            if file not in SPREAD_FILES:
+                return file
+            return f"{file}[{nodeid.partition('[')[2]}" if "[" in nodeid else nodeid
 
     config.option.loadscopereorder = False
     return ByFile(config, log)
