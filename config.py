@@ -34,6 +34,11 @@ class Estimator(Choice):
     gae = "gae"  # PPO: a learned value model and generalised advantage estimation
 
 
+class Shuffle(Choice):
+    sample = "sample"  # mini-batches of samples drawn at random: a group's samples spread over the mini-batches
+    group = "group"  # of whole groups: each mini-batch holds group_size samples of each of its prompts
+
+
 class LossAgg(Choice):
     token_mean = "token_mean"  # every completion token of the mini-batch weighs the same
     seq_mean_token_mean = "seq_mean_token_mean"  # mean over each sequence's tokens, then over sequences
@@ -135,6 +140,13 @@ class TrainerConfig:
     mini_batch_size: int = 256  # samples (completions) per optimizer step
     packing: bool = True  # pack sequences into padding-free micro-batches of max_tokens_per_micro tokens
     max_tokens_per_micro: int = 16384  # token budget (prompt + completion) of a packed micro-batch
+    # a packed micro-batch holds each prompt once, followed by its samples' completions, each attending
+    # to the prompt and itself (model.pack): the prompt's tokens and images go through each pass once
+    # per group instead of group_size times; exact (tests/test_packing.py). false: a prompt per sample
+    share_prompts: bool = True
+    # how the step's samples are dealt into mini-batches each PPO epoch (the forward-only passes
+    # always share prompts; the update shares one only between samples of a mini-batch)
+    shuffle: Shuffle = Shuffle.sample
     micro_batch_size: int = 2  # samples per padded micro-batch (packing=false)
     logp_chunk_size: int = 1024  # tokens per lm_head chunk when computing log-probs
     save_every: int = 20  # save the full training state every N steps (0 = only at the end)
@@ -313,6 +325,8 @@ def validate(cfg: Any) -> None:
         errors.append(
             f"trainer.mini_batch_size={t.mini_batch_size} must divide rollout.prompts_per_step * rollout.group_size = {samples}"
         )
+    if t.shuffle == Shuffle.group and t.mini_batch_size % r.group_size:
+        errors.append(f"trainer.shuffle=group: trainer.mini_batch_size={t.mini_batch_size} must be a multiple of rollout.group_size={r.group_size}")
     if t.zero_stage not in (0, 1, 2, 3) or t.offload not in ("none", "optimizer", "all"):
         errors.append(f"trainer.zero_stage={t.zero_stage} must be 0-3 and trainer.offload={t.offload} none|optimizer|all")
     elif t.offload != "none" and t.zero_stage == 0 or t.offload == "all" and t.zero_stage != 3:

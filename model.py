@@ -16,7 +16,7 @@ import os
 import random
 import re
 import tempfile
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -429,52 +429,75 @@ except ImportError:
     varlen_attn, VARLEN_PARAMS = None, {}
 
 
-def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, cu_seqlens=None, max_seqlen=None, **kwargs):  # fmt: skip
+def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, cu_seqlens=None, max_seqlen=None, prefix=None, **kwargs):  # fmt: skip
     """The language model's attention (registered with transformers as "varlen").
 
-    query (1, H, S, D), key / value (1, H_kv, S, D) -> (1, S, H, D). With `cu_seqlens` (B + 1,) the
-    S tokens are B packed sequences and each token attends causally within its own sequence only:
-    on a GPU flash-attn's varlen kernel where it is installed, else PyTorch's own
-    (`torch.nn.attention.varlen.varlen_attn`); elsewhere (CPU) SDPA one sequence at a time
-    (`per_sequence_causal_attention`). Without `cu_seqlens` (padded batches, HF generate)
-    it is transformers' SDPA with the usual padding mask.
+    query (1, H, S, D), key / value (1, H_kv, S, D) -> (1, S, H, D). With `cu_seqlens` (n + 1,) the
+    S tokens are n packed query segments, each attending causally within itself: a whole sequence,
+    or, where `pack` shares a prompt among its samples (`prefix`), the prompt, or one completion that
+    also attends to all of its prompt (causal aligned to the bottom right: the completion's keys are
+    the prompt's followed by its own). On a GPU flash-attn's varlen kernel where it is installed,
+    else PyTorch's own (`torch.nn.attention.varlen.varlen_attn`), over keys gathered per segment
+    (`prefix["kv_index"]`); elsewhere (CPU) SDPA per sequence, or per prompt group under its mask
+    (`blockwise_attention`). Without `cu_seqlens` (padded batches, HF generate) it is transformers'
+    SDPA with the usual padding mask.
     """
     if cu_seqlens is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if query.is_cuda and (flash_attn_varlen_func is not None or varlen_attn is not None):
-        q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (S, heads, D)
-        if flash_attn_varlen_func is not None:
-            out = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout, scaling, causal=True)
-        else:
-            out = torch_varlen_causal(q, k, v, cu_seqlens, max_seqlen, scaling)
-        return out[None], None
-    return per_sequence_causal_attention(query, key, value, cu_seqlens, scaling), None
+        return varlen_kernel_attention(query, key, value, cu_seqlens, max_seqlen, prefix, scaling, dropout), None
+    if prefix is None:
+        spans, masks = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist(), None
+    else:
+        spans, masks = prefix["spans"], prefix["masks"]
+    return blockwise_attention(query, key, value, spans, masks, scaling), None
 
 
-def torch_varlen_causal(q, k, v, cu_seqlens, max_seqlen: int, scale) -> torch.Tensor:
-    """torch's varlen_attn, causal, q (S, H, D) and k / v (S, H_kv, D) -> (S, H, D). Its signature
-    moved: torch 2.10 takes `is_causal=`, 2.13 a causal window (-1, 0) and `enable_gqa`; without
-    `enable_gqa` the key/value heads are repeated for the query heads."""
+def varlen_kernel_attention(query, key, value, cu_seqlens, max_seqlen: int, prefix, scale, dropout) -> torch.Tensor:
+    """`varlen_attention` on the GPU kernels: flash-attn's where installed, else torch's. query
+    (1, H, S, D), key / value (1, H_kv, S, D) -> (1, S, H, D)."""
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (S, heads, D)
+    cu_k, max_k = cu_seqlens, max_seqlen
+    if prefix is not None:  # (sum of key lengths, H_kv, D): each completion's prompt keys, then its own;
+        # gathered in fp32 so that the backward sums a prompt's gradients from its group_size
+        # completions (index_add) in fp32, rounding once to bf16, not once per completion
+        k, v = (x.float().index_select(0, prefix["kv_index"]).to(x.dtype) for x in (k, v))
+        cu_k, max_k = prefix["cu_seqlens_k"], prefix["max_seqlen_k"]
+    if flash_attn_varlen_func is not None:  # causal is bottom-right aligned since flash-attn 2.1
+        out = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_k, max_seqlen, max_k, dropout, scale, causal=True)
+    else:
+        out = torch_varlen_causal(q, k, v, cu_seqlens, cu_k, max_seqlen, max_k, scale)
+    return out[None]
+
+
+def torch_varlen_causal(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale) -> torch.Tensor:
+    """torch's varlen_attn, causal, q (S, H, D) and k / v (S_k, H_kv, D) -> (S, H, D). It runs
+    torch's FlashAttention-2 kernel (its cuDNN path is off in 2.13), whose causal mask is aligned to
+    the bottom right where a segment has more keys than queries. Its signature moved: torch 2.10
+    takes `is_causal=`, 2.13 a causal window (-1, 0) and `enable_gqa`; without `enable_gqa` the
+    key/value heads are repeated for the query heads."""
     causal = {"is_causal": True} if "is_causal" in VARLEN_PARAMS else {"window_size": (-1, 0)}
     if k.shape[1] != q.shape[1]:
         if "enable_gqa" in VARLEN_PARAMS:
             causal["enable_gqa"] = True
         else:
             k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
-    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale, **causal)
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, **causal)
 
 
-def per_sequence_causal_attention(query, key, value, cu_seqlens, scale) -> torch.Tensor:
-    """Exactly the block-diagonal causal attention of packed sequences, without an S x S mask: one
-    SDPA call per sequence, over `split` views. Chosen by measurement on CPU (bench/attention.py):
-    slicing a view per sequence costs a full-size zero gradient buffer per slice in the backward
-    pass (1.6-2.7x slower), and one call over the sequences laid out padded computes the padding
+def blockwise_attention(query, key, value, spans: List[int], masks, scale) -> torch.Tensor:
+    """Attention within consecutive blocks of `spans` tokens, without an S x S mask: one SDPA call
+    per block, over `split` views, causal or under the block's own mask (`masks`, a (L, L) bool or
+    None per block; None for all: every block causal). A block is a packed sequence, or a shared
+    prompt with its completions (`pack`). Chosen by measurement on CPU (bench/attention.py): slicing
+    a view per block costs a full-size zero gradient buffer per slice in the backward pass
+    (1.6-2.7x slower), and one call over the sequences laid out padded computes the padding
     (3.4-4.5x slower at RL's skewed lengths). query (1, H, S, D), key / value (1, H_kv, S, D)
     -> (1, S, H, D)."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    masks = masks or [None] * len(spans)
     out = [
-        F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-        for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))
+        F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=m is None, scale=scale, enable_gqa=True)
+        for q, k, v, m in zip(query.split(spans, dim=2), key.split(spans, dim=2), value.split(spans, dim=2), masks)
     ]
     return torch.cat(out, dim=2).transpose(1, 2)
 
@@ -517,7 +540,8 @@ def completion_layout(items, pad_id: int, device) -> dict:
 def collate(items, pad_id: int, image_token_id: Optional[int], device, pad_to: int = 0):
     """Right-padded model inputs (B, L) for a list of (prompt, completion_ids) pairs: input_ids,
     attention_mask, the `vision_inputs`, the `completion_layout`, and where each sequence starts
-    (seq_row (B,) = its row, seq_start (B,) = 0). Transformers derives the positions itself.
+    (seq_row (B,) = its row, prompt_last (B,) and completion_start (B,) its columns, as `pack`'s).
+    Transformers derives the positions itself.
     L is the longest sequence, or `pad_to` if longer (fixed shapes, as TRL pads a whole batch)."""
     seqs = [list(p.input_ids) + list(c) for p, c in items]
     L, B = max(max(map(len, seqs)), pad_to), len(items)
@@ -528,7 +552,8 @@ def collate(items, pad_id: int, image_token_id: Optional[int], device, pad_to: i
         attention_mask[i, : len(s)] = 1
     batch = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
     batch |= completion_layout(items, pad_id, device)
-    batch |= {"seq_row": torch.arange(B, device=device), "seq_start": torch.zeros(B, dtype=torch.long, device=device)}
+    P = batch["prompt_lens"]
+    batch |= {"seq_row": torch.arange(B, device=device), "prompt_last": P - 1, "completion_start": P}
     prompt_part = torch.arange(L, device=device)[None, :] < batch["prompt_lens"][:, None]  # (B, L)
     return batch | vision_inputs([p for p, _ in items], batch["input_ids"], image_token_id, device, prompt_part)
 
@@ -565,39 +590,110 @@ def prompt_positions(prompt, model) -> torch.Tensor:
     return prompt.positions
 
 
-def pack(items, model, pad_id: int, device) -> dict:
-    """One packed row (1, S) for a list of (prompt, completion_ids) pairs, no padding:
+def prompt_groups(items, share: bool) -> List[List[int]]:
+    """Positions into `items` grouped by prompt, in order of first appearance (a rollout group's
+    samples hold one Prompt object); each alone when not sharing."""
+    if not share:
+        return [[i] for i in range(len(items))]
+    groups: Dict[int, List[int]] = {}
+    for i, (prompt, _) in enumerate(items):
+        groups.setdefault(id(prompt), []).append(i)
+    return list(groups.values())
 
-    input_ids (1, S); position_ids (3, 1, S) per sequence (completion tokens continue after the
-    prompt's last position), or (1, S) for a text-only model; cu_seqlens (B + 1,) int32 and
-    max_seqlen, the sequence boundaries the attention uses (never inferred from the positions);
-    image_mask (1, S), the prompts' image tokens; pixel_values / image_grid_thw of all images, in
-    order; the `completion_layout`; and seq_row (B,) = 0, seq_start (B,) = cu_seqlens[:-1].
+
+def shared_prefix_mask(prompt_len: int, completion_lens: List[int]) -> torch.Tensor:
+    """(L, L) bool, L = prompt_len + sum(completion_lens): a prompt followed by its completions,
+    the prompt causal, each completion attending to the whole prompt and causally to itself, never
+    to a sibling."""
+    segment = torch.repeat_interleave(torch.arange(len(completion_lens) + 1), torch.tensor([prompt_len, *completion_lens]))
+    L = len(segment)
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    return causal & ((segment[None, :] == 0) | (segment[None, :] == segment[:, None]))
+
+
+def attention_segments(blocks) -> dict:
+    """What `varlen_attention` needs for the `pack` layout of `blocks`, [(row start, prompt_len,
+    completion_lens)] (one completion and no sharing: a plain sequence). cu_seqlens (n + 1,) int32
+    and max_seqlen: the query segments (a plain sequence; or a shared prompt, then each of its
+    completions); and, when some block shares, `prefix`: the CUDA kernels' keys per segment (kv_index
+    (sum of key lengths,), the prompt's then the segment's own; cu_seqlens_k, max_seqlen_k) and the
+    CPU path's blocks (spans, and a mask each, None for a plain sequence)."""
+    q_lens, k_lens, kv_index, spans, masks = [], [], [], [], []
+    for start, P, lens in blocks:
+        spans.append(P + sum(lens))
+        if len(lens) == 1:
+            q_lens.append(spans[-1])
+            k_lens.append(spans[-1])
+            kv_index.append(torch.arange(start, start + spans[-1]))
+            masks.append(None)
+            continue
+        q_lens += [P, *lens]
+        k_lens += [P, *(P + T for T in lens)]
+        kv_index.append(torch.arange(start, start + P))
+        offset = start + P
+        for T in lens:
+            kv_index += [torch.arange(start, start + P), torch.arange(offset, offset + T)]
+            offset += T
+        masks.append(shared_prefix_mask(P, lens))
+    out = {"cu_seqlens": torch.tensor([0] + q_lens).cumsum(0, dtype=torch.int32), "max_seqlen": max(q_lens)}
+    if all(m is None for m in masks):
+        return out
+    prefix = {
+        "kv_index": torch.cat(kv_index),
+        "cu_seqlens_k": torch.tensor([0] + k_lens).cumsum(0, dtype=torch.int32),
+        "max_seqlen_k": max(k_lens),
+        "spans": spans,
+        "masks": masks,
+    }
+    return out | {"prefix": prefix}
+
+
+def pack(items, model, pad_id: int, device, share_prompts: bool = True) -> dict:
+    """One packed row (1, S) for a list of (prompt, completion_ids) pairs, no padding: each sample
+    as its prompt followed by its completion, or with `share_prompts` each group of samples of one
+    prompt (`prompt_groups`) as that prompt once followed by their completions, each of which attends
+    to the prompt and to itself, never to a sibling (prefix sharing: the prompt's tokens and images
+    go through the model once per group, not once per sample).
+
+    input_ids (1, S); position_ids (3, 1, S) (completion tokens continue after their prompt's last
+    position), or (1, S) for a text-only model; the `attention_segments` (never inferred from the
+    positions); image_mask (1, S), the prompts' image tokens; pixel_values / image_grid_thw of all
+    images, in order; the `completion_layout`; seq_row (B,) = 0, and per sample the columns of its
+    prompt's last token (prompt_last (B,)) and its completion's first (completion_start (B,)).
     """
-    ids, positions, image_mask, lengths = [], [], [], []
-    for prompt, completion in items:
-        P, T = len(prompt.input_ids), len(completion)
-        pos = prompt_positions(prompt, model)  # (3, P)
-        tail = pos.max() + 1 + torch.arange(T)  # completion tokens are text: one position each, all rows
-        ids += list(prompt.input_ids) + list(completion)
-        positions.append(torch.cat([pos, tail.expand(3, -1)], dim=1))
+    ids, positions, image_mask, blocks, images = [], [], [], [], []
+    prompt_last, completion_start = [0] * len(items), [0] * len(items)
+    for members in prompt_groups(items, share_prompts):
+        prompt = items[members[0]][0]
+        P, pos = len(prompt.input_ids), prompt_positions(prompt, model)  # (3, P)
+        blocks.append((len(ids), P, [len(items[i][1]) for i in members]))
+        ids += list(prompt.input_ids)
+        positions.append(pos)
         image_mask.append(
             torch.tensor(prompt.input_ids) == image_token_id(model) if is_multimodal(model) else torch.zeros(P, dtype=torch.bool)
         )
-        image_mask.append(torch.zeros(T, dtype=torch.bool))
-        lengths.append(P + T)
-    cu_seqlens = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        images += [prompt] if prompt.image_grid_thw is not None else []
+        for i in members:
+            T = len(items[i][1])
+            prompt_last[i], completion_start[i] = blocks[-1][0] + P - 1, len(ids)
+            ids += list(items[i][1])
+            positions.append((pos.max() + 1 + torch.arange(T)).expand(3, -1))  # text: one position each, all rows
+            image_mask.append(torch.zeros(T, dtype=torch.bool))
     position_ids = torch.cat(positions, dim=1)[:, None]  # (3, 1, S)
+    segments = attention_segments(blocks)
     batch = {
         "input_ids": torch.tensor([ids], device=device),
         "position_ids": (position_ids if is_multimodal(model) else position_ids[0]).to(device),
-        "cu_seqlens": cu_seqlens.to(device),
-        "max_seqlen": max(lengths),
+        "cu_seqlens": segments["cu_seqlens"].to(device),
+        "max_seqlen": segments["max_seqlen"],
         "image_mask": torch.cat(image_mask)[None].to(device),
         "seq_row": torch.zeros(len(items), dtype=torch.long, device=device),
-        "seq_start": cu_seqlens[:-1].long().to(device),
+        "prompt_last": torch.tensor(prompt_last, device=device),
+        "completion_start": torch.tensor(completion_start, device=device),
     }
-    images = [p for p, _ in items if p.image_grid_thw is not None]
+    if "prefix" in segments:
+        p = segments["prefix"]
+        batch["prefix"] = p | {k: p[k].to(device) for k in ("kv_index", "cu_seqlens_k")}
     if images:
         batch["pixel_values"] = torch.cat([p.pixel_values for p in images]).to(device)
         batch["image_grid_thw"] = torch.cat([p.image_grid_thw for p in images]).to(device)
@@ -633,6 +729,7 @@ def hidden_states(backbone, batch) -> torch.Tensor:
         attention_mask=NO_MASK,
         cu_seqlens=batch["cu_seqlens"],
         max_seqlen=batch["max_seqlen"],
+        prefix=batch.get("prefix"),
         use_cache=False,
     )
     return out.last_hidden_state
@@ -650,10 +747,12 @@ def dummy_vision_features(backbone) -> torch.Tensor:
 
 def completion_positions(batch) -> Tuple[torch.Tensor, torch.Tensor]:
     """(rows, cols) into the hidden states of the positions that predict each completion token,
-    flattened over completion_mask in (B, Tc) row-major order: token j of sequence i is predicted at
-    column seq_start_i + prompt_len_i - 1 + j of row seq_row_i (the same code for both layouts)."""
+    flattened over completion_mask in (B, Tc) row-major order: token 0 of sample i is predicted at
+    its prompt's last token (column prompt_last_i of row seq_row_i), token j > 0 at its own token
+    j - 1 (column completion_start_i + j - 1): the same code for every layout."""
     i, j = batch["completion_mask"].nonzero(as_tuple=True)
-    return batch["seq_row"][i], batch["seq_start"][i] + batch["prompt_lens"][i] - 1 + j
+    cols = torch.where(j == 0, batch["prompt_last"][i], batch["completion_start"][i] + j - 1)
+    return batch["seq_row"][i], cols
 
 
 def _token_logp(h, targets, lm_head, temperature: float, banned_ids, with_entropy: bool, entropy_grad: bool = False):

@@ -333,6 +333,12 @@ def replace_flat_groups(current: Scored, fresh: Scored, group_size: int) -> Scor
 # ---------------------------------------------------------------------------------------------
 
 
+def shuffled(n: int, unit: int, generator) -> List[int]:
+    """A random order of sample ids 0..n-1 that keeps each run of `unit` consecutive ids (a rollout
+    group: trainer.shuffle=group) together and in order; unit 1: any order."""
+    return [u * unit + k for u in torch.randperm(n // unit, generator=generator).tolist() for k in range(unit)]
+
+
 def chunks(xs: List[int], n: int) -> List[List[int]]:
     return [xs[i : i + n] for i in range(0, len(xs), n)]
 
@@ -423,13 +429,26 @@ def adamw_with_schedule(params, lr: float, t, total_updates: int):
     return optimizer, schedule
 
 
-def micro_batches(indices: List[int], seq_lens: List[int], t) -> List[List[int]]:
-    """Samples `indices` split into micro-batches: packed into t.max_tokens_per_micro tokens each
-    (first-fit decreasing over their prompt + completion lengths), or t.micro_batch_size padded ones."""
+def micro_batches(indices: List[int], items, t) -> List[List[int]]:
+    """Samples `indices` (into `items`, (prompt, completion ids) pairs) split into micro-batches:
+    packed into t.max_tokens_per_micro tokens each, or t.micro_batch_size padded ones. Packing bins
+    units by first-fit decreasing: with t.share_prompts a unit is samples of one prompt, its prompt
+    counted once (`pack` lays it out once), cut where it would pass the budget; else one sample."""
     if not t.packing:
         return chunks(indices, t.micro_batch_size)
-    bins = first_fit_decreasing([seq_lens[i] for i in indices], t.max_tokens_per_micro)
-    return [[indices[k] for k in b] for b in bins]
+    units: List[List[int]] = []
+    sizes: List[int] = []
+    last: Dict[int, int] = {}  # prompt -> its open unit
+    for i in indices:
+        prompt, completion = items[i]
+        u = last.get(id(prompt)) if t.share_prompts else None
+        if u is None or sizes[u] + len(completion) > t.max_tokens_per_micro:
+            last[id(prompt)], u = len(units), len(units)
+            units.append([])
+            sizes.append(len(prompt.input_ids))
+        units[u].append(i)
+        sizes[u] += len(completion)
+    return [[i for u in b for i in units[u]] for b in first_fit_decreasing(sizes, t.max_tokens_per_micro)]
 
 
 @torch.no_grad()
@@ -515,7 +534,10 @@ def make_batch(state: RunState, pairs) -> dict:
     if not state.cfg.trainer.packing:
         return collate(pairs, state.tokenizer.pad_token_id, image_token_id(state.policy), state.device)
     # under torch.distributed (ZeRO-3) a micro-batch without images still runs the vision tower
-    return pack(pairs, state.policy, state.tokenizer.pad_token_id, state.device) | {"dummy_vision": distributed()}
+    t = state.cfg.trainer
+    return pack(pairs, state.policy, state.tokenizer.pad_token_id, state.device, t.share_prompts) | {
+        "dummy_vision": distributed()
+    }
 
 
 def logps(state: RunState, model, batch, **kw) -> torch.Tensor:
@@ -671,8 +693,7 @@ class Experience:
     group consecutive), T = its longest completion."""
 
     scored: Scored
-    items: list  # (N,) (prompt, completion ids)
-    seq_lens: List[int]  # (N,) prompt + completion tokens
+    items: list  # (N,) (prompt, completion ids), a group's samples sharing one Prompt object
     lengths: torch.Tensor  # (N,) completion tokens
     mask: torch.Tensor  # (N, T) real completion tokens
     keep: torch.Tensor  # (N,) bool: in the loss (DAPO's algo.mask_truncated leaves truncated ones out)
@@ -707,9 +728,8 @@ def rollout(state: RunState, step: int) -> Experience:
                    "failures": dict(scored.failures), "truncated": rollout.truncated, "vision_cut": scored.vision_cut,
                    "lengths": lengths.tolist(), "prompt_tokens": sum(len(p.input_ids) for p in scored.prompts)}  # fmt: skip
     every_rank = gather(mine_logged)
-    seq_lens = [len(p.input_ids) + len(c) for p, c in items]
     loss_lengths = [n for rk in every_rank for n in rk["loss_lengths"]]
-    return Experience(scored, items, seq_lens, lengths, mask, keep, sampler_logp, every_rank, loss_lengths)
+    return Experience(scored, items, lengths, mask, keep, sampler_logp, every_rank, loss_lengths)
 
 
 def sample_and_score(state: RunState, batch_ids: List[int], step: int, round_: int, mine: range) -> Scored:
@@ -760,7 +780,7 @@ def advantages(state: RunState, exp: Experience) -> Advantages:
     if state.critic is not None:
         models["values"] = partial(sequence_values, state.critic)
     with autocast(state):
-        micro = [idx for idx, _ in in_step(micro_batches(list(range(len(exp.items))), exp.seq_lens, t))]
+        micro = [idx for idx, _ in in_step(micro_batches(list(range(len(exp.items))), exp.items, t))]
         pre = rollout_forward(models, exp.items, exp.mask.shape[1], micro, partial(make_batch, state))
     old_logp, ref_logp, old_values = pre.get("old_logp"), pre.get("ref_logp"), pre.get("values")
     kl_reward = None
@@ -782,12 +802,11 @@ def update(state: RunState, exp: Experience, adv: Advantages, step: int) -> Dict
     stats = defaultdict(lambda: torch.zeros((), dtype=torch.float64, device=state.device))
     norms = []
     for epoch in range(a.ppo_epochs):
-        order = torch.randperm(
-            n_local * state.world, generator=torch.Generator().manual_seed(derive_seed(t.seed, step, epoch))
-        ).tolist()
+        unit = state.cfg.rollout.group_size if t.shuffle == "group" else 1
+        order = shuffled(n_local * state.world, unit, torch.Generator().manual_seed(derive_seed(t.seed, step, epoch)))
         for mini in chunks(order, t.mini_batch_size):
             mine, norm_by = local_weights(state, exp, mini)
-            micro = in_step(micro_batches(mine, exp.seq_lens, t))
+            micro = in_step(micro_batches(mine, exp.items, t))
             for k, (idx, real) in enumerate(micro):
                 micro_batch_backward(state, exp, adv, idx, 1.0 if real else 0.0, k + 1 == len(micro), norm_by, stats)
             norm = optimizer_update(state, "policy")

@@ -5,7 +5,7 @@
 
 Variants, all exactly the block-diagonal causal attention of B packed sequences (1, H, S, D):
 - slices: one SDPA call per sequence on q[:, :, s:e] views (the kernel before issue 18);
-- split views: one SDPA call per sequence on `split` views (model.per_sequence_causal_attention);
+- split views: one SDPA call per sequence on `split` views (model.blockwise_attention);
 - padded: one SDPA call over the sequences gathered into a right-padded (B, H, max_len, D) layout;
 - torch varlen (CUDA): torch.nn.attention.varlen.varlen_attn (model.torch_varlen_causal).
 Shapes: the vs_trl run's micro-batch (64 sequences of ~280 tokens, the tiny model's heads), RL's
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from model import per_sequence_causal_attention, torch_varlen_causal, varlen_attn  # noqa: E402
+from model import blockwise_attention, torch_varlen_causal, varlen_attn  # noqa: E402
 
 
 def slices(q, k, v, cu):
@@ -45,11 +45,12 @@ def padded(q, k, v, cu):
 
 
 def split_views(q, k, v, cu):
-    return per_sequence_causal_attention(q, k, v, cu, None)
+    return blockwise_attention(q, k, v, (cu[1:] - cu[:-1]).tolist(), None, None)
 
 
 def torch_varlen(q, k, v, cu):
-    return torch_varlen_causal(*(x[0].transpose(0, 1) for x in (q, k, v)), cu, int((cu[1:] - cu[:-1]).max()), None)[None]
+    max_len = int((cu[1:] - cu[:-1]).max())
+    return torch_varlen_causal(*(x[0].transpose(0, 1) for x in (q, k, v)), cu, cu, max_len, max_len, None)[None]
 
 
 def timed(fn, q, k, v, cu, repeats: int) -> float:

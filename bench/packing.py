@@ -104,10 +104,12 @@ def skewed_batch(n: int, min_len: int, max_len: int, truncated: float, vocab: in
 def update(model, optimizer, items, layout: str, micro: int, max_len: int, device):
     """One policy update over all `items`; returns (real tokens, computed tokens)."""
     seq_lens = [len(p.input_ids) + len(c) for p, c in items]
-    t = SimpleNamespace(packing=layout.startswith("packed"), max_tokens_per_micro=micro * max_len, micro_batch_size=micro)
+    t = SimpleNamespace(
+        packing=layout.startswith("packed"), max_tokens_per_micro=micro * max_len, micro_batch_size=micro, share_prompts=True
+    )  # fmt: skip  (every item has its own prompt here)
     weights = torch.tensor(sequence_weights([len(c) for _, c in items], "token_mean", 1, max_len), device=device)
     computed = 0
-    for idx in micro_batches(list(range(len(items))), seq_lens, t):
+    for idx in micro_batches(list(range(len(items))), items, t):
         pairs = [items[i] for i in idx]
         if t.packing:
             batch = pack(pairs, model, 0, device)

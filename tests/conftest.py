@@ -200,7 +200,7 @@ def completion_logprobs(model, prompt, completion, temperature: float, banned=No
 
     from model import collate
 
-    batch = collate([(prompt, completion)], 0, model.config.image_token_id, "cpu")
+    batch = collate([(prompt, completion)], 0, model.config.image_token_id, next(model.parameters()).device)
     keys = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
     logits = model(**{k: batch[k] for k in keys if k in batch}).logits[0].float() / temperature
     if banned is not None:
@@ -212,7 +212,7 @@ def completion_logprobs(model, prompt, completion, temperature: float, banned=No
 def reference_logps(model, prompt, completion, temperature: float, banned=None) -> torch.Tensor:
     """Log-probs (len(completion),) of one sequence's completion tokens, the obvious way."""
     logprobs = completion_logprobs(model, prompt, completion, temperature, banned)
-    return logprobs.gather(1, torch.tensor(completion)[:, None]).squeeze(1)
+    return logprobs.gather(1, torch.tensor(completion, device=logprobs.device)[:, None]).squeeze(1)
 
 
 VERMULTI_PREFIX = "/apdcephfs_gy2/share_302735770/berlinni/zgr/data/mathv60k/"  # the authors' cluster path

@@ -69,6 +69,7 @@ def test_typos_and_wrong_types_fail_at_composition(override):
         (["algo.dual_clip=0.5"], "dual_clip"),
         (["trainer.micro_batch_size=32", "trainer.mini_batch_size=16"], "micro_batch_size=32"),
         (["data.on_error=ignore"], "on_error"),
+        (["trainer.shuffle=group", "rollout.group_size=6", "trainer.mini_batch_size=8"], "multiple of rollout.group_size=6"),
         (["data.source=files", "data.train_files=[]"], "train_files is empty"),
     ],
 )

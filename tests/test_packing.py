@@ -13,9 +13,9 @@ from PIL import Image
 
 from conftest import completion_logprobs, reference_logps, tiny_text_model
 from data import Sample, encode_prompt, synthetic_samples
-from model import VISION_TOKENS, collate, pack, per_sequence_causal_attention, sequence_logps, sequence_values, Critic
+from model import VISION_TOKENS, blockwise_attention, collate, pack, sequence_logps, sequence_values, Critic
 from rollout import Rollout, cut_vision_tokens
-from train import aggregate, first_fit_decreasing, micro_batches, policy_loss, sequence_weights
+from train import aggregate, chunks, first_fit_decreasing, micro_batches, policy_loss, sequence_weights, shuffled
 
 
 def two_image_sample() -> Sample:
@@ -106,12 +106,15 @@ def test_chunked_logps_equal_full_logits_and_entropy(tiny_model, tokenizer, item
 def mini_batch_update(model, items, advantages, old_logp, budget=None, padded_size=None):
     """The trainer's policy update of one mini-batch (loss shares summed over micro-batches, one backward
     each), returning the loss and the gradients."""
-    seq_lens = [len(p.input_ids) + len(c) for p, c in items]
-    t = type("T", (), {"packing": budget is not None, "max_tokens_per_micro": budget, "micro_batch_size": padded_size})
+    t = type(
+        "T",
+        (),
+        {"packing": budget is not None, "max_tokens_per_micro": budget, "micro_batch_size": padded_size, "share_prompts": True},
+    )
     weights = torch.tensor(sequence_weights([len(c) for _, c in items], "token_mean", 1, 64))
     model.zero_grad()
     total = 0.0
-    for idx in micro_batches(list(range(len(items))), seq_lens, t):
+    for idx in micro_batches(list(range(len(items))), items, t):
         pairs = [items[i] for i in idx]
         batch = pack(pairs, model, 0, "cpu") if t.packing else collate(pairs, 0, model.config.image_token_id, "cpu")
         m = batch["completion_mask"]
@@ -140,6 +143,159 @@ def test_loss_and_gradients_do_not_depend_on_the_micro_batching(tiny_model, item
         assert loss == pytest.approx(loss0, abs=1e-6), name
         for p, g0 in grads0.items():
             torch.testing.assert_close(grads[p], g0, atol=1e-6, rtol=1e-4, msg=f"{name}: {p}")
+
+
+@pytest.fixture()
+def groups(items):
+    """Rollout groups as the trainer holds them: samples of one prompt share its Prompt object. The
+    text, one-image and two-image prompts, 3 samples each of 1 to 31 tokens, groups interleaved."""
+    g = torch.Generator().manual_seed(2)
+    order = [(0, 6), (1, 1), (2, 9), (0, 31), (1, 12), (2, 4), (1, 3), (0, 1), (2, 17)]
+    prompts = [items[0][0], items[1][0], items[2][0]]
+    return [(prompts[k], torch.randint(20, 400, (n,), generator=g).tolist()) for k, n in order]
+
+
+def shared_and_per_sample(model, pairs, fn, policy=None):
+    """fn(batch) (grad-enabled) on `pairs` packed (for `policy`, default `model`) with shared prompts
+    and with one prompt per sample: [(output, `model`'s gradients)] for the two layouts."""
+    out = []
+    for share in (True, False):
+        model.zero_grad()
+        value = fn(pack(pairs, policy or model, 0, "cpu", share_prompts=share))
+        (value * torch.arange(1, value.shape[1] + 1)).sum().backward()  # every token's gradient, weighted apart
+        out.append((value.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    return out
+
+
+def test_shared_prompts_hold_each_prompt_once_and_change_no_logp_or_gradient(tiny_model, tokenizer, groups):
+    banned = torch.tensor(tokenizer.convert_tokens_to_ids(VISION_TOKENS))
+    shared = pack(groups, tiny_model, 0, "cpu")
+    prompts = {id(p): p for p, _ in groups}.values()
+    assert shared["input_ids"].shape[1] == sum(len(p.input_ids) for p in prompts) + sum(len(c) for _, c in groups)
+    assert shared["image_grid_thw"].shape[0] == 3  # the vision tower sees each prompt's images once, not 3 times
+    (logp, grads), (per_sample, per_sample_grads) = shared_and_per_sample(
+        tiny_model, groups, lambda b: sequence_logps(tiny_model, b, 0.7, 8, banned_ids=banned)
+    )
+    for i, (p, c) in enumerate(groups):
+        torch.testing.assert_close(logp[i, : len(c)], reference_logps(tiny_model, p, c, 0.7, banned).detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(logp, per_sample, atol=1e-5, rtol=0)
+    assert grads.keys() == per_sample_grads.keys() and any("visual" in n for n in grads)
+    for name, g in per_sample_grads.items():  # a prompt's K/V take the gradient of every completion that read them
+        torch.testing.assert_close(grads[name], g, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("model_kind", ["critic", "checkpointed", "frozen vision", "text-only qwen2"])
+def test_shared_prompts_are_exact_for_the_critic_checkpointing_a_frozen_tower_and_text_models(
+    tiny_model, tokenizer, groups, model_kind
+):
+    model, pairs, policy = copy.deepcopy(tiny_model), groups, None
+    fn = lambda b: sequence_logps(model, b, 1.0, 5)  # noqa: E731
+    if model_kind == "critic":
+        critic = Critic(model)
+        torch.nn.init.normal_(critic.value_head.weight, std=0.1)
+        model, policy, fn = critic, model, lambda b: sequence_values(critic, b)  # noqa: E731
+    elif model_kind == "checkpointed":
+        model.train().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif model_kind == "frozen vision":
+        model.model.visual.requires_grad_(False)
+    else:
+        model, text = tiny_text_model(tokenizer), copy.copy(groups[0][0])
+        text.positions = None  # the Qwen2 model's own (1-D) positions
+        pairs = [(text, c) for p, c in groups if p is groups[0][0]]
+        fn = lambda b: sequence_logps(model, b, 1.0, 5)  # noqa: E731
+    (out, grads), (want, want_grads) = shared_and_per_sample(model, pairs, fn, policy)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=0)
+    assert grads.keys() == want_grads.keys() and grads
+    assert (model_kind in ("frozen vision", "text-only qwen2")) == (not any("visual" in n for n in grads))
+    for name, g in want_grads.items():  # fp32 rounding, relative to the largest gradient (values weigh up to 31x)
+        scale = float(g.abs().max().clamp(min=1.0))
+        torch.testing.assert_close(
+            grads[name], g, atol=1e-5 * scale, rtol=1e-4, msg=lambda m, n=name, s=scale: f"{n} (max {s:.3g}): {m}"
+        )
+
+
+def test_shared_positions_continue_each_completion_after_its_prompt(tiny_model, groups):
+    shared, per_sample = (pack(groups, tiny_model, 0, "cpu", share_prompts=s) for s in (True, False))
+    for i, (_, c) in enumerate(groups):
+        cols = {}
+        for name, b in (("shared", shared), ("per sample", per_sample)):
+            start = int(b["completion_start"][i])
+            assert int(b["prompt_last"][i]) < start and b["input_ids"][0, start : start + len(c)].tolist() == c
+            cols[name] = b["position_ids"][:, 0, start : start + len(c)]
+        assert torch.equal(cols["shared"], cols["per sample"])
+
+
+def flash_attn_varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, dropout, scale, causal):
+    """flash-attn's `flash_attn_varlen_func` contract, the obvious way: q (S, H, D), k / v (S_k,
+    H_kv, D); each query segment (cu_q) attends to its keys (cu_k), causal aligned to the bottom
+    right (a query sees every key up to its own position counted from the end) -> (S, H, D)."""
+    assert causal and dropout == 0.0 and max_q == int((cu_q[1:] - cu_q[:-1]).max()) and max_k == int((cu_k[1:] - cu_k[:-1]).max())
+    out = []
+    for (qs, qe), (ks, ke) in zip(zip(cu_q.tolist(), cu_q[1:].tolist()), zip(cu_k.tolist(), cu_k[1:].tolist())):
+        mask = torch.ones(qe - qs, ke - ks, dtype=torch.bool).tril(diagonal=(ke - ks) - (qe - qs))
+        qq, kk, vv = (x.transpose(0, 1)[None] for x in (q[qs:qe], k[ks:ke], v[ks:ke]))
+        out.append(F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale, enable_gqa=True)[0].transpose(0, 1))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_gpu_kernels_inputs_give_the_cpu_paths_attention(monkeypatch, dtype):
+    """The GPU path (varlen_kernel_attention) with flash-attn's kernel stood in for by its contract
+    on CPU: separate query and key cu_seqlens, keys gathered per completion (its prompt's, then its
+    own) attend exactly as the CPU path's masked blocks, gradients included: a shared group of 3 (one
+    completion of 1 token), a plain sequence, a group of 2; GQA; bf16 stays bf16."""
+    import model
+    from model import attention_segments, varlen_kernel_attention
+
+    monkeypatch.setattr(model, "flash_attn_varlen_func", flash_attn_varlen_reference)
+    segments = attention_segments([(0, 6, [3, 1, 5]), (15, 7, [4]), (26, 3, [2, 6])])
+    p = segments["prefix"]
+    assert segments["cu_seqlens"].tolist() == [0, 6, 9, 10, 15, 26, 29, 31, 37] and segments["max_seqlen"] == 11
+    assert p["cu_seqlens_k"].tolist() == [0, 6, 15, 22, 33, 44, 47, 52, 61] and p["max_seqlen_k"] == 11
+    q, k, v, _ = qkv([37], heads=4, kv_heads=2, device="cpu", dtype=dtype)
+    out = varlen_kernel_attention(q, k, v, segments["cu_seqlens"], segments["max_seqlen"], p, None, 0.0)
+    ref = blockwise_attention(q, k, v, p["spans"], p["masks"], None)
+    assert out.dtype == dtype and out.shape == ref.shape
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=0)
+    grad = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.float(), b.float(), atol=5 * tol, rtol=0)
+
+
+def test_micro_batches_count_a_shared_prompt_once_and_split_a_group_at_the_budget(groups):
+    P = {id(p): len(p.input_ids) for p, _ in groups}
+    t = type("T", (), {"packing": True, "max_tokens_per_micro": 10**6, "share_prompts": True})
+    assert [sorted(b) for b in micro_batches(list(range(9)), groups, t)] == [list(range(9))]
+    budget = max(P.values()) + 20
+    t.max_tokens_per_micro = budget
+    bins = micro_batches(list(range(9)), groups, t)
+    assert sorted(i for b in bins for i in b) == list(range(9))
+    for b in bins:  # each bin within the budget, its prompts counted once, unless one sample alone passes it
+        tokens = sum(P[k] for k in {id(groups[i][0]) for i in b}) + sum(len(groups[i][1]) for i in b)
+        assert tokens <= budget or len(b) == 1
+    assert any(len({id(groups[i][0]) for i in b}) < len(b) for b in bins)  # some share
+    split = [k for k in P if sum(k in {id(groups[i][0]) for i in b} for b in bins) > 1]
+    assert split  # a group whose samples span two micro-batches
+    t.share_prompts = False
+    assert micro_batches(list(range(9)), groups, t) == first_fit_decreasing([P[id(p)] + len(c) for p, c in groups], budget)
+
+
+def test_group_shuffled_mini_batches_hold_whole_groups_and_pack_each_prompt_once(groups):
+    """trainer.shuffle=group deals whole groups into mini-batches; =sample is torch.randperm's order
+    as before (the pinned runs keep their mini-batches)."""
+    g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    assert shuffled(12, 1, g()) == torch.randperm(12, generator=g()).tolist()
+    order = shuffled(12, 4, g())
+    assert sorted(order) == list(range(12)) and order != list(range(12))
+    assert all(order[k : k + 4] == list(range(order[k], order[k] + 4)) and order[k] % 4 == 0 for k in range(0, 12, 4))
+    by_prompt = sorted(range(9), key=lambda i: [p for p, _ in groups].index(groups[i][0]))  # 3 groups of 3, consecutive
+    pairs = [groups[i] for i in by_prompt]
+    t = type("T", (), {"packing": True, "max_tokens_per_micro": 10**6, "share_prompts": True})
+    for mini in chunks(shuffled(9, 3, g()), 6):  # a mini-batch of 2 whole groups: 2 prompts in its one micro-batch
+        (bin_,) = micro_batches(mini, pairs, t)
+        assert len({id(pairs[i][0]) for i in bin_}) == len(mini) // 3
 
 
 def test_first_fit_decreasing_fills_bins_and_keeps_every_sequence_once():
@@ -236,7 +392,7 @@ def test_split_views_attend_as_slices_with_their_gradients():
     tokens, GQA, gradients included."""
     lengths = [5, 1, 13, 7]
     q, k, v, cu = qkv(lengths, heads=4, kv_heads=2, device="cpu", dtype=torch.float32)
-    out = per_sequence_causal_attention(q, k, v, cu, None)
+    out = blockwise_attention(q, k, v, lengths, None, None)
     ref = per_sequence_attention(q, k, v, cu)
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
     grad = torch.randn_like(ref)
@@ -247,17 +403,17 @@ def test_split_views_attend_as_slices_with_their_gradients():
 
 
 @pytest.mark.gpu
-def test_torch_varlen_kernel_is_per_sequence_attention_on_cuda(tokenizer, items, tiny_cfg):
+def test_torch_varlen_kernel_is_per_sequence_attention_on_cuda(tokenizer, items, groups, tiny_cfg):
     """CUDA without flash-attn: packed attention runs torch.nn.attention.varlen.varlen_attn; in bf16
-    its outputs and gradients match one SDPA call per sequence, and packed log-probs match one
-    sequence at a time through transformers' own forward."""
+    its outputs and gradients match one SDPA call per sequence, and packed log-probs, prompts shared
+    or not, match one sequence at a time through transformers' own forward."""
     from model import build_tiny_model, flash_attn_varlen_func, torch_varlen_causal, use_varlen_attention, varlen_attn
 
     if not torch.cuda.is_available() or varlen_attn is None:
         pytest.skip("needs a CUDA GPU and torch.nn.attention.varlen (torch >= 2.10)")
     lengths = [64, 1, 200, 37]
     q, k, v, cu = qkv(lengths, heads=4, kv_heads=2, device="cuda", dtype=torch.bfloat16)
-    out = torch_varlen_causal(*(x[0].transpose(0, 1) for x in (q, k, v)), cu, max(lengths), None)[None]
+    out = torch_varlen_causal(*(x[0].transpose(0, 1) for x in (q, k, v)), cu, cu, max(lengths), max(lengths), None)[None]
     ref = per_sequence_attention(q, k, v, cu)
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=0)
     grad = torch.randn_like(ref)
@@ -268,8 +424,9 @@ def test_torch_varlen_kernel_is_per_sequence_attention_on_cuda(tokenizer, items,
     model = build_tiny_model(tokenizer, tiny_cfg.model.tiny, seed=0).eval().cuda()
     use_varlen_attention(model, "sdpa")
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        logp = sequence_logps(model, pack(items, model, tokenizer.pad_token_id, "cuda"), 1.0, 64)
-        for i, (p, c) in enumerate(items):
-            torch.testing.assert_close(
-                logp[i, : len(c)].float().cpu(), reference_logps(model, p, c, 1.0).float().cpu(), atol=5e-2, rtol=0
-            )
+        for pairs in (items, groups):  # groups: prompts shared, keys gathered per completion (bottom-right causal)
+            logp = sequence_logps(model, pack(pairs, model, tokenizer.pad_token_id, "cuda"), 1.0, 64)
+            for i, (p, c) in enumerate(pairs):
+                torch.testing.assert_close(
+                    logp[i, : len(c)].float().cpu(), reference_logps(model, p, c, 1.0).float().cpu(), atol=5e-2, rtol=0
+                )

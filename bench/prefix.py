@@ -1,0 +1,158 @@
+"""Each prompt once per group (trainer.share_prompts) vs once per sample, side by side in one process.
+
+    python bench/prefix.py                                    # CPU: both shapes, G = 8, fp32
+    python bench/prefix.py --device cuda --dtype bfloat16 --groups 4,8,16 --prompts 2   # GPU (bench/gpu.sh)
+
+The model is Qwen2.5-VL-3B's published config cut to 2 text and 2 vision layers (one of them full
+attention), random weights, as in tests/test_real_size.py; the vision tower trains (LMM-R1's
+recipes do). Shapes, each with G samples per prompt:
+- mgt_geo: an 896x896 image (1,024 image tokens) plus 60 text tokens, completions of median 400
+  tokens (log-normal, capped at 2,048);
+- fre_text: a 150-token text prompt, completions of median 1,000 tokens (the same spread).
+For each: the tokens the language model processes, the time of a no-grad log-prob pass (old
+log-probs, reference) and of the update's forward and backward, both layouts in
+trainer.max_tokens_per_micro micro-batches, and the ratio of their forward FLOPs.
+"""
+
+import argparse
+import math
+import os
+import random
+import statistics
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from packing import QWEN_3B, build_model  # noqa: E402
+
+from data import Prompt, Sample  # noqa: E402
+from model import QWEN2_5_VL_3B_VISION, pack, sequence_logps  # noqa: E402
+from train import micro_batches  # noqa: E402
+
+SHAPES = {  # name -> (image side in pixels or 0, text tokens of the prompt, median completion tokens)
+    "mgt_geo": (896, 60, 400),
+    "fre_text": (0, 150, 1000),
+}
+
+
+def image_prompt(config, side: int, text_tokens: int, rng: random.Random) -> Prompt:
+    """A prompt of `text_tokens` random text tokens and one side x side image: its (side/14)^2
+    patches merged 2x2 into image tokens, as Qwen's processor lays them out."""
+    vocab = config.get_text_config().vocab_size
+    ids = [rng.randrange(10, vocab - 10) for _ in range(text_tokens)]
+    if not side:
+        return Prompt(ids, None, None, "", Sample(messages=[], answer=""))
+    grid = side // 14
+    v = config.vision_config
+    patches = torch.randn(grid * grid, 3 * v.temporal_patch_size * v.patch_size**2, generator=torch.Generator().manual_seed(0))
+    image = [config.vision_start_token_id] + [config.image_token_id] * (grid * grid // 4) + [config.vision_end_token_id]
+    return Prompt(image + ids, patches, torch.tensor([[1, grid, grid]]), "", Sample(messages=[], answer=""))
+
+
+def rollout_groups(config, shape: str, prompts: int, G: int, seed: int = 0) -> list:
+    """`prompts` groups of G (prompt, completion) pairs, each group sharing one Prompt object."""
+    side, text, median = SHAPES[shape]
+    rng = random.Random(seed)
+    vocab = config.get_text_config().vocab_size
+    items = []
+    for _ in range(prompts):
+        prompt = image_prompt(config, side, text, rng)
+        for _ in range(G):
+            n = min(2048, max(1, round(median * math.exp(rng.gauss(0.0, 0.5)))))
+            items.append((prompt, [rng.randrange(10, vocab - 10) for _ in range(n)]))
+    return items
+
+
+def forward_flops(model, items, share: bool) -> float:
+    """Forward FLOPs of the language model and the vision tower: 2 x params x tokens (lm_head on
+    completion tokens only), attention 4 x layers x hidden x the keys each query attends to, and
+    2 x vision params x patches for each image the layout holds."""
+    cfg = model.config.get_text_config()
+    body = sum(p.numel() for n, p in model.model.language_model.named_parameters() if "embed_tokens" not in n)
+    vision = sum(p.numel() for p in model.model.visual.parameters())
+    prompts = {id(p): p for p, _ in items}.values() if share else [p for p, _ in items]
+    tokens = sum(len(p.input_ids) for p in prompts) + sum(len(c) for _, c in items)
+    keys = sum(len(p.input_ids) ** 2 / 2 for p in prompts) + sum(len(c) * (len(p.input_ids) + len(c) / 2) for p, c in items)
+    patches = sum(p.pixel_values.shape[0] for p in prompts if p.pixel_values is not None)
+    completion = sum(len(c) for _, c in items)
+    return (
+        2 * body * tokens
+        + 2 * model.lm_head.weight.numel() * completion
+        + 4 * cfg.num_hidden_layers * cfg.hidden_size * keys
+        + 2 * vision * patches
+    )
+
+
+def one_pass(model, items, t, device, grad: bool) -> int:
+    """A log-prob pass over `items` in micro-batches (no grad, or forward and backward); returns
+    the tokens the language model processed."""
+    tokens = 0
+    for idx in micro_batches(list(range(len(items))), items, t):
+        batch = pack([items[i] for i in idx], model, 0, device, t.share_prompts)
+        tokens += batch["input_ids"].shape[1]
+        with torch.set_grad_enabled(grad), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logp = sequence_logps(model, batch, 1.0, 1024)  # (B, Tb)
+        if grad:
+            (logp * batch["completion_mask"]).sum().backward()
+    if grad:
+        model.zero_grad(set_to_none=True)
+    return tokens
+
+
+def timed(repeats: int, model, items, t, device, grad: bool) -> float:
+    """The median time of `repeats` one_pass calls, after one warm-up."""
+    one_pass(model, items, t, device, grad)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        one_pass(model, items, t, device, grad)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--shapes", default="mgt_geo,fre_text")
+    parser.add_argument("--groups", default="8", help="samples per prompt (G), comma-separated")
+    parser.add_argument("--prompts", type=int, default=1, help="prompts (groups) per pass")
+    parser.add_argument("--micro", type=int, default=16384, help="trainer.max_tokens_per_micro")
+    parser.add_argument("--repeats", type=int, default=1)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    text = QWEN_3B | {"num_hidden_layers": 2}
+    vision = QWEN2_5_VL_3B_VISION | {"depth": 2, "fullatt_block_indexes": [1]}
+    model = build_model(text, device, getattr(torch, args.dtype), vision)
+    model.model.visual.requires_grad_(True)
+    model.train()
+    print(f"Qwen2.5-VL-3B cut to 2 text + 2 vision layers on {device}, {args.dtype}; micro-batches of {args.micro} tokens")
+    for shape in args.shapes.split(","):
+        for G in map(int, args.groups.split(",")):
+            items = rollout_groups(model.config, shape, args.prompts, G)
+            row = {}
+            for share in (False, True):
+                t = SimpleNamespace(packing=True, max_tokens_per_micro=args.micro, share_prompts=share)
+                tokens = one_pass(model, items, t, device, grad=False)
+                logp_s = timed(args.repeats, model, items, t, device, grad=False)
+                update_s = timed(args.repeats, model, items, t, device, grad=True)
+                row[share] = (tokens, logp_s, update_s, forward_flops(model, items, share))
+            (t0, l0, u0, f0), (t1, l1, u1, f1) = row[False], row[True]
+            print(
+                f"{shape:>8} G={G:<2}: tokens {t0} -> {t1} ({t0 / t1:.2f}x fewer), FLOPs {f0 / f1:.2f}x fewer; "
+                f"log-prob pass {l0:.2f} -> {l1:.2f} s ({l0 / l1:.2f}x); update fwd+bwd {u0:.2f} -> {u1:.2f} s ({u0 / u1:.2f}x)",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
