@@ -36,20 +36,24 @@ HELD_OUT = 32  # prompts, 4 samples each
 # falling to 0 (mgt_geo's math gap, seed 1: 0.018 on 16 problems under token_mean; with LMM-R1's
 # chunked loss, chunks of 2, 0.041 on 16 and 0.074 on 8; 0.071 on 8 with the stages' chunks of 1)
 STEPS, PROBLEMS = 48, 8
-# Measured (python tests/test_stage_learning.py THREADS SEED..., 2 cores, 2026-12-03): 1 thread, seeds
-# 0-3, two runs at a time, and 2 threads, seed 0, alone. Min / max over those runs of: the held-out
-# reward's rise after RL (the warm start scores 0.24-0.38; after the flipped run every one scored
-# 0.000), and per weighted reward part the RL run's training_rise and its gap to its flipped twin's:
-#   fre_text     held-out +0.258 / +0.289  format rise +0.224 / +0.263, gap +0.326 / +0.373
-#                                          math   rise +0.050 / +0.223, gap +0.053 / +0.231
-#   fre_multi    held-out +0.129 / +0.297  format rise +0.278 / +0.373, gap +0.334 / +0.419
-#                                          math   rise +0.073 / +0.267, gap +0.118 / +0.294
-#   mgt_geo      held-out +0.223 / +0.336  format rise +0.259 / +0.317, gap +0.328 / +0.366
-#                                          math   rise +0.063 / +0.180, gap +0.071 / +0.184
-#   mgt_sokoban  held-out +0.511 / +0.950  format rise +0.269 / +0.342, gap +0.311 / +0.403
-#                                          sokoban_lmm_r1 rise +0.288 / +0.583, gap +0.316 / +0.614
-#   2 threads, seed 0: every value above within 0.003 of 1 thread's seed 0 (fre_text math gap 0.056 vs 0.055)
-# With 1 thread beside another run, an RL run took 52-110 s and a flipped one 61-121 s. The seed moves
+# Measured (python tests/test_stage_learning.py THREADS SEED..., 2 cores, 2026-12-03, prompts shared
+# per group, trainer.share_prompts): 1 thread, seeds 0-3, two runs at a time, and 2 threads, seed 0,
+# alone. Min / max over those runs of: the held-out reward's rise after RL (the warm start scores
+# 0.24-0.38; after the flipped run every one scored 0.000), and per weighted reward part the RL run's
+# training_rise and its gap to its flipped twin's:
+#   fre_text     held-out +0.254 / +0.301  format rise +0.220 / +0.266, gap +0.330 / +0.373
+#                                          math   rise +0.055 / +0.225, gap +0.058 / +0.233
+#   fre_multi    held-out +0.145 / +0.281  format rise +0.264 / +0.374, gap +0.320 / +0.420
+#                                          math   rise +0.073 / +0.272, gap +0.118 / +0.298
+#   mgt_geo      held-out +0.223 / +0.309  format rise +0.253 / +0.311, gap +0.327 / +0.357
+#                                          math   rise +0.071 / +0.184, gap +0.079 / +0.188
+#   mgt_sokoban  held-out +0.677 / +0.944  format rise +0.267 / +0.335, gap +0.312 / +0.396
+#                                          sokoban_lmm_r1 rise +0.284 / +0.696, gap +0.312 / +0.728
+#   2 threads, seed 0, against 1 thread's: within 0.016 (fre_text's held-out rise 0.301 vs 0.285),
+#   but mgt_sokoban's verifier, 0.696 vs 0.598 (its gap 0.728 vs 0.629)
+# (The same table before prompts were shared, same seeds and threads, had every minimum within 0.02
+# of these, but mgt_sokoban's held-out rise, then 0.511.) Alone with 2 threads an RL run took 27-48 s and its flipped
+# twin 28-55 s (before sharing, 1 thread beside another run: 52-110 s and 61-121 s). The seed moves
 # a run far more than the threads (the rounding) do: at 80 steps seed 0's fre_text math rise was
 # 0.031 with 1 thread, 0.030 with 2, and 0.0297 on another machine before this test compared against
 # the flipped twin (its margin of 0.03 then failed there). The margins are about half the smallest
