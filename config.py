@@ -2,17 +2,20 @@
 
 Each field carries its default and a one-line meaning. Because the schema is the base of
 conf/config.yaml, a misspelt key (`trainer.lrr=1`) or a wrong type (`trainer.lr=abc`) fails at
-start-up, before any model is loaded. Cross-field rules that types cannot express live in
+start-up, before any model is loaded; a key added with `+` (`+trainer.lrr=1`, which Hydra accepts)
+fails in `validate`, naming the nearest valid key. Cross-field rules that types cannot express live in
 `validate(cfg)`, also called at start-up.
 """
 
+import difflib
 import os
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass, field, is_dataclass
 from enum import Enum
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 
 class ConfigError(ValueError):
@@ -240,7 +243,8 @@ class LogConfig:
     project: str = "lmm-r1"
     samples_every: int = 1  # write samples.jsonl every N steps (0 = never)
     samples_per_step: int = 4  # completions written each time
-    progress: bool = True  # tqdm progress bar on the console
+    progress: bool = True  # tqdm progress bar on a terminal; elsewhere (a log file, SLURM) a line every print_every steps
+    print_every: int = 10
 
 
 @dataclass
@@ -314,8 +318,30 @@ OmegaConf.register_new_resolver("tasks_per_node", lambda tasks, gpus: tasks if t
 OmegaConf.register_new_resolver("code_dir", lambda: os.path.dirname(os.path.abspath(__file__)), replace=True)
 
 
+def unknown_keys(node: DictConfig, schema: type = Config, prefix: str = "") -> List[str]:
+    """Keys of `node` that `schema` does not define, each with the nearest one it does. Hydra lets
+    `+trainer.lrr=1` add a key to the typed schema (its own hint for a typo); nothing would read it.
+    Dict-typed fields (reward.weights) are the extension points: any key."""
+    fields = typing.get_type_hints(schema)
+    out = []
+    for key in node.keys():
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), fields, n=1)
+            out.append(f"{prefix}{key}" + (f" (did you mean {prefix}{near[0]}?)" if near else ""))
+        elif is_dataclass(fields[key]) and isinstance(node[key], DictConfig):
+            out += unknown_keys(node[key], fields[key], f"{prefix}{key}.")
+    return out
+
+
+def reject_unknown_keys(cfg: DictConfig) -> None:
+    unknown = unknown_keys(cfg)
+    if unknown:
+        raise ConfigError("unknown config keys, nothing would read them:\n  " + "\n  ".join(unknown))
+
+
 def validate(cfg: Any) -> None:
     """Rules across keys that the types cannot state; raises ConfigError naming the keys."""
+    reject_unknown_keys(cfg)
     errors = []
     r, t, a = cfg.rollout, cfg.trainer, cfg.algo
     if r.group_size < 2 and a.estimator != Estimator.gae:
@@ -326,7 +352,9 @@ def validate(cfg: Any) -> None:
             f"trainer.mini_batch_size={t.mini_batch_size} must divide rollout.prompts_per_step * rollout.group_size = {samples}"
         )
     if t.shuffle == Shuffle.group and t.mini_batch_size % r.group_size:
-        errors.append(f"trainer.shuffle=group: trainer.mini_batch_size={t.mini_batch_size} must be a multiple of rollout.group_size={r.group_size}")
+        errors.append(
+            f"trainer.shuffle=group: trainer.mini_batch_size={t.mini_batch_size} must be a multiple of rollout.group_size={r.group_size}"
+        )
     if t.zero_stage not in (0, 1, 2, 3) or t.offload not in ("none", "optimizer", "all"):
         errors.append(f"trainer.zero_stage={t.zero_stage} must be 0-3 and trainer.offload={t.offload} none|optimizer|all")
     elif t.offload != "none" and t.zero_stage == 0 or t.offload == "all" and t.zero_stage != 3:

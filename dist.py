@@ -7,7 +7,9 @@ ranks. A single process is rank 0 of 1 and every helper here is then the plain o
 
 import math
 import os
-from contextlib import nullcontext
+import sys
+import traceback
+from contextlib import contextmanager, nullcontext
 from typing import Dict, List, Tuple
 
 import torch
@@ -20,6 +22,48 @@ def distributed() -> bool:
 def main_rank() -> bool:
     """Only rank 0 writes files, logs and checkpoints."""
     return not distributed() or torch.distributed.get_rank() == 0
+
+
+class Tee:
+    """A console stream that also writes to `file`, except progress-bar redraws (text with a carriage return)."""
+
+    def __init__(self, stream, file):
+        self.stream, self.file = stream, file
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        if "\r" not in text:
+            self.file.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+        self.file.flush()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding: the console's
+        return getattr(self.stream, name)
+
+
+@contextmanager
+def console_log(path: str):
+    """What this process prints (stdout, stderr, and the traceback it dies of) also appended to
+    `path`: train.log / eval.log in the run dir, where Hydra's logging appends its records too.
+    Rank 0 only: the other ranks print what rank 0 does."""
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a", buffering=1) as f:
+        out, err = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = Tee(out, f), Tee(err, f)
+        try:
+            yield
+        except BaseException as e:
+            if not isinstance(e, SystemExit):  # Hydra prints it to the console after this returns
+                f.write(traceback.format_exc())
+            raise
+        finally:
+            sys.stdout, sys.stderr = out, err
 
 
 def set_cpu_threads(wanted: int) -> None:

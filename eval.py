@@ -40,7 +40,7 @@ from omegaconf import DictConfig
 import config  # noqa: F401  (registers the schema with Hydra's ConfigStore)
 import football
 import sokoban
-from config import ConfigError
+from config import ConfigError, reject_unknown_keys
 from data import LMM_R1_SYSTEM_PROMPT, BadRow, Sample, parse_row, read_rows, user_message
 from rewards import (
     choice_letter,
@@ -478,11 +478,26 @@ def load_engine(cfg, out_dir: str):
     return engine, tokenizer, image_processor
 
 
-def benchmark_items(cfg, name: str) -> List[Item]:
+# scripts/get_benchmarks.md's build of the Sokoban test split, run here when it is missing (~5 s)
+SOKOBAN_TEST = dict(n=500, size=7, boxes=2, seed=1, split="test")
+
+
+def benchmark_items(cfg, name: str) -> Optional[List[Item]]:
+    """The benchmark's items (the first eval.max_items), or None where its file is missing and
+    cannot be generated here: the Sokoban test split is built (as scripts/get_benchmarks.md does),
+    the downloads are the user's to make."""
     relative, reader = BENCHMARKS[name]
     path = os.path.join(cfg.eval.data_dir, relative)
+    if not os.path.isfile(path) and name == "sokoban":
+        import sokoban
+
+        train_levels = [p for p in ["data/sokoban/train.jsonl"] if os.path.isfile(p)]  # held out from, where built
+        print(f"[eval] sokoban: {path} not found, building it: python sokoban.py build --n 500 --size 7 --boxes 2 "
+              f"--seed 1 --split test --out {os.path.dirname(path)} --exclude {' '.join(train_levels)}", flush=True)  # fmt: skip
+        sokoban.build(**SOKOBAN_TEST, out=os.path.dirname(path), exclude=tuple(train_levels))
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{name}: {path} not found (see scripts/get_benchmarks.md for where it comes from)")
+        print(f"[eval] {name}: skipped, {path} not found (how to get it: scripts/get_benchmarks.md)", flush=True)
+        return None
     items = reader(path, cfg.eval.seed)
     return items[: cfg.eval.max_items] if cfg.eval.max_items > 0 else items
 
@@ -493,10 +508,14 @@ def run_eval(cfg: DictConfig, out_dir: str, engine=None) -> Dict[str, dict]:
     unknown = [b for b in cfg.eval.benchmarks if b not in BENCHMARKS]
     if unknown:
         raise ConfigError(f"eval.benchmarks: unknown {unknown}; known: {sorted(BENCHMARKS)}")
+    reject_unknown_keys(cfg)
     pool = reward_pool(cfg.reward.workers)
-    results = {}
+    results, skipped = {}, []
     for name in cfg.eval.benchmarks:
         items = benchmark_items(cfg, name)
+        if items is None:
+            skipped.append(name)
+            continue
         if cfg.eval.predictions:
             predictions = read_predictions(os.path.join(cfg.eval.predictions, f"{name}.jsonl"), items)
         else:
@@ -504,18 +523,32 @@ def run_eval(cfg: DictConfig, out_dir: str, engine=None) -> Dict[str, dict]:
             predictions = greedy_completions(*engine, items, cfg.eval.max_new_tokens)
         results[name] = evaluate(name, items, predictions, out_dir, pool, cfg.reward.timeout_s, cfg.eval.judge)
         print(f"[eval] {name}: {100 * results[name]['accuracy']:.1f}% of {len(items)} ({results[name]['scoring']})")
+    if not results:
+        raise FileNotFoundError(
+            f"no benchmark of {list(cfg.eval.benchmarks)} is in {cfg.eval.data_dir}: see scripts/get_benchmarks.md"
+        )
+    if skipped:
+        print(f"[eval] {len(skipped)} of {len(cfg.eval.benchmarks)} benchmarks skipped (not in {cfg.eval.data_dir}): {skipped}")
     write_tables(out_dir, results)
     return results
 
 
-@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+@hydra.main(config_path="conf", config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    try:
-        run_eval(cfg, HydraConfig.get().runtime.output_dir)
-    except (ConfigError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    from dist import console_log
+    from model import quiet_progress_bars
+
+    out_dir = HydraConfig.get().runtime.output_dir
+    quiet_progress_bars()
+    with console_log(os.path.join(out_dir, "eval.log")):
+        print(f"[eval] {os.path.abspath(out_dir)}: results.md, results.png, per-benchmark files, eval.log", flush=True)
+        try:
+            run_eval(cfg, out_dir)
+        except (ConfigError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
 
 
 if __name__ == "__main__":

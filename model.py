@@ -15,6 +15,7 @@ import json
 import os
 import random
 import re
+import sys
 import tempfile
 from typing import Dict, List, Optional, Tuple
 
@@ -37,6 +38,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from config import ConfigError
 from dist import any_rank, barrier, main_rank
 from data import LMM_R1_SYSTEM_PROMPT, encode_prompt, prompt_key, synthetic_question_texts, synthetic_samples, synthetic_solution
 
@@ -123,6 +125,41 @@ def resolve_model_path(path: Optional[str]) -> Optional[str]:
         "checkpoint: run `python train.py stage=fre_text` first, or point model.path at a checkpoint.\n"
         "  Or try the embedded tiny model on CPU:  python train.py debug=tiny"
     )
+
+
+def quiet_progress_bars() -> None:
+    """Off a terminal (a log file, a SLURM job) transformers' own tqdm bars (loading and writing
+    weights) only flood the log with redraws: turn them off there."""
+    if not sys.stderr.isatty():
+        transformers.utils.logging.disable_progress_bar()
+
+
+IDENTITY_FILE = "lmm_r1_model.json"  # beside a checkpoint's weights: what model it is and where it started
+
+
+def model_identity(mcfg, path: Optional[str]) -> dict:
+    """What a run of model config `mcfg` from local dir `path` (None: the tiny preset) trains: its
+    preset (model.name), whether its weights descend from the embedded tiny model, and its lineage
+    (the model.path of each run in the chain, newest first). Checkpoints carry it (IDENTITY_FILE).
+
+    A checkpoint that says what it is must match: a tiny model's checkpoint (a debug=tiny run) or
+    another preset's cannot start a run of this preset. Raises ConfigError saying what it found."""
+    if path is None:
+        return {"preset": str(mcfg.name), "tiny": True, "lineage": ["the embedded tiny model"]}
+    parent = {}
+    if os.path.isfile(os.path.join(path, IDENTITY_FILE)):
+        with open(os.path.join(path, IDENTITY_FILE)) as f:
+            parent = json.load(f)
+    found = parent.get("preset", str(mcfg.name))
+    if parent.get("tiny", False) and mcfg.name != "tiny" or found != mcfg.name:
+        what = "the embedded tiny model (a debug=tiny or model=tiny run)" if parent.get("tiny") else f"the {found} preset"
+        raise ConfigError(
+            f"model.path={mcfg.path} is a checkpoint of {what}, lineage {' <- '.join(parent.get('lineage', []))}; "
+            f"this run's model is the {mcfg.name} preset and cannot start from it.\n"
+            f"  Start from a checkpoint of a {mcfg.name} run (MGT stages: python train.py stage=fre_text first), "
+            "or run this stage on the tiny model too: python train.py stage=... debug=tiny"
+        )
+    return {"preset": found, "tiny": parent.get("tiny", False), "lineage": [str(mcfg.path), *parent.get("lineage", [])]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,7 +339,7 @@ def fit_worked_solutions(model, tokenizer, items, tiny, seed: int) -> None:
     rng, was_training = random.Random(seed), model.training
     optimizer = torch.optim.AdamW(model.parameters(), lr=tiny.warm_start_lr, weight_decay=0.0)
     model.train()
-    for _ in range(tiny.warm_start_steps):
+    for step in range(1, tiny.warm_start_steps + 1):
         batch = collate(rng.sample(items, WARM_START_BATCH), tokenizer.pad_token_id, model.config.image_token_id, "cpu")
         mask = batch["completion_mask"]  # (B, Tc)
         loss = -(sequence_logps(model, batch, 1.0, chunk_size=mask.numel()) * mask).sum() / mask.sum()
@@ -310,6 +347,8 @@ def fit_worked_solutions(model, tokenizer, items, tiny, seed: int) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        if step % 50 == 0 or step == tiny.warm_start_steps:  # it takes minutes on a busy CPU: say how far
+            print(f"[model] warm start step {step}/{tiny.warm_start_steps}: loss {loss.item():.3f}", flush=True)
     # A built model must equal a loaded one in everything a run reads: left on the parameters, the
     # last step's gradients would be summed into the first RL update (a cached start has none)
     optimizer.zero_grad(set_to_none=True)
@@ -350,6 +389,7 @@ def load_policy(mcfg, seed: int, device: torch.device):
     """
     dtype = getattr(torch, str(mcfg.dtype))
     path = resolve_model_path(mcfg.path)
+    identity = model_identity(mcfg, path)
     if path is None:
         tokenizer = build_tiny_tokenizer(mcfg.tiny.vocab_size)
         if mcfg.tiny.warm_start_steps > 0:  # the warm start starts from its own seed's init
@@ -377,6 +417,7 @@ def load_policy(mcfg, seed: int, device: torch.device):
         model.model.visual.requires_grad_(False)
     if mcfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.lmm_r1_identity = identity  # written beside every checkpoint of it (save_checkpoint)
     return model, tokenizer, processor
 
 
@@ -856,7 +897,8 @@ def cpu_state_dict(model, dtype: Optional[torch.dtype] = None) -> dict:
 
 def save_checkpoint(path: str, model, tokenizer, image_processor, critic: Optional[Critic] = None,
                     dtype: Optional[torch.dtype] = None) -> None:  # fmt: skip
-    """A directory `from_pretrained` loads: safetensors weights, config, tokenizer, image processor.
+    """A directory `from_pretrained` loads: safetensors weights, config, tokenizer, image processor,
+    and the model's identity (`model_identity`) where load_policy gave it one.
     Weights are written in `dtype` (model.dtype, the compute dtype: a 3B is ~7 GB in bf16 where its
     fp32 master weights are ~14 GB), or as they are with None; config.json says which."""
     os.makedirs(path, exist_ok=True)
@@ -872,6 +914,9 @@ def save_checkpoint(path: str, model, tokenizer, image_processor, critic: Option
         from safetensors.torch import save_file
 
         save_file(cpu_state_dict(critic), os.path.join(path, "critic.safetensors"))
+    if getattr(model, "lmm_r1_identity", None) is not None:
+        with open(os.path.join(path, IDENTITY_FILE), "w") as f:
+            json.dump(model.lmm_r1_identity, f, indent=1)
 
 
 def save_master_weights(path: str, model, dtype: Optional[torch.dtype]) -> None:

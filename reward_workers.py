@@ -134,7 +134,7 @@ class RewardPool:
     group's gold is parsed once; a worker that overruns a unit's deadline or exits is killed, its
     unit scores 0 as a timeout (or error) and its remaining units go to a spare at once. Workers
     are forks of a warm zygote, topped up to `workers + spares` off the caller's path.
-    Counters: `restarts` (workers replaced after a timeout or exit: reward/worker_restarts) and
+    Counters: `restarts` (workers replaced after a timeout or exit: reward/n_worker_restarts) and
     `spawn_wait_s` (time a unit waited with a slot free and no warm worker: 0 while spares suffice).
     """
 

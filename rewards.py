@@ -7,9 +7,9 @@ fn(completion, sample) -> float with the whole sample ({"answer": ..., **domain 
 
 Every verification runs in a worker process (reward_workers.RewardPool): a call that passes
 `reward.timeout_s` has its worker killed and replaced and scores 0; a call that raises scores 0; both
-are counted (`reward/timeouts`, `reward/errors`) and never reach the training loop. A reward that
+are counted (`reward/n_timeouts`, `reward/n_errors`) and never reach the training loop. A reward that
 raises `Malformed` (no usable answer, e.g. a Sokoban answer that is not a move list) scores 0 and is
-counted as `reward/malformed` instead. Model text is never given to eval/exec/sympify: it reaches
+counted as `reward/n_malformed` instead. Model text is never given to eval/exec/sympify: it reaches
 sympy only through math-verify's own LaTeX and expression parsers.
 
 Grading policy of `math` (each rule has its cases, with reasons, in tests/test_math_policy.py)
@@ -563,7 +563,7 @@ def choice_gold_problem(answer: str, choices: Optional[Sequence[str]] = None) ->
 
 class Malformed(ValueError):
     """Raised by a reward when a completion gives no usable answer: it scores 0 and is counted as
-    `reward/malformed` (not as an error: the verifier worked, the answer did not). A researcher's
+    `reward/n_malformed` (not as an error: the verifier worked, the answer did not). A researcher's
     own reward may raise it too."""
 
 

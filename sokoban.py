@@ -20,6 +20,7 @@ import re
 import sys
 import time
 from collections import Counter, deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Dict, FrozenSet, List, Optional, Tuple
 
@@ -571,12 +572,48 @@ def show(level: str, png: Optional[str], gif: Optional[str]) -> None:
         print(f"wrote {gif} ({save_replay_gif(level, solution, gif)} frames)")
 
 
+ARROWS = {"A": "w", "B": "s", "C": "d", "D": "a"}  # a terminal's ESC [ A..D: up, down, right, left
+
+
+@contextmanager
+def keypresses(stream):
+    """A terminal's single keys as `play`'s tokens, no Enter needed: w a s d and the arrow keys, z
+    (undo), r (restart), q or Ctrl-C / Ctrl-D (quit). The terminal leaves line mode on entry (so a
+    key pressed while the board is drawn counts) and gets its mode back on the way out."""
+    import select
+    import termios
+    import tty
+
+    fd = stream.fileno()
+    saved = termios.tcgetattr(fd)
+    tty.setcbreak(fd, termios.TCSANOW)
+
+    def keys():
+        while True:
+            key = os.read(fd, 1).decode(errors="ignore")
+            if key == "\x1b":  # an arrow key's bytes arrive together; a lone Esc is ignored
+                seq = os.read(fd, 2).decode(errors="ignore") if select.select([fd], [], [], 0.05)[0] else ""
+                if len(seq) == 2 and seq[0] in "[O" and seq[1] in ARROWS:
+                    yield ARROWS[seq[1]]
+            elif key in ("", "\x03", "\x04"):
+                yield "q"
+                return
+            elif not key.isspace():
+                yield "restart" if key == "r" else key
+
+    try:
+        yield keys()
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
 def play(level: str, lines) -> bool:
-    """Terminal play, a line at a time so it works over ssh and from a pipe: w/a/s/d keys (`ddsa`)
-    or words (`Right, Down`); `z` undoes a move, `restart` starts over, `q` quits. Returns solved."""
+    """Terminal play. `lines` are keypresses (one key at a time, arrows too) on a terminal; from a
+    pipe or a file, lines of w/a/s/d keys (`ddsa`) or words (`Right, Down`). `z` undoes a move,
+    `restart` (`r` as a key) starts over, `q` quits. Returns solved."""
     history = [parse_level(level)]
     optimal = solve(level)
-    print(f"{level}\n\n{LEGEND}\nmoves: w a s d, or Left/Up/Right/Down; z undo, restart, q quit")
+    print(f"{level}\n\n{LEGEND}\nmoves: w a s d or the arrow keys (or Left/Up/Right/Down words); z undo, r restart, q quit")
     for line in lines:
         for token in re.split(r"[,\s]+", line.strip().lower()):
             if token in ("q", "quit"):
@@ -636,9 +673,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 def run_command(args) -> int:
     if args.command == "build":
         t0 = time.time()
-        counts = build(
-            args.n, args.size, args.boxes, args.seed, args.out, args.split, args.min_moves, args.tile, tuple(args.exclude)
-        )
+        for path in args.exclude:  # the training set a held-out split leaves out: a fresh clone has none yet
+            if not os.path.exists(path):
+                print(f"--exclude {path}: not found, so no level is left out for it")
+        exclude = tuple(p for p in args.exclude if os.path.exists(p))
+        counts = build(args.n, args.size, args.boxes, args.seed, args.out, args.split, args.min_moves, args.tile, exclude)
         lengths = Counter(
             length_bucket(json.loads(line)["optimal_moves"]) for line in open(os.path.join(args.out, f"{args.split}.jsonl"))
         )
@@ -649,7 +688,10 @@ def run_command(args) -> int:
         show(load_level(args.file, args.row), args.png, args.gif)
     else:
         level = load_level(args.file, args.row) if args.file else generate_level(args.size, args.size, args.boxes, args.seed)
-        return 0 if play(level, sys.stdin) else 1
+        if not sys.stdin.isatty():  # a pipe or a file: lines
+            return 0 if play(level, sys.stdin) else 1
+        with keypresses(sys.stdin) as keys:
+            return 0 if play(level, keys) else 1
     return 0
 
 

@@ -35,7 +35,7 @@ from checkpoint import StopSignals, TrainingError, resume_point, rewrite_logs, r
 from config import ConfigError, validate
 from data import BadRow, encode_prompt, load_dataset, prompt_batches, steps_per_epoch
 from dist import all_sum, any_rank, backward, barrier, deepspeed_engine, distributed, gather, gathered_weights, in_step
-from dist import init_distributed, main_rank, pick_device, set_cpu_threads, step_optimizer
+from dist import console_log, init_distributed, main_rank, pick_device, set_cpu_threads, step_optimizer
 from eval import run_eval
 from model import (
     VISION_TOKENS,
@@ -44,6 +44,8 @@ from model import (
     frozen_copy,
     image_token_id,
     load_policy,
+    model_identity,
+    quiet_progress_bars,
     load_weights,
     pack,
     resolve_model_path,
@@ -383,7 +385,8 @@ def write_run_info(run_dir: str, cfg: DictConfig) -> None:
         f.write(f"sha: {sha}\n{diff}")
 
 
-# rewards.score's counts logged as reward/<kind>: why completions scored 0, and replaced reward workers
+# rewards.score's counts logged as reward/n_<kind> (counts over the step, not means like the other
+# reward/*): why completions scored 0, and replaced reward workers
 REWARD_COUNTS = ("errors", "timeouts", "malformed", "worker_restarts")
 
 
@@ -395,7 +398,7 @@ def plot_rewards(path: str, history: List[Dict[str, float]]) -> None:
 
     steps = [m["step"] for m in history]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    counts = {f"reward/{kind}" for kind in REWARD_COUNTS}
+    counts = {f"reward/n_{kind}" for kind in REWARD_COUNTS}
     for key in sorted(k for k in history[-1] if k.startswith("reward/") and k not in counts):
         ax.plot(steps, [m.get(key, float("nan")) for m in history], label=key, lw=2 if key == "reward/mean" else 1)
     ax.set_xlabel("step")
@@ -406,9 +409,14 @@ def plot_rewards(path: str, history: List[Dict[str, float]]) -> None:
     plt.close(fig)
 
 
-def link_latest(stage: str, run_dir: str) -> None:
-    """outputs/<stage>/latest -> this run, so the next stage finds the checkpoint (MGT after FRE-Text)."""
-    link = os.path.join("outputs", stage, "latest")
+def latest_link(stage: str, tiny: bool) -> str:
+    """outputs/<stage>/latest, where the next stage finds a run's checkpoint (MGT after FRE-Text); the
+    tiny model's runs (debug=tiny) have their own, outputs/debug/<stage>/latest, never a real stage's."""
+    return os.path.join("outputs", "debug" if tiny else "", stage, "latest")
+
+
+def link_latest(link: str, run_dir: str) -> None:
+    """`link` -> this run, atomically."""
     os.makedirs(os.path.dirname(link), exist_ok=True)
     tmp = f"{link}.tmp{os.getpid()}"
     os.symlink(os.path.abspath(run_dir), tmp)
@@ -558,7 +566,8 @@ def setup(cfg: DictConfig, run_dir: str) -> RunState:
     set_cpu_threads(t.threads)
     for name in cfg.reward.weights:
         resolve(name)  # unknown reward names fail now, not after the model has loaded
-    model_path = resolve_model_path(cfg.model.path)  # a missing model fails now, with how to get it
+    model_path = resolve_model_path(cfg.model.path)  # a missing model fails now, with how to get it,
+    model_identity(cfg.model, model_path)  # and so does a checkpoint of another model (a debug run's)
     if r.engine == "vllm" and (problem := check_vllm()):  # so does a missing vLLM
         raise ConfigError(problem)
     if t.zero_stage > 0 and pick_device(t.device).type == "cpu":
@@ -905,7 +914,7 @@ def step_metrics(state: RunState, exp: Experience, adv: Advantages, stats: Dict[
     for name in exp.scored.parts:
         metrics[f"reward/{name}"] = sum(sum(rk["parts"][name]) for rk in ranks) / n
     for kind in REWARD_COUNTS:
-        metrics[f"reward/{kind}"] = sum(rk["failures"].get(kind, 0) for rk in ranks)
+        metrics[f"reward/n_{kind}"] = sum(rk["failures"].get(kind, 0) for rk in ranks)
     norms = stats.pop("grad_norms")
     logp_gap = stats.pop("logp_gap", None)
     if stats:  # this rank's shares of the updates' losses: their sums over ranks are the losses
@@ -963,6 +972,10 @@ def log(state: RunState, metrics: Dict[str, float], exp: Experience, bar) -> Non
     if state.wandb_run is not None:
         state.wandb_run.log(metrics, step=step + 1)
     bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", len=f"{metrics['rollout/response_len']:.0f}")
+    if bar.disable and cfg.log.progress and (step == 0 or (step + 1) % cfg.log.print_every == 0 or step + 1 == state.total_steps):
+        parts = ", ".join(f"{k} {metrics[f'reward/{k}']:.3f}" for k in exp.scored.parts)
+        print(f"[step {step + 1}/{state.total_steps}] reward {metrics['reward/mean']:.3f} ({parts}), "
+              f"length {metrics['rollout/response_len']:.0f}, {metrics['perf/step_s']:.1f} s", flush=True)  # fmt: skip
     if step + 1 == state.total_steps or step % 10 == 0:
         plot_rewards(os.path.join(state.run_dir, "reward_curve.png"), state.history)
 
@@ -991,7 +1004,7 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
     open_wandb(state)
     signals = StopSignals()
     bar = tqdm(range(state.step, state.total_steps), total=state.total_steps, initial=state.step, desc=str(cfg.stage.name),
-               disable=not (cfg.log.progress and main_rank()), dynamic_ncols=True)  # fmt: skip
+               disable=not (cfg.log.progress and main_rank() and sys.stderr.isatty()), dynamic_ncols=True)  # fmt: skip
     for step in bar:
         t0 = time.time()
         exp = rollout(state, step)  # sample groups (dynamic sampling inside), cut, score
@@ -1025,12 +1038,15 @@ def run(cfg: DictConfig, run_dir: str) -> Dict[str, float]:
 
 
 def finish(state: RunState) -> None:
-    """checkpoints/final (the policy as an HF dir in model.dtype, the critic) and outputs/<stage>/latest pointing at it."""
+    """checkpoints/final (the policy as an HF dir in model.dtype, the critic) and the stage's latest_link pointing at it."""
     with gathered_weights(state.policy, state.critic):
         if main_rank():
             final = os.path.join(state.run_dir, "checkpoints", "final")
             save_checkpoint(final, state.policy, state.tokenizer, state.image_processor, state.critic, state.dtype)
-            link_latest(str(state.cfg.stage.name), state.run_dir)
+            link = latest_link(str(state.cfg.stage.name), state.policy.lmm_r1_identity["tiny"])
+            link_latest(link, state.run_dir)
+            print(f"[run] done: {os.path.join(os.path.abspath(state.run_dir), 'metrics.jsonl')}, final checkpoint "
+                  f"{os.path.abspath(final)} (also {link}/checkpoints/final)", flush=True)  # fmt: skip
     if state.wandb_run is not None:
         state.wandb_run.finish()
 
@@ -1039,12 +1055,21 @@ def finish(state: RunState) -> None:
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    try:
-        run(cfg, HydraConfig.get().runtime.output_dir)
-    except (ConfigError, BadRow, FileNotFoundError, TrainingError) as e:  # the message is the help
-        sys.exit(f"error: {e}")
-    finally:
-        release_process_groups()
+    run_dir = HydraConfig.get().runtime.output_dir
+    quiet_progress_bars()
+    with console_log(os.path.join(run_dir, "train.log")):
+        if os.environ.get("RANK", "0") == "0":  # (torchrun's ranks: rank 0 speaks)
+            print(
+                f"[run] {os.path.abspath(run_dir)}: config.yaml, metrics.jsonl, samples.jsonl, train.log, checkpoints/",
+                flush=True,
+            )
+        try:
+            run(cfg, run_dir)
+        except (ConfigError, BadRow, FileNotFoundError, TrainingError) as e:  # the message is the help
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+        finally:
+            release_process_groups()
 
 
 if __name__ == "__main__":

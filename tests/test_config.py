@@ -61,6 +61,21 @@ def test_typos_and_wrong_types_fail_at_composition(override):
         compose_cfg(["stage=mgt_geo", override])
 
 
+def test_keys_added_with_a_plus_fail_naming_the_nearest_and_extension_points_take_new_keys(tmp_path):
+    """Hydra's own hint for a typo (`+trainer.lrr=1`) adds the key; validate then names it and the
+    key meant. reward.weights (a dict) is where new reward names go, and takes them."""
+    import eval as evaluation
+
+    cfg = compose_cfg(["debug=tiny", "+trainer.lrr=1", "+algo.kl_coeff=0.1", "+nope=1"])
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    for line in ("trainer.lrr (did you mean trainer.lr?)", "algo.kl_coeff (did you mean algo.kl_coef?)", "unknown config keys"):
+        assert line in str(e.value)
+    with pytest.raises(ConfigError, match="trainer.lrr"):
+        evaluation.run_eval(cfg, str(tmp_path))  # eval.py reads the same config
+    validate(compose_cfg(["debug=tiny", "+reward.weights={toy_rewards\\:digit_fraction: 1.0}"]))
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

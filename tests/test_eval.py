@@ -2,15 +2,20 @@
 predictions file with known right and wrong answers, and generate-and-score on the tiny model."""
 
 import csv
+import glob
 import json
 import os
+import re
+import shlex
+import subprocess
+import sys
 
 import pytest
 from PIL import Image
 
 import eval as evaluation
 import sokoban
-from conftest import TINY_DEFAULTS, compose_cfg
+from conftest import ROOT, TINY_DEFAULTS, compose_cfg
 from config import ConfigError
 
 
@@ -189,6 +194,39 @@ def test_missing_predictions_and_unknown_benchmarks_are_errors(data_dir, tmp_pat
         evaluation.run_eval(cfg, str(tmp_path / "out"))
     with pytest.raises(ConfigError, match="unknown"):
         evaluation.run_eval(compose_cfg([*TINY_DEFAULTS, "eval.benchmarks=[mmlu]"]), str(tmp_path / "out"))
+
+
+@pytest.mark.slow
+def test_eval_runs_out_of_the_box_building_the_sokoban_split_and_skipping_what_it_cannot(tmp_path):
+    """`python eval.py debug=...` on a fresh clone (no data): the Sokoban test split is built as
+    scripts/get_benchmarks.md builds it, every other benchmark is skipped saying how to get it, and
+    the run dir is outputs/eval/<time> with results.md and eval.log (what the console showed)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.path.join(ROOT, "tests")}
+    cmd = [sys.executable, os.path.join(ROOT, "eval.py"), "debug=tiny_random", "eval.max_items=4", "eval.max_new_tokens=8"]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert len(open(tmp_path / "data" / "eval" / "sokoban" / "test.jsonl").readlines()) == 500
+    (run_dir,) = glob.glob(str(tmp_path / "outputs" / "eval" / "*"))
+    assert "| sokoban |" in open(os.path.join(run_dir, "results.md")).read()
+    assert "7 of 8 benchmarks skipped" in out.stdout and out.stdout.count("scripts/get_benchmarks.md") == 7
+    log = open(os.path.join(run_dir, "eval.log")).read()
+    assert run_dir in log and "mathvista: skipped" in log and "[eval] sokoban:" in log
+    nothing = subprocess.run(
+        [*cmd, "eval.benchmarks=[math500]"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert nothing.returncode == 1 and "no benchmark of ['math500']" in nothing.stderr
+
+
+def test_the_documented_sokoban_build_runs_as_written_on_a_fresh_clone(tmp_path):
+    """scripts/get_benchmarks.md's command, verbatim, where data/sokoban/train.jsonl (its --exclude)
+    does not exist yet: it says so and builds the split."""
+    doc = open(os.path.join(ROOT, "scripts", "get_benchmarks.md")).read()
+    (command,) = re.findall(r"`(python sokoban\.py build [^`]+)`", doc)
+    out = subprocess.run(shlex.split(command.replace("python", sys.executable, 1).replace("sokoban.py", os.path.join(ROOT, "sokoban.py"))),
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "data/sokoban/train.jsonl: not found" in out.stdout and "wrote 500 levels" in out.stdout
+    assert len(open(tmp_path / "data" / "eval" / "sokoban" / "test.jsonl").readlines()) == 500
 
 
 @pytest.mark.slow

@@ -194,6 +194,40 @@ def test_play_in_the_terminal(tmp_path):
     assert "not a move" in cli("play", str(tmp_path / "level.xsb"), stdin="jump\nq\n").stdout
 
 
+def test_play_takes_single_keys_and_arrows_on_a_terminal(tmp_path):
+    """On a terminal (a pty here) each key moves at once, no Enter: d d d, undo of a wasted w, then
+    the arrow keys Left Left Down, then d d."""
+    import pty
+    import select
+
+    (tmp_path / "level.xsb").write_text(LEVEL)
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "sokoban.py"), "play", str(tmp_path / "level.xsb")],
+                            stdin=slave, stdout=slave, stderr=slave, cwd=ROOT)  # fmt: skip
+    os.close(slave)
+    shown, pos = b"", 0
+
+    def read_until(text: bytes, timeout: float = 60.0) -> None:
+        """Read the output up to `text`, which must come after the last text read up to."""
+        nonlocal shown, pos
+        while shown.find(text, pos) < 0:
+            assert select.select([master], [], [], timeout)[0], shown.decode(errors="replace")[-2000:]
+            shown += os.read(master, 4096)
+        pos = shown.find(text, pos) + len(text)
+
+    try:
+        read_until(b"arrow keys")
+        keys = ["d", "d", "d", "w", "z", "\x1b[D", "\x1b[D", "\x1b[B", "d", "d"]
+        for key, moves in zip(keys, [1, 2, 3, 4, 3, 4, 5, 6, 7, 8]):
+            os.write(master, key.encode())
+            read_until(f"moves: {moves}, boxes".encode())
+        read_until(b"solved in 8 moves (optimal: 8)")
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        os.close(master)
+
+
 # ---- evaluation ----
 
 
@@ -235,11 +269,11 @@ def test_sokoban_stage_trains_on_the_fly_levels_and_on_a_built_set(built, tmp_pa
     args = ["stage=mgt_sokoban", *TINY_DEFAULTS, "trainer.max_steps=2"]
     out = run_train(args, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    (run_dir,) = glob.glob(str(tmp_path / "outputs" / "mgt_sokoban" / "2*"))
+    (run_dir,) = glob.glob(str(tmp_path / "outputs" / "debug" / "mgt_sokoban" / "2*"))
     metrics = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     assert [m["step"] for m in metrics] == [1, 2]
     # the random tiny model writes no move list: every completion is malformed, and counted
-    assert all(m["reward/malformed"] == 16 and m["reward/sokoban_lmm_r1"] == 0 for m in metrics)
+    assert all(m["reward/n_malformed"] == 16 and m["reward/sokoban_lmm_r1"] == 0 for m in metrics)
     assert "loss/value" in metrics[0] and "loss/kl" not in metrics[0]  # PPO with a critic, no KL
     sample = json.loads(open(os.path.join(run_dir, "samples.jsonl")).readline())
     assert "<|image_pad|>" in sample["prompt"] and "Sokoban" in sample["prompt"]

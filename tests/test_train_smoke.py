@@ -26,9 +26,18 @@ def only_run_dir(root):
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", TINY_STAGES)
 def test_tiny_stage_trains_and_writes_its_run_dir(tmp_path, stage):
-    out = run_train([f"stage={stage}", "debug=tiny", *SHORT, "log.wandb=disabled"], cwd=tmp_path)
+    out = run_train(
+        [f"stage={stage}", "debug=tiny", "trainer.max_steps=2", "log.print_every=1", "log.wandb=disabled"], cwd=tmp_path
+    )
     assert out.returncode == 0, out.stderr[-3000:]
-    run_dir = only_run_dir(tmp_path / "outputs" / stage)
+    run_dir = only_run_dir(tmp_path / "outputs" / "debug" / stage)  # the tiny model's runs: never a real stage's
+    assert not os.path.exists(tmp_path / "outputs" / stage)
+    # not a terminal: a line per log.print_every steps, no progress bar; the run dir said at start and
+    # end; train.log holds what the console showed
+    assert f"[run] {run_dir}" in out.stdout and "[step 2/2] reward" in out.stdout and "it/s" not in out.stderr
+    log = open(os.path.join(run_dir, "train.log")).read()
+    shown = [line for line in out.stdout.splitlines() if line.startswith(("[run]", "[step", "[data]"))]
+    assert len(shown) >= 5 and all(line in log for line in shown) and f"final checkpoint {run_dir}/checkpoints/final" in log
     metrics = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     assert [m["step"] for m in metrics] == [1, 2]
     required = ["reward/mean", "reward/format", "reward/math", "loss/policy", "loss/kl", "rollout/response_len", "perf/step_s"]
@@ -47,18 +56,49 @@ def test_tiny_stage_trains_and_writes_its_run_dir(tmp_path, stage):
     assert model.config.get_text_config().vocab_size == len(tok)
     ids = torch.tensor([tok("What is $2 + 2$?").input_ids])
     assert torch.isfinite(model(input_ids=ids).logits).all()
-    assert os.path.realpath(tmp_path / "outputs" / stage / "latest") == os.path.realpath(run_dir)
+    assert os.path.realpath(tmp_path / "outputs" / "debug" / stage / "latest") == os.path.realpath(run_dir)
+    identity = json.load(open(os.path.join(ckpt, "lmm_r1_model.json")))
+    assert identity == {"preset": "tiny", "tiny": True, "lineage": ["the embedded tiny model"]}
 
 
 @pytest.mark.slow
-def test_mgt_stage_starts_from_the_fre_text_checkpoint(tmp_path):
-    """The two-stage chain: FRE-Text's final checkpoint is where MGT-Geo starts (here on the tiny model)."""
+def test_mgt_stage_starts_from_the_fre_text_checkpoint(tmp_path, monkeypatch):
+    """The two-stage chain: FRE-Text's final checkpoint is where MGT-Geo starts (here on the tiny
+    model). A debug run's checkpoint never starts a real model's stage, silently or not."""
     assert run_train(["stage=fre_text", "debug=tiny_random", *SHORT, "log.wandb=disabled"], cwd=tmp_path).returncode == 0
-    ckpt = "outputs/fre_text/latest/checkpoints/final"
+    ckpt = "outputs/debug/fre_text/latest/checkpoints/final"
     out = run_train(["stage=mgt_geo", "debug=tiny_random", f"model.path={ckpt}", *SHORT, "log.wandb=disabled"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    run_dir = only_run_dir(tmp_path / "outputs" / "mgt_geo")
+    run_dir = only_run_dir(tmp_path / "outputs" / "debug" / "mgt_geo")
     assert f"path: {ckpt}" in open(os.path.join(run_dir, "config.yaml")).read()
+    lineage = json.load(open(os.path.join(run_dir, "checkpoints", "final", "lmm_r1_model.json")))["lineage"]
+    assert lineage == [ckpt, "the embedded tiny model"]
+    with pytest.raises(ConfigError, match="checkpoint of the embedded tiny model.* qwen2_5_vl_3b preset"):
+        train.run(compose_cfg(["stage=mgt_geo", f"model.path={tmp_path / ckpt}"]), str(tmp_path / "real"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="run `python train.py stage=fre_text` first"):
+        train.run(compose_cfg(["stage=mgt_geo"]), str(tmp_path / "real"))  # outputs/fre_text/latest: none
+
+
+@pytest.mark.slow
+def test_a_real_presets_chain_links_its_stage_and_finds_it(tmp_path, monkeypatch, tokenizer, tiny_cfg):
+    """A run of a real model preset (here qwen2_5_vl_3b's name on a small local Qwen2.5-VL dir, as a
+    hub download is a dir without an identity) links outputs/fre_text/latest, where MGT-Geo's
+    default model.path finds it; its checkpoint says so."""
+    from model import build_tiny_model, build_image_processor, save_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    base = str(tmp_path / "downloaded")
+    save_checkpoint(base, build_tiny_model(tokenizer, tiny_cfg.model.tiny, seed=0), tokenizer, build_image_processor(3136, 12544))
+    real = [*TINY_DEFAULTS, "trainer.max_steps=1", "model.name=qwen2_5_vl_3b"]
+    train.run(compose_cfg(["stage=fre_text", *real, f"model.path={base}"]), str(tmp_path / "fre"))
+    assert os.path.realpath("outputs/fre_text/latest") == str(tmp_path / "fre") and not os.path.exists("outputs/debug")
+    mgt = compose_cfg(["stage=mgt_geo", *real])
+    mgt.model.path = compose_cfg(["stage=mgt_geo"]).model.path  # debug=tiny_random's null -> the stage's default
+    assert mgt.model.path == "outputs/fre_text/latest/checkpoints/final"
+    train.run(mgt, str(tmp_path / "mgt"))
+    identity = json.load(open(tmp_path / "mgt" / "checkpoints" / "final" / "lmm_r1_model.json"))
+    assert identity == {"preset": "qwen2_5_vl_3b", "tiny": False, "lineage": [mgt.model.path, base]}
 
 
 @pytest.mark.slow
@@ -182,4 +222,6 @@ def test_lmm_r1_released_files_train_with_an_image_root(released_layout):
     assert out.returncode != 0 and "image not found" in out.stderr and "data.image_root is ['data/VerMulti']" in out.stderr
     out = run_train([*args, f"data.image_root={root / 'images'}"], cwd=root)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert [json.loads(line)["step"] for line in open(root / "outputs" / "fre_multi" / "latest" / "metrics.jsonl")] == [1]
+    assert [json.loads(line)["step"] for line in open(root / "outputs" / "debug" / "fre_multi" / "latest" / "metrics.jsonl")] == [
+        1
+    ]
