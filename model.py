@@ -140,7 +140,8 @@ IDENTITY_FILE = "lmm_r1_model.json"  # beside a checkpoint's weights: what model
 def model_identity(mcfg, path: Optional[str]) -> dict:
     """What a run of model config `mcfg` from local dir `path` (None: the tiny preset) trains: its
     preset (model.name), whether its weights descend from the embedded tiny model, and its lineage
-    (the model.path of each run in the chain, newest first). Checkpoints carry it (IDENTITY_FILE).
+    (the model.path of each run in the chain, newest first). Checkpoints carry it (IDENTITY_FILE),
+    with the architecture and sizes load_policy adds.
 
     A checkpoint that says what it is must match: a tiny model's checkpoint (a debug=tiny run) or
     another preset's cannot start a run of this preset. Raises ConfigError saying what it found."""
@@ -154,7 +155,8 @@ def model_identity(mcfg, path: Optional[str]) -> dict:
     if parent.get("tiny", False) and mcfg.name != "tiny" or found != mcfg.name:
         what = "the embedded tiny model (a debug=tiny or model=tiny run)" if parent.get("tiny") else f"the {found} preset"
         raise ConfigError(
-            f"model.path={mcfg.path} is a checkpoint of {what}, lineage {' <- '.join(parent.get('lineage', []))}; "
+            f"model.path={mcfg.path} is a checkpoint of {what}: {parent.get('architecture')} {parent.get('sizes')}, "
+            f"lineage {' <- '.join(parent.get('lineage', []))}; "
             f"this run's model is the {mcfg.name} preset and cannot start from it.\n"
             f"  Start from a checkpoint of a {mcfg.name} run (MGT stages: python train.py stage=fre_text first), "
             "or run this stage on the tiny model too: python train.py stage=... debug=tiny"
@@ -417,7 +419,9 @@ def load_policy(mcfg, seed: int, device: torch.device):
         model.model.visual.requires_grad_(False)
     if mcfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.lmm_r1_identity = identity  # written beside every checkpoint of it (save_checkpoint)
+    text = model.config.get_text_config()
+    sizes = {k: getattr(text, k) for k in ("hidden_size", "num_hidden_layers", "vocab_size")}
+    model.lmm_r1_identity = identity | {"architecture": type(model).__name__, "sizes": sizes}  # beside its checkpoints
     return model, tokenizer, processor
 
 
