@@ -530,21 +530,45 @@ def torch_varlen_causal(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale) -> t
     return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, **causal)
 
 
-def blockwise_attention(query, key, value, spans: List[int], masks, scale) -> torch.Tensor:
-    """Attention within consecutive blocks of `spans` tokens, without an S x S mask: one SDPA call
-    per block, over `split` views, causal or under the block's own mask (`masks`, a (L, L) bool or
-    None per block; None for all: every block causal). A block is a packed sequence, or a shared
-    prompt with its completions (`pack`). Chosen by measurement on CPU (bench/attention.py): slicing
+def blockwise_attention(query, key, value, spans: List[int], plans, scale) -> torch.Tensor:
+    """Attention within consecutive blocks of `spans` tokens, without an S x S mask, over `split`
+    views: a block is a packed sequence (its plan None: one causal SDPA call) or a shared prompt with
+    its completions (`cpu_group_plan`: one call under its (L, L) mask, or `prompt_completions_attention`).
+    `plans` None: every block a sequence. Chosen by measurement on CPU (bench/attention.py): slicing
     a view per block costs a full-size zero gradient buffer per slice in the backward pass
     (1.6-2.7x slower), and one call over the sequences laid out padded computes the padding
     (3.4-4.5x slower at RL's skewed lengths). query (1, H, S, D), key / value (1, H_kv, S, D)
     -> (1, S, H, D)."""
-    masks = masks or [None] * len(spans)
-    out = [
-        F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=m is None, scale=scale, enable_gqa=True)
-        for q, k, v, m in zip(query.split(spans, dim=2), key.split(spans, dim=2), value.split(spans, dim=2), masks)
-    ]
+    out = []
+    for q, k, v, plan in zip(
+        query.split(spans, dim=2), key.split(spans, dim=2), value.split(spans, dim=2), plans or [None] * len(spans)
+    ):
+        if plan is None or isinstance(plan, torch.Tensor):
+            out.append(
+                F.scaled_dot_product_attention(q, k, v, attn_mask=plan, is_causal=plan is None, scale=scale, enable_gqa=True)
+            )
+        else:
+            out.append(prompt_completions_attention(q, k, v, *plan, scale))
     return torch.cat(out, dim=2).transpose(1, 2)
+
+
+def prompt_completions_attention(q, k, v, prompt_len: int, completion_lens: List[int], masks, scale) -> torch.Tensor:
+    """A prompt followed by its completions, q (1, H, L, D), k / v (1, H_kv, L, D) -> (1, H, L, D):
+    the prompt causal, then each completion over the prompt's keys and its own, causal aligned to the
+    bottom right, as the GPU kernels run it: under its mask, or (mask None) as the last T of P + T
+    queries, the first P zero (their outputs are dropped, so they pass no gradient), top-left causal."""
+    qs, ks, vs = (x.split([prompt_len, *completion_lens], dim=2) for x in (q, k, v))
+    out = [F.scaled_dot_product_attention(qs[0], ks[0], vs[0], is_causal=True, scale=scale, enable_gqa=True)]
+    for qc, kc, vc, m in zip(qs[1:], ks[1:], vs[1:], masks):
+        kk, vv = torch.cat([ks[0], kc], dim=2), torch.cat([vs[0], vc], dim=2)
+        if m is None:
+            padded = torch.cat([qc.new_zeros(*qc.shape[:2], prompt_len, qc.shape[3]), qc], dim=2)
+            out.append(
+                F.scaled_dot_product_attention(padded, kk, vv, is_causal=True, scale=scale, enable_gqa=True)[:, :, prompt_len:]
+            )
+        else:
+            out.append(F.scaled_dot_product_attention(qc, kk, vv, attn_mask=m, scale=scale, enable_gqa=True))
+    return torch.cat(out, dim=2)
 
 
 AttentionInterface.register("varlen", varlen_attention)
@@ -656,13 +680,33 @@ def shared_prefix_mask(prompt_len: int, completion_lens: List[int]) -> torch.Ten
     return causal & ((segment[None, :] == 0) | (segment[None, :] == segment[:, None]))
 
 
+# A shared group runs on CPU as one SDPA call under a (L, L) mask while that costs at most this many
+# times the attention of one call per completion over its prompt's keys and its own (plus one for the
+# prompt): fewer, larger calls win where completions are short (bench/prefix.py --model small, the
+# tiny stages); long completions would make the mask's sibling blocks dominate.
+DENSE_GROUP_COST = 2.0
+
+
+def cpu_group_plan(prompt_len: int, completion_lens: List[int]):
+    """How blockwise_attention runs a shared group on CPU: its (L, L) `shared_prefix_mask` (one
+    call), or (prompt_len, completion_lens, per completion a (T, P + T) bottom-right causal mask, or
+    None where the prompt is shorter than twice the completion: there SDPA's causal kernel over the
+    queries padded by P zero rows beats a masked call, 26 vs 39 ms at P=150, T=1,000, where at
+    P=1,084, T=400 the mask wins, 18 vs 40 ms: 8 query heads of 32, forward and backward)."""
+    P, L = prompt_len, prompt_len + sum(completion_lens)
+    if L * L <= DENSE_GROUP_COST * (P * P + sum(T * (P + T) for T in completion_lens)):
+        return shared_prefix_mask(P, completion_lens)
+    masks = [None if P < 2 * T else torch.ones(T, P + T, dtype=torch.bool).tril(diagonal=P) for T in completion_lens]
+    return P, completion_lens, masks
+
+
 def attention_segments(blocks) -> dict:
     """What `varlen_attention` needs for the `pack` layout of `blocks`, [(row start, prompt_len,
     completion_lens)] (one completion and no sharing: a plain sequence). cu_seqlens (n + 1,) int32
     and max_seqlen: the query segments (a plain sequence; or a shared prompt, then each of its
     completions); and, when some block shares, `prefix`: the CUDA kernels' keys per segment (kv_index
     (sum of key lengths,), the prompt's then the segment's own; cu_seqlens_k, max_seqlen_k) and the
-    CPU path's blocks (spans, and a mask each, None for a plain sequence)."""
+    CPU path's blocks (spans, and a `cpu_group_plan` each, None for a plain sequence)."""
     q_lens, k_lens, kv_index, spans, masks = [], [], [], [], []
     for start, P, lens in blocks:
         spans.append(P + sum(lens))
@@ -679,7 +723,7 @@ def attention_segments(blocks) -> dict:
         for T in lens:
             kv_index += [torch.arange(start, start + P), torch.arange(offset, offset + T)]
             offset += T
-        masks.append(shared_prefix_mask(P, lens))
+        masks.append(cpu_group_plan(P, lens))
     out = {"cu_seqlens": torch.tensor([0] + q_lens).cumsum(0, dtype=torch.int32), "max_seqlen": max(q_lens)}
     if all(m is None for m in masks):
         return out

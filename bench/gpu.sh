@@ -24,3 +24,5 @@ timeout 60 python3 -m pytest -x -q -rs -m gpu tests/test_packing.py
 timeout 60 python3 bench/attention.py --device cuda --repeats 5
 timeout 300 python3 bench/packing.py --model 3b --device cuda --dtype bfloat16 --min-len 512 --max-len 4096 \
     --samples 64 --micro 4 --repeats 2
+# issue 31: each prompt once per group vs once per sample, the 3B cut to 2+2 layers, G = 8 (bench/prefix.py)
+timeout 150 python3 bench/prefix.py --device cuda --dtype bfloat16 --groups 8 --prompts 2

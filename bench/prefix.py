@@ -1,11 +1,13 @@
 """Each prompt once per group (trainer.share_prompts) vs once per sample, side by side in one process.
 
-    python bench/prefix.py                                    # CPU: both shapes, G = 8, fp32
     python bench/prefix.py --device cuda --dtype bfloat16 --groups 4,8,16 --prompts 2   # GPU (bench/gpu.sh)
+    python bench/prefix.py --model small                     # CPU: both shapes, G = 8, fp32
 
 The model is Qwen2.5-VL-3B's published config cut to 2 text and 2 vision layers (one of them full
 attention), random weights, as in tests/test_real_size.py; the vision tower trains (LMM-R1's
-recipes do). Shapes, each with G samples per prompt:
+recipes do). On a 2-core CPU one pass of it at these shapes takes minutes (lm_head over 151,936
+words on every completion token, the same in both layouts): `--model small` is bench/packing.py's
+small Qwen2.5-VL (256 wide, 4 layers, a 4,096-word vocabulary) on the same shapes. Shapes, each with G samples per prompt:
 - mgt_geo: an 896x896 image (1,024 image tokens) plus 60 text tokens, completions of median 400
   tokens (log-normal, capped at 2,048);
 - fre_text: a 150-token text prompt, completions of median 1,000 tokens (the same spread).
@@ -28,7 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from packing import QWEN_3B, build_model  # noqa: E402
+from packing import QWEN_3B, SMALL, SMALL_VISION, build_model  # noqa: E402
 
 from data import Prompt, Sample  # noqa: E402
 from model import QWEN2_5_VL_3B_VISION, pack, sequence_logps  # noqa: E402
@@ -121,6 +123,7 @@ def timed(repeats: int, model, items, t, device, grad: bool) -> float:
 
 def main():
     parser = argparse.ArgumentParser()
+    parser.add_argument("--model", choices=["3b", "small"], default="3b")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--shapes", default="mgt_geo,fre_text")
@@ -130,12 +133,15 @@ def main():
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
     device = torch.device(args.device)
-    text = QWEN_3B | {"num_hidden_layers": 2}
-    vision = QWEN2_5_VL_3B_VISION | {"depth": 2, "fullatt_block_indexes": [1]}
+    if args.model == "3b":
+        text, vision = QWEN_3B | {"num_hidden_layers": 2}, QWEN2_5_VL_3B_VISION | {"depth": 2, "fullatt_block_indexes": [1]}
+    else:
+        text, vision = SMALL, SMALL_VISION
     model = build_model(text, device, getattr(torch, args.dtype), vision)
     model.model.visual.requires_grad_(True)
     model.train()
-    print(f"Qwen2.5-VL-3B cut to 2 text + 2 vision layers on {device}, {args.dtype}; micro-batches of {args.micro} tokens")
+    name = "Qwen2.5-VL-3B cut to 2 text + 2 vision layers" if args.model == "3b" else "a small Qwen2.5-VL (256 wide, 4 layers)"
+    print(f"{name} on {device}, {args.dtype}; micro-batches of {args.micro} tokens", flush=True)
     for shape in args.shapes.split(","):
         for G in map(int, args.groups.split(",")):
             items = rollout_groups(model.config, shape, args.prompts, G)

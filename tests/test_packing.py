@@ -127,7 +127,9 @@ def mini_batch_update(model, items, advantages, old_logp, budget=None, padded_si
     return total, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_loss_and_gradients_do_not_depend_on_the_micro_batching(tiny_model, items):
+@pytest.mark.parametrize("kind", ["items", "groups"])  # groups: prompts shared, a group split where the budget is small
+def test_loss_and_gradients_do_not_depend_on_the_micro_batching(tiny_model, request, kind):
+    items = request.getfixturevalue(kind)
     g = torch.Generator().manual_seed(1)
     T = max(len(c) for _, c in items)
     advantages = torch.randn(len(items), T, generator=g)
@@ -155,6 +157,15 @@ def groups(items):
     return [(prompts[k], torch.randint(20, 400, (n,), generator=g).tolist()) for k, n in order]
 
 
+@pytest.fixture(params=["one call per group", "a call per completion"])
+def cpu_plan(request, monkeypatch):
+    """Both CPU plans of a shared group (model.cpu_group_plan): its (L, L) mask, or per completion."""
+    import model
+
+    monkeypatch.setattr(model, "DENSE_GROUP_COST", 1e9 if request.param == "one call per group" else 0.0)
+    return request.param
+
+
 def shared_and_per_sample(model, pairs, fn, policy=None):
     """fn(batch) (grad-enabled) on `pairs` packed (for `policy`, default `model`) with shared prompts
     and with one prompt per sample: [(output, `model`'s gradients)] for the two layouts."""
@@ -167,7 +178,7 @@ def shared_and_per_sample(model, pairs, fn, policy=None):
     return out
 
 
-def test_shared_prompts_hold_each_prompt_once_and_change_no_logp_or_gradient(tiny_model, tokenizer, groups):
+def test_shared_prompts_hold_each_prompt_once_and_change_no_logp_or_gradient(tiny_model, tokenizer, groups, cpu_plan):
     banned = torch.tensor(tokenizer.convert_tokens_to_ids(VISION_TOKENS))
     shared = pack(groups, tiny_model, 0, "cpu")
     prompts = {id(p): p for p, _ in groups}.values()
@@ -186,7 +197,7 @@ def test_shared_prompts_hold_each_prompt_once_and_change_no_logp_or_gradient(tin
 
 @pytest.mark.parametrize("model_kind", ["critic", "checkpointed", "frozen vision", "text-only qwen2"])
 def test_shared_prompts_are_exact_for_the_critic_checkpointing_a_frozen_tower_and_text_models(
-    tiny_model, tokenizer, groups, model_kind
+    tiny_model, tokenizer, groups, model_kind, cpu_plan
 ):
     model, pairs, policy = copy.deepcopy(tiny_model), groups, None
     fn = lambda b: sequence_logps(model, b, 1.0, 5)  # noqa: E731
@@ -239,7 +250,7 @@ def flash_attn_varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, dropout, scal
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_gpu_kernels_inputs_give_the_cpu_paths_attention(monkeypatch, dtype):
+def test_the_gpu_kernels_inputs_give_the_cpu_paths_attention(monkeypatch, dtype, cpu_plan):
     """The GPU path (varlen_kernel_attention) with flash-attn's kernel stood in for by its contract
     on CPU: separate query and key cu_seqlens, keys gathered per completion (its prompt's, then its
     own) attend exactly as the CPU path's masked blocks, gradients included: a shared group of 3 (one
