@@ -147,8 +147,8 @@ class TrainerConfig:
     # to the prompt and itself (model.pack): the prompt's tokens and images go through each pass once
     # per group instead of group_size times; exact (tests/test_packing.py). false: a prompt per sample
     share_prompts: bool = True
-    # how the step's samples are dealt into mini-batches each PPO epoch (the forward-only passes
-    # always share prompts; the update shares one only between samples of a mini-batch)
+    # how the step's samples are dealt into mini-batches each PPO epoch (with share_prompts the
+    # forward-only passes share every group whole; the update shares a prompt only within a mini-batch)
     shuffle: Shuffle = Shuffle.sample
     micro_batch_size: int = 2  # samples per padded micro-batch (packing=false)
     logp_chunk_size: int = 1024  # tokens per lm_head chunk when computing log-probs

@@ -24,6 +24,12 @@ def main_rank() -> bool:
     return not distributed() or torch.distributed.get_rank() == 0
 
 
+def launch_rank() -> int:
+    """This process's rank as its launcher set it, before torch.distributed starts: torchrun's RANK,
+    or a SLURM task's SLURM_PROCID (train.py exports RANK from it later)."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
 class Tee:
     """A console stream that also writes to `file`, except progress-bar redraws (text with a carriage return)."""
 
@@ -32,9 +38,13 @@ class Tee:
 
     def write(self, text: str) -> int:
         self.stream.write(text)
-        if "\r" not in text:
+        if "\r" not in text.replace("\r\n", "\n"):
             self.file.write(text)
         return len(text)
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
 
     def flush(self) -> None:
         self.stream.flush()
@@ -49,7 +59,7 @@ def console_log(path: str):
     """What this process prints (stdout, stderr, and the traceback it dies of) also appended to
     `path`: train.log / eval.log in the run dir, where Hydra's logging appends its records too.
     Rank 0 only: the other ranks print what rank 0 does."""
-    if os.environ.get("RANK", "0") != "0":
+    if launch_rank() != 0:
         yield
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

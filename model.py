@@ -146,11 +146,17 @@ def model_identity(mcfg, path: Optional[str]) -> dict:
     A checkpoint that says what it is must match: a tiny model's checkpoint (a debug=tiny run) or
     another preset's cannot start a run of this preset. Raises ConfigError saying what it found."""
     if path is None:
-        return {"preset": str(mcfg.name), "tiny": True, "lineage": ["the embedded tiny model"]}
+        return {"preset": "tiny", "tiny": True, "lineage": ["the embedded tiny model"]}
     parent = {}
     if os.path.isfile(os.path.join(path, IDENTITY_FILE)):
         with open(os.path.join(path, IDENTITY_FILE)) as f:
             parent = json.load(f)
+    elif os.path.isfile(os.path.join(path, "config.json")):  # a checkpoint from before identities: the tiny one by its sizes
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+        text = config.get("text_config") or config
+        if (text.get("hidden_size"), text.get("vocab_size")) == (mcfg.tiny.hidden_size, mcfg.tiny.vocab_size):
+            parent = {"preset": "tiny", "tiny": True, "lineage": ["the embedded tiny model (by its sizes)"]}
     found = parent.get("preset", str(mcfg.name))
     if parent.get("tiny", False) and mcfg.name != "tiny" or found != mcfg.name:
         what = "the embedded tiny model (a debug=tiny or model=tiny run)" if parent.get("tiny") else f"the {found} preset"
@@ -782,7 +788,12 @@ def pack(items, model, pad_id: int, device, share_prompts: bool = True) -> dict:
     }
     if "prefix" in segments:
         p = segments["prefix"]
-        batch["prefix"] = p | {k: p[k].to(device) for k in ("kv_index", "cu_seqlens_k")}
+        plans = [m if m is None or isinstance(m, torch.Tensor) else (m[0], m[1], [x if x is None else x.to(device) for x in m[2]]) for m in p["masks"]]  # fmt: skip
+        batch["prefix"] = (
+            p
+            | {k: p[k].to(device) for k in ("kv_index", "cu_seqlens_k")}
+            | {"masks": [m.to(device) if isinstance(m, torch.Tensor) else m for m in plans]}
+        )
     if images:
         batch["pixel_values"] = torch.cat([p.pixel_values for p in images]).to(device)
         batch["image_grid_thw"] = torch.cat([p.image_grid_thw for p in images]).to(device)

@@ -590,7 +590,10 @@ def keypresses(stream):
 
     def keys():
         while True:
-            key = os.read(fd, 1).decode(errors="ignore")
+            raw = os.read(fd, 1)
+            key = raw.decode(errors="ignore")  # "" for a byte of a non-ASCII key: not a move, skipped
+            if raw and not key:
+                continue
             if key == "\x1b":  # an arrow key's bytes arrive together; a lone Esc is ignored
                 seq = os.read(fd, 2).decode(errors="ignore") if select.select([fd], [], [], 0.05)[0] else ""
                 if len(seq) == 2 and seq[0] in "[O" and seq[1] in ARROWS:
@@ -599,7 +602,7 @@ def keypresses(stream):
                 yield "q"
                 return
             elif not key.isspace():
-                yield "restart" if key == "r" else key
+                yield "restart" if key.lower() == "r" else key.lower()
 
     try:
         yield keys()

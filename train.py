@@ -35,7 +35,7 @@ from checkpoint import StopSignals, TrainingError, resume_point, rewrite_logs, r
 from config import ConfigError, validate
 from data import BadRow, encode_prompt, load_dataset, prompt_batches, steps_per_epoch
 from dist import all_sum, any_rank, backward, barrier, deepspeed_engine, distributed, gather, gathered_weights, in_step
-from dist import console_log, init_distributed, main_rank, pick_device, set_cpu_threads, step_optimizer
+from dist import console_log, init_distributed, launch_rank, main_rank, pick_device, set_cpu_threads, step_optimizer
 from eval import run_eval
 from model import (
     VISION_TOKENS,
@@ -1058,7 +1058,7 @@ def main(cfg: DictConfig) -> None:
     run_dir = HydraConfig.get().runtime.output_dir
     quiet_progress_bars()
     with console_log(os.path.join(run_dir, "train.log")):
-        if os.environ.get("RANK", "0") == "0":  # (torchrun's ranks: rank 0 speaks)
+        if launch_rank() == 0:  # (torchrun's or SLURM's ranks: rank 0 speaks)
             print(
                 f"[run] {os.path.abspath(run_dir)}: config.yaml, metrics.jsonl, samples.jsonl, train.log, checkpoints/",
                 flush=True,

@@ -86,11 +86,19 @@ def test_a_real_presets_chain_links_its_stage_and_finds_it(tmp_path, monkeypatch
     """A run of a real model preset (here qwen2_5_vl_3b's name on a small local Qwen2.5-VL dir, as a
     hub download is a dir without an identity) links outputs/fre_text/latest, where MGT-Geo's
     default model.path finds it; its checkpoint says so."""
-    from model import build_tiny_model, build_image_processor, save_checkpoint
+    from omegaconf import OmegaConf
+
+    from model import build_image_processor, build_tiny_model, model_identity, save_checkpoint
 
     monkeypatch.chdir(tmp_path)
-    base = str(tmp_path / "downloaded")
-    save_checkpoint(base, build_tiny_model(tokenizer, tiny_cfg.model.tiny, seed=0), tokenizer, build_image_processor(3136, 12544))
+    processor = build_image_processor(3136, 12544)
+    legacy = str(tmp_path / "legacy")  # a debug run's checkpoint from before identities: the tiny model's sizes
+    save_checkpoint(legacy, build_tiny_model(tokenizer, tiny_cfg.model.tiny, seed=0), tokenizer, processor)
+    with pytest.raises(ConfigError, match="checkpoint of the embedded tiny model"):
+        model_identity(OmegaConf.merge(compose_cfg(["stage=mgt_geo"]).model, {"path": legacy}), legacy)
+    base = str(tmp_path / "downloaded")  # wider than the tiny model
+    wider = OmegaConf.merge(tiny_cfg.model.tiny, {"hidden_size": 128, "intermediate_size": 256})
+    save_checkpoint(base, build_tiny_model(tokenizer, wider, seed=0), tokenizer, processor)
     real = [*TINY_DEFAULTS, "trainer.max_steps=1", "model.name=qwen2_5_vl_3b"]
     train.run(compose_cfg(["stage=fre_text", *real, f"model.path={base}"]), str(tmp_path / "fre"))
     assert os.path.realpath("outputs/fre_text/latest") == str(tmp_path / "fre") and not os.path.exists("outputs/debug")
