@@ -328,7 +328,9 @@ def test_stages_default_to_vllm_and_say_what_is_missing_where_it_cannot_run(
     cfg = compose_cfg(["stage=mgt_geo"])
     assert cfg.rollout.engine == "vllm" and compose_cfg(["stage=mgt_geo", "debug=tiny"]).rollout.engine == "hf"
     save_checkpoint(str(tmp_path / "ckpt"), tiny_model, tokenizer, image_processor)
-    cfg = compose_cfg(["stage=fre_text", f"model.path={tmp_path / 'ckpt'}", "log.wandb=disabled"])
+    # the tiny preset (its checkpoint is the tiny model's) with the stage's own engine, vLLM
+    cfg = compose_cfg(["stage=fre_text", "model=tiny", f"model.path={tmp_path / 'ckpt'}", "log.wandb=disabled"])
+    assert cfg.rollout.engine == "vllm"
     monkeypatch.setitem(sys.modules, "vllm", None)  # a machine without vLLM: its import fails
     with pytest.raises(ConfigError, match="rollout.engine=vllm needs an importable vllm"):
         train.run(cfg, str(tmp_path / "run"))
