@@ -492,8 +492,9 @@ def benchmark_items(cfg, name: str) -> Optional[List[Item]]:
         import sokoban
 
         train_levels = [p for p in ["data/sokoban/train.jsonl"] if os.path.isfile(p)]  # held out from, where built
-        print(f"[eval] sokoban: {path} not found, building it: python sokoban.py build --n 500 --size 7 --boxes 2 "
-              f"--seed 1 --split test --out {os.path.dirname(path)} --exclude {' '.join(train_levels)}", flush=True)  # fmt: skip
+        flags = " ".join(f"--{k} {v}" for k, v in SOKOBAN_TEST.items())
+        print(f"[eval] sokoban: {path} not found, building it: python sokoban.py build {flags} "
+              f"--out {os.path.dirname(path)} --exclude {' '.join(train_levels)}", flush=True)  # fmt: skip
         sokoban.build(**SOKOBAN_TEST, out=os.path.dirname(path), exclude=tuple(train_levels))
     if not os.path.isfile(path):
         print(f"[eval] {name}: skipped, {path} not found (how to get it: scripts/get_benchmarks.md)", flush=True)

@@ -495,13 +495,18 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     """
     if cu_seqlens is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    if query.is_cuda and (flash_attn_varlen_func is not None or varlen_attn is not None):
+    if uses_varlen_kernels(query.device):
         return varlen_kernel_attention(query, key, value, cu_seqlens, max_seqlen, prefix, scaling, dropout), None
     if prefix is None:
-        spans, masks = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist(), None
+        spans, plans = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist(), None
     else:
-        spans, masks = prefix["spans"], prefix["masks"]
-    return blockwise_attention(query, key, value, spans, masks, scaling), None
+        spans, plans = prefix["spans"], prefix["plans"]
+    return blockwise_attention(query, key, value, spans, plans, scaling), None
+
+
+def uses_varlen_kernels(device) -> bool:
+    """Whether packed attention on `device` runs a GPU varlen kernel (else `blockwise_attention`)."""
+    return torch.device(device).type == "cuda" and (flash_attn_varlen_func is not None or varlen_attn is not None)
 
 
 def varlen_kernel_attention(query, key, value, cu_seqlens, max_seqlen: int, prefix, scale, dropout) -> torch.Tensor:
@@ -676,13 +681,15 @@ def prompt_groups(items, share: bool) -> List[List[int]]:
     return list(groups.values())
 
 
-def shared_prefix_mask(prompt_len: int, completion_lens: List[int]) -> torch.Tensor:
+def shared_prefix_mask(prompt_len: int, completion_lens: List[int], device="cpu") -> torch.Tensor:
     """(L, L) bool, L = prompt_len + sum(completion_lens): a prompt followed by its completions,
     the prompt causal, each completion attending to the whole prompt and causally to itself, never
     to a sibling."""
-    segment = torch.repeat_interleave(torch.arange(len(completion_lens) + 1), torch.tensor([prompt_len, *completion_lens]))
+    segment = torch.repeat_interleave(torch.arange(len(completion_lens) + 1), torch.tensor([prompt_len, *completion_lens])).to(
+        device
+    )
     L = len(segment)
-    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
     return causal & ((segment[None, :] == 0) | (segment[None, :] == segment[:, None]))
 
 
@@ -693,7 +700,7 @@ def shared_prefix_mask(prompt_len: int, completion_lens: List[int]) -> torch.Ten
 DENSE_GROUP_COST = 2.0
 
 
-def cpu_group_plan(prompt_len: int, completion_lens: List[int]):
+def cpu_group_plan(prompt_len: int, completion_lens: List[int], device="cpu"):
     """How blockwise_attention runs a shared group on CPU: its (L, L) `shared_prefix_mask` (one
     call), or (prompt_len, completion_lens, per completion a (T, P + T) bottom-right causal mask, or
     None where the prompt is shorter than twice the completion: there SDPA's causal kernel over the
@@ -701,26 +708,29 @@ def cpu_group_plan(prompt_len: int, completion_lens: List[int]):
     P=1,084, T=400 the mask wins, 18 vs 40 ms: 8 query heads of 32, forward and backward)."""
     P, L = prompt_len, prompt_len + sum(completion_lens)
     if L * L <= DENSE_GROUP_COST * (P * P + sum(T * (P + T) for T in completion_lens)):
-        return shared_prefix_mask(P, completion_lens)
-    masks = [None if P < 2 * T else torch.ones(T, P + T, dtype=torch.bool).tril(diagonal=P) for T in completion_lens]
+        return shared_prefix_mask(P, completion_lens, device)
+    masks = [
+        None if P < 2 * T else torch.ones(T, P + T, dtype=torch.bool, device=device).tril(diagonal=P) for T in completion_lens
+    ]
     return P, completion_lens, masks
 
 
-def attention_segments(blocks) -> dict:
+def attention_segments(blocks, plan_device="cpu") -> dict:
     """What `varlen_attention` needs for the `pack` layout of `blocks`, [(row start, prompt_len,
     completion_lens)] (one completion and no sharing: a plain sequence). cu_seqlens (n + 1,) int32
     and max_seqlen: the query segments (a plain sequence; or a shared prompt, then each of its
     completions); and, when some block shares, `prefix`: the CUDA kernels' keys per segment (kv_index
     (sum of key lengths,), the prompt's then the segment's own; cu_seqlens_k, max_seqlen_k) and the
-    CPU path's blocks (spans, and a `cpu_group_plan` each, None for a plain sequence)."""
-    q_lens, k_lens, kv_index, spans, masks = [], [], [], [], []
+    CPU path's blocks (spans, and a `cpu_group_plan` each on `plan_device`, None for a plain
+    sequence; none at all with plan_device None, where the GPU kernels run)."""
+    q_lens, k_lens, kv_index, spans, plans = [], [], [], [], []
     for start, P, lens in blocks:
         spans.append(P + sum(lens))
         if len(lens) == 1:
             q_lens.append(spans[-1])
             k_lens.append(spans[-1])
             kv_index.append(torch.arange(start, start + spans[-1]))
-            masks.append(None)
+            plans.append(None)
             continue
         q_lens += [P, *lens]
         k_lens += [P, *(P + T for T in lens)]
@@ -729,18 +739,16 @@ def attention_segments(blocks) -> dict:
         for T in lens:
             kv_index += [torch.arange(start, start + P), torch.arange(offset, offset + T)]
             offset += T
-        masks.append(cpu_group_plan(P, lens))
+        plans.append(cpu_group_plan(P, lens, plan_device) if plan_device is not None else None)
     out = {"cu_seqlens": torch.tensor([0] + q_lens).cumsum(0, dtype=torch.int32), "max_seqlen": max(q_lens)}
-    if all(m is None for m in masks):
+    if all(len(lens) == 1 for _, _, lens in blocks):
         return out
     prefix = {
         "kv_index": torch.cat(kv_index),
         "cu_seqlens_k": torch.tensor([0] + k_lens).cumsum(0, dtype=torch.int32),
         "max_seqlen_k": max(k_lens),
-        "spans": spans,
-        "masks": masks,
     }
-    return out | {"prefix": prefix}
+    return out | {"prefix": prefix if plan_device is None else prefix | {"spans": spans, "plans": plans}}
 
 
 def pack(items, model, pad_id: int, device, share_prompts: bool = True) -> dict:
@@ -775,7 +783,7 @@ def pack(items, model, pad_id: int, device, share_prompts: bool = True) -> dict:
             positions.append((pos.max() + 1 + torch.arange(T)).expand(3, -1))  # text: one position each, all rows
             image_mask.append(torch.zeros(T, dtype=torch.bool))
     position_ids = torch.cat(positions, dim=1)[:, None]  # (3, 1, S)
-    segments = attention_segments(blocks)
+    segments = attention_segments(blocks, None if uses_varlen_kernels(device) else device)  # CPU plans only where they run
     batch = {
         "input_ids": torch.tensor([ids], device=device),
         "position_ids": (position_ids if is_multimodal(model) else position_ids[0]).to(device),
@@ -788,12 +796,7 @@ def pack(items, model, pad_id: int, device, share_prompts: bool = True) -> dict:
     }
     if "prefix" in segments:
         p = segments["prefix"]
-        plans = [m if m is None or isinstance(m, torch.Tensor) else (m[0], m[1], [x if x is None else x.to(device) for x in m[2]]) for m in p["masks"]]  # fmt: skip
-        batch["prefix"] = (
-            p
-            | {k: p[k].to(device) for k in ("kv_index", "cu_seqlens_k")}
-            | {"masks": [m.to(device) if isinstance(m, torch.Tensor) else m for m in plans]}
-        )
+        batch["prefix"] = p | {k: p[k].to(device) for k in ("kv_index", "cu_seqlens_k")}
     if images:
         batch["pixel_values"] = torch.cat([p.pixel_values for p in images]).to(device)
         batch["image_grid_thw"] = torch.cat([p.image_grid_thw for p in images]).to(device)

@@ -265,7 +265,7 @@ def test_the_gpu_kernels_inputs_give_the_cpu_paths_attention(monkeypatch, dtype,
     assert p["cu_seqlens_k"].tolist() == [0, 6, 15, 22, 33, 44, 47, 52, 61] and p["max_seqlen_k"] == 11
     q, k, v, _ = qkv([37], heads=4, kv_heads=2, device="cpu", dtype=dtype)
     out = varlen_kernel_attention(q, k, v, segments["cu_seqlens"], segments["max_seqlen"], p, None, 0.0)
-    ref = blockwise_attention(q, k, v, p["spans"], p["masks"], None)
+    ref = blockwise_attention(q, k, v, p["spans"], p["plans"], None)
     assert out.dtype == dtype and out.shape == ref.shape
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=0)
