@@ -124,24 +124,45 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+_cpu_groups = {}  # the default group -> the group for CPU tensors (cpu_group)
+
+
+def cpu_group():
+    """The process group of the small CPU collectives below (counts, flags, metrics): the default group
+    where it has a CPU backend (init_distributed's gloo, or cpu:gloo,cuda:nccl), else a gloo group over
+    the same ranks, made once. vLLM's in-process worker (one GPU, no torchrun) makes the default group
+    itself, nccl only, where a CPU tensor has no backend. Every rank calls the collectives in the same
+    order, so the first call makes the new group on all of them together."""
+    world = torch.distributed.group.WORLD
+    if world not in _cpu_groups:
+        config = torch.distributed.get_backend_config()  # "gloo", "nccl", "cpu:gloo,cuda:nccl", ...
+        if ":" in config:
+            has_cpu = any(part.startswith("cpu:") for part in config.split(","))
+        else:
+            has_cpu = "cpu" in torch.distributed.Backend.backend_capability.get(config, [])
+        _cpu_groups[world] = world if has_cpu else torch.distributed.new_group(backend="gloo")
+    return _cpu_groups[world]
+
+
 def barrier() -> None:
     if distributed():
-        torch.distributed.barrier()
+        torch.distributed.barrier(group=cpu_group())
 
 
 def all_max(n: int) -> int:
     if not distributed():
         return n
     x = torch.tensor(n)
-    torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX)
+    torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX, group=cpu_group())
     return int(x)
 
 
 def all_sum(x: torch.Tensor) -> torch.Tensor:
-    """`x` summed over ranks (`x` itself in a single process)."""
+    """`x` summed over ranks (`x` itself in a single process): statistics, summed on the CPU."""
     if distributed():
-        x = x.clone()
-        torch.distributed.all_reduce(x)
+        summed = x.detach().to("cpu", copy=True)
+        torch.distributed.all_reduce(summed, group=cpu_group())
+        x = summed.to(x.device)
     return x
 
 
@@ -155,7 +176,7 @@ def gather(obj) -> list:
     if not distributed():
         return [obj]
     out = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(out, obj)
+    torch.distributed.all_gather_object(out, obj, group=cpu_group())
     return out
 
 
@@ -169,10 +190,21 @@ def in_step(micro: List[List[int]]) -> List[Tuple[List[int], bool]]:
     return [(idx, True) for idx in micro] + [(filler, False)] * (n - len(micro))
 
 
+def zero3_sharded(params) -> bool:
+    """Whether any of `params` is partitioned by ZeRO-3: each rank holds a shard, and every forward
+    through it gathers the whole weight collectively, so all ranks must make the same calls."""
+    return any(hasattr(p, "ds_id") for p in params)
+
+
+def full_numel(param) -> int:
+    """A parameter's element count, also under ZeRO-3, where `numel()` of a partitioned one is 0."""
+    return getattr(param, "ds_numel", param.numel())
+
+
 def gathered_weights(*models):
     """A context in which ZeRO-3-sharded parameters are whole (nothing to do for other models)."""
     params = [p for m in models if m is not None for p in m.parameters()]
-    if any(hasattr(p, "ds_id") for p in params):
+    if zero3_sharded(params):
         import deepspeed
 
         return deepspeed.zero.GatheredParameters(params)

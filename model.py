@@ -39,7 +39,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from config import ConfigError
-from dist import any_rank, barrier, main_rank
+from dist import all_max, any_rank, barrier, main_rank, zero3_sharded
 from data import LMM_R1_SYSTEM_PROMPT, encode_prompt, prompt_key, synthetic_question_texts, synthetic_samples, synthetic_solution
 
 # Qwen2/2.5-VL's added tokens, in Qwen's order. The tiny tokenizer carries the same strings so that
@@ -511,8 +511,9 @@ def uses_varlen_kernels(device) -> bool:
 
 def varlen_kernel_attention(query, key, value, cu_seqlens, max_seqlen: int, prefix, scale, dropout) -> torch.Tensor:
     """`varlen_attention` on the GPU kernels: flash-attn's where installed, else torch's. query
-    (1, H, S, D), key / value (1, H_kv, S, D) -> (1, S, H, D)."""
-    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (S, heads, D)
+    (1, H, S, D), key / value (1, H_kv, S, D) -> (1, S, H, D), in `kernel_dtype`'s dtype."""
+    dtype = kernel_dtype(query, value)
+    q, k, v = (x[0].transpose(0, 1).to(dtype) for x in (query, key, value))  # (S, heads, D)
     cu_k, max_k = cu_seqlens, max_seqlen
     if prefix is not None:  # (sum of key lengths, H_kv, D): each completion's prompt keys, then its own;
         # gathered in fp32 so that the backward sums a prompt's gradients from its group_size
@@ -524,6 +525,21 @@ def varlen_kernel_attention(query, key, value, cu_seqlens, max_seqlen: int, pref
     else:
         out = torch_varlen_causal(q, k, v, cu_seqlens, cu_k, max_seqlen, max_k, scale)
     return out[None]
+
+
+def kernel_dtype(query, value) -> torch.dtype:
+    """The one dtype of q, k and v at the GPU kernels' entry: both take only fp16 / bf16, all three
+    alike. Under autocast it is autocast's (fp32 weights: q and k leave the rotary embedding in fp32,
+    whose cos / sin transformers keeps fp32, while v is bf16; torch's varlen op has no autocast rule),
+    else the inputs' own; fp32 without autocast is refused rather than silently rounded."""
+    device = query.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else value.dtype
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(
+            f"packed attention on {device} runs a FlashAttention varlen kernel, which takes fp16 / bf16, not "
+            f"{dtype}: train with model.dtype=bfloat16 (fp32 master weights, bf16 autocast) or trainer.packing=false"
+        )
+    return dtype
 
 
 def torch_varlen_causal(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale) -> torch.Tensor:
@@ -809,22 +825,29 @@ def hidden_states(backbone, batch) -> torch.Tensor:
 
     Padded: transformers computes Qwen2.5-VL's 3D mrope positions from the image grids. Packed: the
     positions and boundaries come from `pack`, the images of every packed sequence go through the
-    vision tower in one call and their features replace the prompts' image tokens.
+    vision tower in one call and their features replace the prompts' image tokens. With
+    `dummy_vision` (under torch.distributed) a micro-batch without images still runs the vision tower
+    on a blank image weighted 0: ZeRO-3 gathers its weights collectively, so every rank calls it alike.
     """
+    language_model = getattr(backbone, "language_model", backbone)  # Qwen2_5_VLModel's text part, or Qwen2Model
+    dummy_vision = batch.get("dummy_vision") and "pixel_values" not in batch and language_model is not backbone
     if "cu_seqlens" not in batch:
         keys = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
-        return backbone(**{k: batch[k] for k in keys if k in batch}, use_cache=False).last_hidden_state
+        # the dummy image goes where transformers runs a real one: after the embeddings, before the text
+        hook = language_model.register_forward_pre_hook(with_dummy_vision(backbone), with_kwargs=True) if dummy_vision else None
+        try:
+            return backbone(**{k: batch[k] for k in keys if k in batch}, use_cache=False).last_hidden_state
+        finally:
+            if hook is not None:
+                hook.remove()
     embeds = backbone.get_input_embeddings()(batch["input_ids"])  # (1, S, H)
-    language_model = getattr(backbone, "language_model", backbone)  # Qwen2_5_VLModel's text part, or Qwen2Model
     if "pixel_values" in batch:
         features = torch.cat(backbone.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output)
         n_tokens = int(batch["image_mask"].sum())
         if features.shape[0] != n_tokens:  # a guard, not an expected path: pack() derives both from the prompts
             raise ValueError(f"image features ({features.shape[0]}) and image tokens ({n_tokens}) do not match")
         embeds = embeds.masked_scatter(batch["image_mask"][..., None], features.to(embeds.dtype))
-    elif batch.get("dummy_vision") and language_model is not backbone:
-        # ZeRO-3 gathers the vision tower's weights collectively: a rank with no image in this
-        # micro-batch still runs it (on 4 blank patches, weighted 0) so every rank calls it alike.
+    elif dummy_vision:
         embeds = embeds + 0.0 * dummy_vision_features(backbone).sum()
     out = language_model(
         inputs_embeds=embeds,
@@ -836,6 +859,18 @@ def hidden_states(backbone, batch) -> torch.Tensor:
         use_cache=False,
     )
     return out.last_hidden_state
+
+
+def with_dummy_vision(backbone):
+    """A forward pre-hook for the language model of a padded forward without images: it adds the
+    dummy image's features, weighted 0, to the input embeddings, in the order transformers runs a
+    real image (embeddings, vision tower, text layers)."""
+
+    def hook(module, args, kwargs):
+        kwargs["inputs_embeds"] = kwargs["inputs_embeds"] + 0.0 * dummy_vision_features(backbone).sum()
+        return args, kwargs
+
+    return hook
 
 
 def dummy_vision_features(backbone) -> torch.Tensor:
@@ -881,13 +916,18 @@ def sequence_logps(model, batch, temperature: float, chunk_size: int, banned_ids
     lm_head runs over completion positions only, `chunk_size` tokens at a time; under autograd each
     chunk is checkpointed when there are several, so the fp32 (tokens, vocab) logits never exist for
     the whole micro-batch. A single chunk is not: its logits would be recomputed for the same peak.
+    Under ZeRO-3 each lm_head call (and its recomputation) gathers the weight collectively, so every
+    rank runs the busiest rank's number of chunks, the surplus ones empty.
     """
     h = hidden_states(model.model, batch)  # (B, L, H)
     rows, cols = completion_positions(batch)
     h = h[rows, cols]  # (N, H)
     targets = batch["completion_ids"][batch["completion_mask"]]  # (N,)
+    n_chunks = -(-h.shape[0] // chunk_size)
+    if zero3_sharded(model.lm_head.parameters()):
+        n_chunks = all_max(n_chunks)
     logps, ents = [], []
-    for s in range(0, h.shape[0], chunk_size):
+    for s in range(0, n_chunks * chunk_size, chunk_size):
         args = (
             h[s : s + chunk_size],
             targets[s : s + chunk_size],
@@ -897,7 +937,7 @@ def sequence_logps(model, batch, temperature: float, chunk_size: int, banned_ids
             with_entropy,
             entropy_grad,
         )
-        if torch.is_grad_enabled() and h.shape[0] > chunk_size:
+        if torch.is_grad_enabled() and n_chunks > 1:
             lp, ent = checkpoint(_token_logp, *args, use_reentrant=False)
         else:
             lp, ent = _token_logp(*args)

@@ -24,7 +24,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from data import image_items, load_image
-from dist import barrier, distributed, main_rank
+from dist import barrier, distributed, full_numel, main_rank, zero3_sharded
 from model import STOP_TOKENS, VISION_TOKENS, image_token_id, save_checkpoint, vision_inputs
 
 
@@ -216,7 +216,7 @@ def weight_buckets(model, bucket_bytes: int, dtype: torch.dtype) -> Iterator[Lis
         if not param.requires_grad:
             continue
         bucket.append((name, param))
-        size += param.numel() * dtype.itemsize
+        size += full_numel(param) * dtype.itemsize  # a ZeRO-3 shard's numel() is 0: count the whole
         if size >= bucket_bytes:
             yield from gathered(bucket, dtype)
             bucket, size = [], 0
@@ -227,7 +227,7 @@ def weight_buckets(model, bucket_bytes: int, dtype: torch.dtype) -> Iterator[Lis
 def gathered(bucket, dtype: torch.dtype) -> Iterator[List[Tuple[str, torch.Tensor]]]:
     """One bucket with its ZeRO-3 shards gathered (a no-op for ordinary parameters)."""
     params = [p for _, p in bucket]
-    if any(hasattr(p, "ds_id") for p in params):
+    if zero3_sharded(params):
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(params):

@@ -539,13 +539,12 @@ def autocast(state: RunState):
 
 def make_batch(state: RunState, pairs) -> dict:
     """The model inputs of (prompt, completion ids) pairs: packed into one row, or padded rows."""
-    if not state.cfg.trainer.packing:
-        return collate(pairs, state.tokenizer.pad_token_id, image_token_id(state.policy), state.device)
-    # under torch.distributed (ZeRO-3) a micro-batch without images still runs the vision tower
-    t = state.cfg.trainer
-    return pack(pairs, state.policy, state.tokenizer.pad_token_id, state.device, t.share_prompts) | {
-        "dummy_vision": distributed()
-    }
+    t, pad_id = state.cfg.trainer, state.tokenizer.pad_token_id
+    if t.packing:
+        batch = pack(pairs, state.policy, pad_id, state.device, t.share_prompts)
+    else:
+        batch = collate(pairs, pad_id, image_token_id(state.policy), state.device)
+    return batch | {"dummy_vision": distributed()}  # under ZeRO-3 every rank runs the vision tower (hidden_states)
 
 
 def logps(state: RunState, model, batch, **kw) -> torch.Tensor:

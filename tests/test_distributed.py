@@ -44,7 +44,20 @@ def launch(run_dir, extra, nproc: int):
     return metrics_of(run_dir)
 
 
-def assert_same_training(tmp_path, extra):
+def one_image_prompt_of_two(tmp_path) -> list:
+    """fre_multi on a file of an image prompt and a text prompt, both in every step, one per rank: each
+    step one rank has an image and the other none."""
+    from PIL import Image
+    from test_data import lmm_r1_row, write_rows
+
+    Image.new("RGB", (56, 56), "white").save(tmp_path / "a.png")
+    text_row = {"question": "What is 2 + 3?", "answer": "$5$", "message": [{"role": "user", "content": "What is 2 + 3?"}]}
+    rows = write_rows(tmp_path / "mixed.jsonl", [lmm_r1_row(str(tmp_path / "a.png")), text_row])
+    return ["stage=fre_multi", "data.source=files", f"data.train_files=[{rows}]", "rollout.prompts_per_step=2"]
+
+
+def assert_same_training(tmp_path, layout):
+    extra = [o for o in layout if o != MIXED] + (one_image_prompt_of_two(tmp_path) if MIXED in layout else [])
     launch(str(tmp_path / "single"), extra, 1)
     launch(str(tmp_path / "ranks"), extra, 2)
     assert_trained_alike(tmp_path / "single", tmp_path / "ranks")
@@ -71,14 +84,22 @@ def assert_trained_alike(single_dir, ranks_dir):
     assert diff.max() < 5e-5 and (diff > 1e-6).float().mean() < 1e-4
 
 
+MIXED = "one image prompt of two"  # a layout's marker for one_image_prompt_of_two's data
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "layout",
     [
         ["trainer.zero_stage=0"],  # plain PyTorch: gradients all-reduced
         ["trainer.zero_stage=2"],  # DeepSpeed: optimizer states and gradients sharded
-        ["trainer.zero_stage=3"],  # DeepSpeed: parameters sharded too (reference model as well)
-        ["trainer.zero_stage=3", "algo.estimator=gae", "algo.critic_lr=1e-3"],  # with a sharded value model
+        # DeepSpeed: parameters sharded too (reference model as well). Every lm_head call gathers its
+        # weight, and 8-token chunks of each micro-batch's completions (lengths 1-24, differing per rank)
+        # give the ranks different chunk counts: each must run the busiest rank's
+        ["trainer.zero_stage=3", "trainer.logp_chunk_size=8"],
+        # with a sharded value model; padded batches, one rank's prompt with an image and the other's
+        # without: the vision tower's gathers must happen on both
+        ["trainer.zero_stage=3", "algo.estimator=gae", "algo.critic_lr=1e-3", "trainer.packing=false", MIXED],
         ["trainer.zero_stage=3", "trainer.offload=all"],  # parameters and optimizer states on the CPU
     ],
     ids=["ddp", "zero2", "zero3", "zero3-gae", "zero3-offload"],
@@ -103,3 +124,49 @@ def test_deepspeed_run_resumes_from_its_sharded_checkpoint(tmp_path):
     assert [m["step"] for m in resumed] == [2]  # only the step after the checkpoint ran (the file was new)
     assert resumed[0]["loss/policy"] == straight[1]["loss/policy"]
     assert_same_weights(final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed"))
+
+
+def run_script(code: str) -> str:
+    """`code` in a fresh process (its process group must not outlive it), tests/ importable."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]), "DS_ACCELERATOR": "cpu"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return out.stdout
+
+
+def test_cpu_collectives_work_under_a_default_group_without_a_cpu_backend():
+    """vLLM's in-process worker makes the default process group itself, nccl only; the trainer's
+    counts, flags and metrics are CPU tensors. The CPU analogue: a default group of `cuda:gloo`."""
+    code = """
+import torch, dist
+torch.distributed.init_process_group("cuda:gloo", init_method=f"tcp://127.0.0.1:{dist.free_port()}", rank=0, world_size=1)
+dist.barrier()
+print(dist.all_max(3), dist.all_sum(torch.tensor([1.0, 2.0])).tolist(), dist.any_rank(True), dist.gather({"n": 1}))
+"""
+    assert run_script(code).split() == ["3", "[1.0,", "2.0]", "True", "[{'n':", "1}]"]
+
+
+def test_weight_sync_buckets_under_zero3_are_those_without_it():
+    """A ZeRO-3 parameter's numel() is 0 (its data is a shard): buckets sized by it would send the
+    whole model as one. Bucketed by their full sizes, they are the same buckets, the same tensors."""
+    code = """
+import torch
+from omegaconf import OmegaConf
+import dist
+from conftest import TINY_DEFAULTS, compose_cfg
+from model import build_tiny_model, build_tiny_tokenizer
+from rollout import weight_buckets
+
+cfg = compose_cfg(TINY_DEFAULTS)
+policy = build_tiny_model(build_tiny_tokenizer(cfg.model.tiny.vocab_size), cfg.model.tiny, seed=0)
+def buckets():
+    return [[(name, tuple(t.shape), round(t.double().sum().item(), 6)) for name, t in b] for b in weight_buckets(policy, 1 << 16, torch.float32)]
+plain = buckets()
+dist.init_distributed("cpu", always=True)
+dist.deepspeed_engine(policy, None, None, OmegaConf.merge(cfg.trainer, {"zero_stage": 3}), bf16=False)
+assert all(hasattr(p, "ds_id") and p.numel() == 0 for p in policy.parameters())  # partitioned
+sharded = buckets()
+assert sharded == plain, (len(sharded), len(plain))
+print(len(plain))
+"""
+    assert int(run_script(code).split()[-1]) > 5  # (DeepSpeed prints a line of its own before)

@@ -241,6 +241,8 @@ def flash_attn_varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, dropout, scal
     H_kv, D); each query segment (cu_q) attends to its keys (cu_k), causal aligned to the bottom
     right (a query sees every key up to its own position counted from the end) -> (S, H, D)."""
     assert causal and dropout == 0.0 and max_q == int((cu_q[1:] - cu_q[:-1]).max()) and max_k == int((cu_k[1:] - cu_k[:-1]).max())
+    if not (q.dtype == k.dtype == v.dtype and q.dtype in (torch.float16, torch.bfloat16)):  # flash-attn's own checks
+        raise RuntimeError(f"FlashAttention only supports fp16 and bf16, q, k and v alike: {q.dtype}, {k.dtype}, {v.dtype}")
     out = []
     for (qs, qe), (ks, ke) in zip(zip(cu_q.tolist(), cu_q[1:].tolist()), zip(cu_k.tolist(), cu_k[1:].tolist())):
         mask = torch.ones(qe - qs, ke - ks, dtype=torch.bool).tril(diagonal=(ke - ks) - (qe - qs))
@@ -249,12 +251,12 @@ def flash_attn_varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, dropout, scal
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_the_gpu_kernels_inputs_give_the_cpu_paths_attention(monkeypatch, dtype, cpu_plan):
     """The GPU path (varlen_kernel_attention) with flash-attn's kernel stood in for by its contract
     on CPU: separate query and key cu_seqlens, keys gathered per completion (its prompt's, then its
     own) attend exactly as the CPU path's masked blocks, gradients included: a shared group of 3 (one
-    completion of 1 token), a plain sequence, a group of 2; GQA; bf16 stays bf16."""
+    completion of 1 token), a plain sequence, a group of 2; GQA; bf16 stays bf16, fp16 fp16."""
     import model
     from model import attention_segments, varlen_kernel_attention
 
@@ -267,12 +269,39 @@ def test_the_gpu_kernels_inputs_give_the_cpu_paths_attention(monkeypatch, dtype,
     out = varlen_kernel_attention(q, k, v, segments["cu_seqlens"], segments["max_seqlen"], p, None, 0.0)
     ref = blockwise_attention(q, k, v, p["spans"], p["plans"], None)
     assert out.dtype == dtype and out.shape == ref.shape
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    tol = 2e-2
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=0)
     grad = torch.randn_like(ref)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
         assert a.dtype == dtype
         torch.testing.assert_close(a.float(), b.float(), atol=5 * tol, rtol=0)
+
+
+def test_fp32_weights_under_bf16_autocast_reach_the_gpu_kernel_in_one_half_dtype(monkeypatch, tokenizer, tiny_cfg, groups):
+    """model.dtype=bfloat16 keeps fp32 weights under bf16 autocast; the rotary embedding's fp32 cos / sin
+    then promote q and k to fp32 while v is bf16, which flash-attn and torch's varlen op reject. The GPU
+    path, with its kernel stood in for by a CPU function that checks the kernel's dtype contract at its
+    entry, gives the CPU path's log-probs and gradients under the same autocast; fp32 without autocast is
+    refused with the way out."""
+    import model as model_module
+    from model import build_tiny_model, use_varlen_attention
+
+    policy = build_tiny_model(tokenizer, tiny_cfg.model.tiny, seed=0)
+    use_varlen_attention(policy, "sdpa")
+    out = {}
+    for kernel in (False, True):
+        monkeypatch.setattr(model_module, "uses_varlen_kernels", lambda device, kernel=kernel: kernel)
+        monkeypatch.setattr(model_module, "flash_attn_varlen_func", flash_attn_varlen_reference)
+        policy.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logp = sequence_logps(policy, pack(groups, policy, 0, "cpu"), 1.0, 16)
+        logp.sum().backward()
+        out[kernel] = logp.detach(), policy.lm_head.weight.grad.clone()
+    assert next(policy.parameters()).dtype == torch.float32
+    torch.testing.assert_close(out[True][0], out[False][0], atol=5e-2, rtol=0)
+    torch.testing.assert_close(out[True][1], out[False][1], atol=5e-2, rtol=5e-2)
+    with torch.no_grad(), pytest.raises(ValueError, match="model.dtype=bfloat16"):
+        sequence_logps(policy, pack(groups, policy, 0, "cpu"), 1.0, 16)  # fp32, no autocast
 
 
 def test_micro_batches_count_a_shared_prompt_once_and_split_a_group_at_the_budget(groups):
@@ -319,12 +348,33 @@ def test_first_fit_decreasing_fills_bins_and_keeps_every_sequence_once():
     assert first_fit_decreasing([], 10) == []
 
 
-def test_text_only_micro_batch_runs_a_zero_weighted_vision_forward_when_asked(tiny_model, tokenizer, items):
+@pytest.mark.parametrize("packing", [True, False])
+def test_text_only_micro_batch_runs_a_zero_weighted_vision_forward_when_asked(tiny_model, tokenizer, items, packing):
+    """Under ZeRO-3 every module call gathers its weights collectively, so a rank whose micro-batch has
+    no image runs the vision tower too, packed or padded, at the point where an image would run it."""
+
+    def make(pairs):
+        if packing:
+            return pack(pairs, tiny_model, tokenizer.pad_token_id, "cpu")
+        return collate(pairs, tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids("<|image_pad|>"), "cpu")
+
+    def module_order(batch):
+        calls, backbone = [], tiny_model.model
+        modules = {"embed": backbone.get_input_embeddings(), "vision": backbone.visual, "text": backbone.language_model.layers[0]}
+        hooks = [m.register_forward_pre_hook(lambda *_, n=n: calls.append(n)) for n, m in modules.items()]
+        try:
+            logp = sequence_logps(tiny_model, batch, 1.0, 64)
+        finally:
+            for h in hooks:
+                h.remove()
+        return logp, calls
+
     text_items = [items[0], items[3]]
-    batch = pack(text_items, tiny_model, tokenizer.pad_token_id, "cpu")
-    plain = sequence_logps(tiny_model, batch, 1.0, 64)
+    plain, plain_calls = module_order(make(text_items))
     tiny_model.zero_grad()
-    dummy = sequence_logps(tiny_model, batch | {"dummy_vision": True}, 1.0, 64)
+    dummy, dummy_calls = module_order(make(text_items) | {"dummy_vision": True})
+    _, image_calls = module_order(make([items[1], items[0]]) | {"dummy_vision": True})
+    assert plain_calls == ["embed", "text"] and dummy_calls == image_calls == ["embed", "vision", "text"]
     assert torch.equal(plain, dummy)
     dummy.sum().backward()
     vision_grads = [p.grad for p in tiny_model.model.visual.parameters()]

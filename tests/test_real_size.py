@@ -84,6 +84,8 @@ def test_real_widths_cut_to_two_layers_packed_equal_padded(tokenizer, image_proc
     vision = QWEN2_5_VL_3B_VISION | {"depth": 2, "fullatt_block_indexes": [1]}
     with no_init_weights():  # transformers' own init of 0.5B weights takes minutes on a busy CPU
         model = Qwen2_5_VLForConditionalGeneration(qwen2_5_vl_config(tokenizer, text, vision))
+    model.tie_weights()  # no_init_weights skips the tie that from_pretrained (and the meta model) make
+    assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
     g = torch.Generator().manual_seed(0)
     for param in model.parameters():
         param.data.normal_(0.0, 0.02, generator=g)  # the config's initializer_range, in seconds
