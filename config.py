@@ -172,7 +172,7 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.5  # vllm: share of GPU memory (on CPU: of RAM) for its weights and KV cache
     kv_cache_gb: Optional[float] = None  # vllm: KV cache size in GiB; null = what gpu_memory_utilization leaves
     enforce_eager: bool = False  # vllm: no torch.compile / CUDA graphs (faster start-up, slower decoding)
-    tensor_parallel_size: int = 1  # vllm: GPUs per engine (under torchrun: consecutive ranks form a group)
+    tensor_parallel_size: int = 1  # vllm: GPUs per engine; only 1 (validate says why): one engine per rank
     enable_sleep: bool = True  # vllm: free its memory while training, wake it to sample
     enable_prefix_caching: bool = True  # vllm: a group's G samples share the prompt's KV cache
     sync_bucket_mb: int = 512  # vllm: weights are pushed in buckets of about this many MB
@@ -387,7 +387,15 @@ def validate(cfg: Any) -> None:
         errors.append("data.train_files is empty: give LMM-R1 rows (jsonl, parquet, save_to_disk) or data.source=synthetic")
     if a.tis_clip is not None and (a.tis_clip <= 0 or not r.logprobs):
         errors.append(f"algo.tis_clip={a.tis_clip} needs a positive value and rollout.logprobs=true")
-    if not 0 < r.gpu_memory_utilization <= 1 or r.tensor_parallel_size < 1:
-        errors.append("rollout.gpu_memory_utilization must be in (0, 1] and rollout.tensor_parallel_size >= 1")
+    if not 0 < r.gpu_memory_utilization <= 1:
+        errors.append(f"rollout.gpu_memory_utilization={r.gpu_memory_utilization} must be in (0, 1]")
+    if r.tensor_parallel_size != 1:  # refused, not half-done: no configuration would sample what it says
+        errors.append(
+            f"rollout.tensor_parallel_size={r.tensor_parallel_size}: only 1 is supported. Each rank samples its own "
+            "prompts with its own colocated engine, whose weights the trainer updates in place; vLLM's tensor "
+            "parallelism needs the same prompts on every rank of a group (its external launcher) or engine workers "
+            "in other processes, out of the weight sync's reach. A 3B (7.5 GB in bf16) fits one GPU: use "
+            "rollout.tensor_parallel_size=1 with one rank per GPU (trainer.devices, torchrun)"
+        )
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))

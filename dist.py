@@ -171,6 +171,34 @@ def any_rank(flag: bool) -> bool:
     return all_sum(torch.tensor(float(flag))).item() > 0
 
 
+def rank0_value(obj):
+    """Rank 0's `obj` (a small Python object) on every rank."""
+    if not distributed():
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0, group=cpu_group())
+    return box[0]
+
+
+def shared_run_dir(own: str) -> str:
+    """Rank 0's run dir, on every rank. Each torchrun process resolves Hydra's `${now:...}` itself, so
+    ranks started across a second boundary got dirs of their own: a checkpoint would then hold only
+    rank 0's ZeRO shards, and each rank would resume from another place. A rank's own dir, where it
+    is not rank 0's, holds only what Hydra wrote at start (.hydra/, train.log) and is removed."""
+    shared = rank0_value(os.path.abspath(own))
+    if shared != os.path.abspath(own):
+        import shutil
+
+        shutil.rmtree(os.path.join(own, ".hydra"), ignore_errors=True)
+        if os.path.isfile(os.path.join(own, "train.log")):
+            os.remove(os.path.join(own, "train.log"))
+        try:
+            os.rmdir(own)  # only if nothing else is there
+        except OSError:
+            pass
+    return shared
+
+
 def gather(obj) -> list:
     """[rank 0's obj, rank 1's, ...] on every rank (small Python objects: lists of rewards, counts)."""
     if not distributed():

@@ -35,7 +35,16 @@ from checkpoint import StopSignals, TrainingError, resume_point, rewrite_logs, r
 from config import ConfigError, validate
 from data import BadRow, encode_prompt, load_dataset, prompt_batches, steps_per_epoch
 from dist import all_sum, any_rank, backward, barrier, deepspeed_engine, distributed, gather, gathered_weights, in_step
-from dist import console_log, init_distributed, launch_rank, main_rank, pick_device, set_cpu_threads, step_optimizer
+from dist import (
+    console_log,
+    init_distributed,
+    launch_rank,
+    main_rank,
+    pick_device,
+    set_cpu_threads,
+    shared_run_dir,
+    step_optimizer,
+)
 from eval import run_eval
 from model import (
     VISION_TOKENS,
@@ -572,6 +581,7 @@ def setup(cfg: DictConfig, run_dir: str) -> RunState:
     if t.zero_stage > 0 and pick_device(t.device).type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU backend (gloo), for tests and debugging
     rank, world, device = init_distributed(t.device, always=t.zero_stage > 0)
+    run_dir = shared_run_dir(run_dir)
     if r.prompts_per_step % world:
         raise ConfigError(f"rollout.prompts_per_step={r.prompts_per_step} must divide among {world} ranks")
     if rank == 0:

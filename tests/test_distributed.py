@@ -39,9 +39,10 @@ def launch(run_dir, extra, nproc: int):
         else [sys.executable]
     )
     cmd = [*head, os.path.join(ROOT, "train.py"), *JOB, *extra, f"hydra.run.dir={run_dir}"]
+    os.makedirs(os.path.dirname(run_dir), exist_ok=True)
     out = subprocess.run(cmd, cwd=os.path.dirname(run_dir), env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]
-    return metrics_of(run_dir)
+    return metrics_of(run_dir) if "${" not in run_dir else None
 
 
 def one_image_prompt_of_two(tmp_path) -> list:
@@ -111,19 +112,24 @@ def test_two_ranks_train_exactly_like_one_process(tmp_path, layout):
 @pytest.mark.slow
 def test_deepspeed_run_resumes_from_its_sharded_checkpoint(tmp_path):
     """A 2-rank ZeRO-2 run continued from its step-1 checkpoint (as a requeued job would) ends
-    with the same weights as the run that went straight through."""
+    with the same weights as the run that went straight through. The straight run's dir comes from
+    Hydra's `${now:...}`, resolved by each rank itself, to the microsecond here so that the ranks'
+    always differ: both ranks write into rank 0's, and no other dir is left."""
     import shutil
 
     layout = ["trainer.zero_stage=2", "trainer.save_every=1"]
-    straight = launch(str(tmp_path / "straight"), layout, 2)
-    step_1 = tmp_path / "straight" / "checkpoints" / "step_1"
-    assert (step_1 / "policy").is_dir()  # DeepSpeed's own shards: optimizer partitions, schedule
+    launch(str(tmp_path / "straight" / "${now:%H-%M-%S-%f}"), layout, 2)
+    (straight_dir,) = (tmp_path / "straight").glob("*-*-*-*")  # (outputs/ beside it: the latest link)
+    straight = metrics_of(straight_dir)
+    step_1 = straight_dir / "checkpoints" / "step_1"
+    shards = sorted(f.name.split("_mp_rank")[0] for f in (step_1 / "policy").rglob("*optim_states.pt"))
+    assert shards == ["zero_pp_rank_0", "zero_pp_rank_1"]  # DeepSpeed's own shards, both ranks': optimizer partitions
     os.makedirs(tmp_path / "resumed" / "checkpoints")
     shutil.copytree(step_1, tmp_path / "resumed" / "checkpoints" / "step_1")
     resumed = launch(str(tmp_path / "resumed"), layout, 2)
     assert [m["step"] for m in resumed] == [2]  # only the step after the checkpoint ran (the file was new)
     assert resumed[0]["loss/policy"] == straight[1]["loss/policy"]
-    assert_same_weights(final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed"))
+    assert_same_weights(final_weights(straight_dir), final_weights(tmp_path / "resumed"))
 
 
 def run_script(code: str) -> str:
