@@ -1,28 +1,82 @@
 #!/usr/bin/env bash
-# Issue 18's GPU check, one script sized for 8 minutes of device time (an H200 with torch 2.11 when
-# last seen). Prepared, not yet run: no GPU was lent to the session that wrote it.
-#   1. torch's varlen kernel: its signature there (it moved between 2.10 and 2.13) and the gpu tests
-#      (varlen_attn = per-sequence SDPA in bf16, outputs and gradients; packed = one at a time);
-#   2. the attention kernels alone (bench/attention.py: torch varlen, split views, slices, padded);
-#   3. one packed policy update of random-init Qwen2.5-VL-3B (published config, vision tower of 32
-#      layers at 1280, frozen), bf16, 64 sequences of 512-4096 tokens: tokens/s, MFU against the
-#      bf16 peak measured there, peak memory, for padded vs packed with per-sequence SDPA vs packed
-#      with torch's varlen kernel (bench/packing.py). Target: MFU >= 40% for packed.
-# Packages the device image lacks (or has at other versions) travel as wheels in .whl/ (see the
-# device README): hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3
-# transformers==5.19.0 math-verify==0.9.0 latex2sympy2_extended gymnasium==1.4.0 farama-notifications
-# deepspeed==0.19.8 wandb==0.31.0 (train.py's imports, which bench/packing.py pulls in).
-set -euo pipefail
-cd "$(dirname "$0")/.."
+# The device check (issues 18, 30, 31): what only a GPU can show, in one run of about 10 minutes on one
+# H200 (torch 2.11 and transformers 5.17 there; vllm, flash-attn and deepspeed not). Prepared on CPU,
+# not yet run on a GPU: no GPU has been lent to the sessions that wrote it.
+#   bench/gpu.sh             on the device: run it from the repository root, OUT set by the device tool
+#   bench/gpu.sh --dry-run   the same steps on the CPU at small sizes (.ci/run runs it, so it cannot rot)
+# Packages the device lacks travel as wheels in .whl/, made here by bench/gpu_wheels.sh.
+# No `set -e`: each step runs under its own timeout and prints "ok <step>" or "FAIL <step> (rc N)",
+# then the next one starts; everything goes to $OUT/log too. The exit status is the number of failures.
+cd "$(dirname "$0")/.." || exit 1
+DRY=0
+[ "${1:-}" = "--dry-run" ] && DRY=1
+OUT="${OUT:-$(mktemp -d)}"
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/log") 2>&1
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
+PY=python3
 if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import inspect, torch; from torch.nn.attention.varlen import varlen_attn; print('torch', torch.__version__, 'varlen_attn', inspect.signature(varlen_attn))"
-timeout 60 python3 -m pytest -x -q -rs -m gpu tests/test_packing.py
-timeout 60 python3 bench/attention.py --device cuda --repeats 5
-timeout 300 python3 bench/packing.py --model 3b --device cuda --dtype bfloat16 --min-len 512 --max-len 4096 \
-    --samples 64 --micro 4 --repeats 2
-# issue 31: each prompt once per group vs once per sample, the 3B cut to 2+2 layers, G = 8 (bench/prefix.py)
-timeout 150 python3 bench/prefix.py --device cuda --dtype bfloat16 --groups 8 --prompts 2
+FAILED=()
+step() {  # step NAME SECONDS COMMAND...: run it under its own timeout, say how it went, go on
+    local name=$1 limit=$2 rc
+    shift 2
+    echo "=== $name ($(date +%T), limit ${limit}s)"
+    timeout --kill-after=10 "$limit" "$@"
+    rc=$?
+    if [ $rc -eq 0 ]; then echo "ok $name"; else echo "FAIL $name (rc $rc)"; FAILED+=("$name"); fi
+}
+if [ $DRY = 1 ]; then  # CPU stand-ins: the same commands, small
+    DEV=cpu SCALE=(--model small --samples 8 --min-len 32 --max-len 256 --micro 4 --repeats 1)
+    PREFIX=(--model small --groups 4 --repeats 1)
+else
+    DEV=cuda SCALE=(--model 3b --samples 64 --min-len 512 --max-len 4096 --micro 4 --repeats 2)
+    PREFIX=(--model 3b --groups 8 --prompts 2)
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+fi
+TINY=(debug=tiny_random trainer.device=$DEV log.wandb=disabled log.progress=false trainer.logp_chunk_size=16)
+
+# 1. torch's varlen kernel: its signature here (it moved between 2.10 and 2.13), flash-attn if present
+step varlen 60 $PY -c "
+import inspect, torch, model
+print('torch', torch.__version__, 'cuda', torch.cuda.is_available())
+print('varlen_attn', model.varlen_attn and inspect.signature(model.varlen_attn), 'flash_attn', model.flash_attn_varlen_func is not None)"
+# 2. the trainer's CPU collectives under a default group without a CPU backend, as vLLM's in-process
+#    worker makes it on a GPU (nccl); the CPU stand-in is a cuda:gloo group
+step collectives 60 $PY -c "
+import torch, dist
+backend = 'nccl' if torch.cuda.is_available() else 'cuda:gloo'
+torch.distributed.init_process_group(backend, init_method=f'tcp://127.0.0.1:{dist.free_port()}', rank=0, world_size=1)
+dist.barrier()
+print(backend, dist.all_max(3), dist.all_sum(torch.ones(2)).tolist(), dist.any_rank(True), dist.gather(1))"
+# 3. the tests marked gpu (they skip, saying why, on a CPU)
+step gpu-tests 180 $PY -m pytest -q -rs -m gpu -p no:cacheprovider tests/
+# 4. two steps of train.py on the device (HF engine; fp32 master weights, bf16 autocast; 16-token
+#    log-prob chunks), a checkpoint each step; then a resume to step 3 from it; then eval.py on the result
+step train 300 $PY train.py "${TINY[@]}" trainer.max_steps=2 trainer.save_every=1 hydra.run.dir="$OUT/train"
+step resume 300 $PY train.py "${TINY[@]}" trainer.max_steps=3 trainer.save_every=1 hydra.run.dir="$OUT/train"
+step resumed-at-step-3 10 $PY -c "
+import json; steps = [json.loads(l)['step'] for l in open('$OUT/train/metrics.jsonl')]
+print(steps); assert steps == [1, 2, 3], steps"
+step eval 300 $PY eval.py "${TINY[@]}" model.path="$OUT/train/checkpoints/final" "eval.benchmarks=[sokoban]" \
+    eval.max_items=16 eval.max_new_tokens=48 eval.data_dir="$OUT/eval_data" hydra.run.dir="$OUT/eval"
+# 5. ZeRO-3 on the one device, where DeepSpeed imports (its wheel carried in .whl/)
+if $PY -c "import deepspeed" 2>/dev/null; then
+    step zero3 300 $PY train.py "${TINY[@]}" trainer.zero_stage=3 trainer.max_steps=2 hydra.run.dir="$OUT/zero3"
+else
+    echo "=== zero3: skipped, deepspeed does not import here (bench/gpu_wheels.sh carries it)"
+fi
+# 6. the attention kernels alone: torch varlen, split views, slices, padded (bench/attention.py)
+step attention 120 $PY bench/attention.py --device $DEV --repeats 3
+# 7. one packed policy update of random-init Qwen2.5-VL-3B (on CPU a small model): padded vs packed,
+#    tokens/s, MFU against the bf16 peak measured here, peak memory; bf16 weights, then fp32 master
+#    weights under bf16 autocast (what training runs: q and k leave the rotary embedding in fp32)
+step packing-bf16 300 $PY bench/packing.py --device $DEV --dtype bfloat16 "${SCALE[@]}"
+step packing-fp32-master 300 $PY bench/packing.py --device $DEV --dtype float32 "${SCALE[@]}"
+# 8. each prompt once per group vs once per sample (issue 31), the 3B cut to 2+2 layers (bench/prefix.py)
+step prefix 200 $PY bench/prefix.py --device $DEV --dtype bfloat16 "${PREFIX[@]}"
+
+echo "=== done: ${#FAILED[@]} failed${FAILED:+: ${FAILED[*]}}; log in $OUT/log"
+exit ${#FAILED[@]}
