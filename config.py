@@ -129,6 +129,9 @@ class ModelConfig:
 class TrainerConfig:
     seed: int = 42  # every RNG (data order, sampling, init) is derived from (seed, step, index)
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
+    # rank processes `python train.py` starts itself (torch's elastic launcher, as torchrun --standalone):
+    # auto = one per visible GPU (1 on a CPU), or a number; under torchrun or SLURM their ranks rule
+    devices: str = "auto"
     threads: int = 0  # torch's intra-op CPU threads in this process; 0: torch's own (OMP_NUM_THREADS, else a core each)
     lr: float = 1e-6  # actor learning rate
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
@@ -389,6 +392,8 @@ def validate(cfg: Any) -> None:
         errors.append(f"algo.tis_clip={a.tis_clip} needs a positive value and rollout.logprobs=true")
     if not 0 < r.gpu_memory_utilization <= 1:
         errors.append(f"rollout.gpu_memory_utilization={r.gpu_memory_utilization} must be in (0, 1]")
+    if not (t.devices == "auto" or t.devices.isdigit() and int(t.devices) >= 1):
+        errors.append(f"trainer.devices={t.devices}: expected auto or a number of processes >= 1")
     if r.tensor_parallel_size != 1:  # refused, not half-done: no configuration would sample what it says
         errors.append(
             f"rollout.tensor_parallel_size={r.tensor_parallel_size}: only 1 is supported. Each rank samples its own "

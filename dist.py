@@ -76,6 +76,42 @@ def console_log(path: str):
             sys.stdout, sys.stderr = out, err
 
 
+def under_a_launcher() -> bool:
+    """Whether this process is one of a launcher's ranks: torchrun's (WORLD_SIZE), cluster=slurm's
+    (submitit), or one task of an srun step of several."""
+    return (
+        "WORLD_SIZE" in os.environ
+        or os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
+        or int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1
+    )
+
+
+def ranks_to_start(devices: str, device_name: str) -> int:
+    """trainer.devices as the number of rank processes `python train.py` starts: 0 under a launcher
+    (its ranks exist already); auto: one per visible GPU where training runs on GPUs, else 1."""
+    if under_a_launcher():
+        return 0
+    gpus = torch.cuda.device_count() if pick_device(device_name).type == "cuda" else 0
+    n = max(1, gpus) if devices == "auto" else int(devices)
+    if gpus and n > gpus:
+        raise ValueError(f"trainer.devices={n}, but {gpus} GPUs are visible (CUDA_VISIBLE_DEVICES)")
+    return n
+
+
+def start_ranks(n: int, argv: List[str]) -> None:
+    """`python argv...` as `n` local ranks through torch's elastic launcher, as `torchrun --standalone
+    --nproc_per_node n` starts them (a free rendezvous port, no restarts, one OMP thread each unless
+    set); returns when all have ended, raises its ChildFailedError if one failed."""
+    import uuid
+
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default for several processes
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
+                          rdzv_endpoint="localhost:0", max_restarts=0)  # fmt: skip
+    elastic_launch(config, sys.executable)(*argv)
+
+
 def set_cpu_threads(wanted: int) -> None:
     """torch's intra-op CPU threads for this process (trainer.threads): `wanted`; 0 keeps torch's own
     choice (OMP_NUM_THREADS where a launcher set it, as torchrun does, else a thread per core)."""

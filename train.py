@@ -35,16 +35,8 @@ from checkpoint import StopSignals, TrainingError, resume_point, rewrite_logs, r
 from config import ConfigError, validate
 from data import BadRow, encode_prompt, load_dataset, prompt_batches, steps_per_epoch
 from dist import all_sum, any_rank, backward, barrier, deepspeed_engine, distributed, gather, gathered_weights, in_step
-from dist import (
-    console_log,
-    init_distributed,
-    launch_rank,
-    main_rank,
-    pick_device,
-    set_cpu_threads,
-    shared_run_dir,
-    step_optimizer,
-)
+from dist import console_log, init_distributed, launch_rank, main_rank, pick_device, ranks_to_start, set_cpu_threads
+from dist import shared_run_dir, start_ranks, step_optimizer
 from eval import run_eval
 from model import (
     VISION_TOKENS,
@@ -1060,12 +1052,36 @@ def finish(state: RunState) -> None:
         state.wandb_run.finish()
 
 
+def start_ranks_here(cfg: DictConfig, run_dir: str) -> bool:
+    """Whether this process started the run's ranks (trainer.devices > 1, no launcher), each this same
+    command in this run dir, and waited for them: then it has nothing more to do."""
+    from hydra.core.hydra_config import HydraConfig
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    validate(cfg)  # a bad config fails once, here, not once per rank
+    n = ranks_to_start(cfg.trainer.devices, cfg.trainer.device)
+    if n <= 1:
+        return False
+    try:
+        start_ranks(n, [os.path.abspath(__file__), *HydraConfig.get().overrides.task, f"hydra.run.dir={run_dir}"])
+    except ChildFailedError as e:
+        failed = ", ".join(f"rank {rank} exited with {f.exitcode}" for rank, f in e.failures.items())
+        raise TrainingError(f"{failed} (its output is above)") from None
+    return True
+
+
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     run_dir = HydraConfig.get().runtime.output_dir
     quiet_progress_bars()
+    try:
+        if start_ranks_here(cfg, run_dir):
+            return
+    except (ConfigError, ValueError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     with console_log(os.path.join(run_dir, "train.log")):
         if launch_rank() == 0:  # (torchrun's or SLURM's ranks: rank 0 speaks)
             print(

@@ -87,6 +87,8 @@ def test_keys_added_with_a_plus_fail_naming_the_nearest_and_extension_points_tak
         (["trainer.shuffle=group", "rollout.group_size=6", "trainer.mini_batch_size=8"], "multiple of rollout.group_size=6"),
         (["data.source=files", "data.train_files=[]"], "train_files is empty"),
         (["rollout.tensor_parallel_size=2"], "only 1 is supported. Each rank samples its own prompts"),
+        (["trainer.devices=0"], "trainer.devices=0: expected auto or a number"),
+        (["trainer.devices=all"], "trainer.devices=all: expected auto or a number"),
     ],
 )
 def test_cross_key_rules_are_checked_at_start_up(overrides, message):

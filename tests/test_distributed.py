@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY_DEFAULTS
-from test_resume import assert_same_weights, final_weights, metrics_of
+from test_resume import assert_same_weights, final_weights, metrics_of, same_metrics
 
 TOY = ["+reward.weights={toy_rewards\\:digit_fraction: 1.0}", "~reward.weights.format", "~reward.weights.math"]
 JOB = [
@@ -31,13 +31,14 @@ JOB = [
 ]  # fmt: skip  (2 updates per step; LMM-R1's chunked loss with chunks that span the ranks, the last one short)
 
 
-def launch(run_dir, extra, nproc: int):
+def launch(run_dir, extra, nproc: int, torchrun: bool = True):
+    """train.py as `nproc` ranks, started by torchrun or (torchrun=False) by train.py itself (trainer.devices)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": os.path.join(ROOT, "tests")}
-    head = (
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-        if nproc > 1
-        else [sys.executable]
-    )
+    head = [sys.executable]
+    if nproc > 1 and torchrun:
+        head += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    elif nproc > 1:
+        extra = [*extra, f"trainer.devices={nproc}"]
     cmd = [*head, os.path.join(ROOT, "train.py"), *JOB, *extra, f"hydra.run.dir={run_dir}"]
     os.makedirs(os.path.dirname(run_dir), exist_ok=True)
     out = subprocess.run(cmd, cwd=os.path.dirname(run_dir), env=env, capture_output=True, text=True, timeout=300)
@@ -107,6 +108,17 @@ MIXED = "one image prompt of two"  # a layout's marker for one_image_prompt_of_t
 )
 def test_two_ranks_train_exactly_like_one_process(tmp_path, layout):
     assert_same_training(tmp_path, layout)
+
+
+@pytest.mark.slow
+def test_trainer_devices_starts_the_ranks_as_torchrun_does(tmp_path):
+    """`python train.py trainer.devices=2` starts its two ranks itself (torch's elastic launcher, as
+    torchrun --standalone): the same run as under torchrun, bit for bit."""
+    by_torchrun = launch(str(tmp_path / "torchrun"), ["trainer.zero_stage=0"], 2)
+    by_devices = launch(str(tmp_path / "devices"), ["trainer.zero_stage=0"], 2, torchrun=False)
+    assert len(by_devices) == 2 and all(same_metrics(a, b) for a, b in zip(by_torchrun, by_devices))
+    assert by_devices[0]["loss/grad_norm"] > 0  # (real updates)
+    assert_same_weights(final_weights(tmp_path / "torchrun"), final_weights(tmp_path / "devices"))
 
 
 @pytest.mark.slow
