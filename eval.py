@@ -35,12 +35,14 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 import hydra
+import torch
 from omegaconf import DictConfig
 
 import config  # noqa: F401  (registers the schema with Hydra's ConfigStore)
 import football
 import sokoban
 from config import ConfigError, reject_unknown_keys
+from dist import barrier, distributed, gather, main_rank
 from data import LMM_R1_SYSTEM_PROMPT, BadRow, Sample, parse_row, read_rows, user_message
 from rewards import (
     choice_letter,
@@ -453,20 +455,25 @@ def write_tables(out_dir: str, results: Dict[str, dict]) -> None:
 
 
 def greedy_completions(engine, tokenizer, image_processor, items: List[Item], max_new_tokens: int) -> List[str]:
-    """One greedy completion per item from a rollout engine (HF or vLLM)."""
+    """One greedy completion per item from a rollout engine (HF or vLLM). Under several ranks (eval
+    during a data-parallel run) each generates every world-th item and every rank gets them all:
+    a prompt's completion does not depend on the prompts beside it, so the list is one process's."""
     from data import encode_prompt
 
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed() else (0, 1)
     greedy = engine.with_sampling(temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens, logprobs=False)
-    samples = [Sample(messages=i.messages, answer=str(i.row["answer"]), where=i.id) for i in items]
+    samples = [Sample(messages=i.messages, answer=str(i.row["answer"]), where=i.id) for i in items[rank::world]]
     prompts = [encode_prompt(s, tokenizer, image_processor) for s in samples]
-    return greedy.generate(prompts, 1, seeds=[0] * len(prompts)).texts
+    texts = greedy.generate(prompts, 1, seeds=[0] * len(prompts)).texts if prompts else []
+    completions = [""] * len(items)
+    for r, shard in enumerate(gather(texts)):  # rank r's are items r, r + world, ...
+        completions[r::world] = shard
+    return completions
 
 
 def load_engine(cfg, out_dir: str):
     """(engine, tokenizer, image_processor) for the model in cfg.model, with cfg.rollout's engine
     (vLLM loads the tiny preset from `out_dir`)."""
-    import torch
-
     from dist import set_cpu_threads
     from model import load_policy, resolve_model_path
     from rollout import make_engine
@@ -505,15 +512,20 @@ def benchmark_items(cfg, name: str) -> Optional[List[Item]]:
 
 def run_eval(cfg: DictConfig, out_dir: str, engine=None) -> Dict[str, dict]:
     """Every benchmark of cfg.eval.benchmarks: predictions from cfg.eval.predictions, or generated
-    with `engine` (a (engine, tokenizer, image_processor) triple; default: loaded from cfg.model)."""
+    with `engine` (a (engine, tokenizer, image_processor) triple; default: loaded from cfg.model).
+    Under several ranks every rank calls it, generates its share, and rank 0 scores, writes and
+    returns the results (the others: {})."""
     unknown = [b for b in cfg.eval.benchmarks if b not in BENCHMARKS]
     if unknown:
         raise ConfigError(f"eval.benchmarks: unknown {unknown}; known: {sorted(BENCHMARKS)}")
     reject_unknown_keys(cfg)
-    pool = reward_pool(cfg.reward.workers)
     results, skipped = {}, []
     for name in cfg.eval.benchmarks:
-        items = benchmark_items(cfg, name)
+        if main_rank():  # where a split is built (Sokoban's), rank 0 builds it and the others then read it
+            items = benchmark_items(cfg, name)
+        barrier()
+        if not main_rank():
+            items = benchmark_items(cfg, name)
         if items is None:
             skipped.append(name)
             continue
@@ -522,12 +534,16 @@ def run_eval(cfg: DictConfig, out_dir: str, engine=None) -> Dict[str, dict]:
         else:
             engine = engine or load_engine(cfg, out_dir)
             predictions = greedy_completions(*engine, items, cfg.eval.max_new_tokens)
-        results[name] = evaluate(name, items, predictions, out_dir, pool, cfg.reward.timeout_s, cfg.eval.judge)
-        print(f"[eval] {name}: {100 * results[name]['accuracy']:.1f}% of {len(items)} ({results[name]['scoring']})")
-    if not results:
+        if main_rank():  # (the other ranks helped generate)
+            results[name] = evaluate(name, items, predictions, out_dir, reward_pool(cfg.reward.workers), cfg.reward.timeout_s,
+                                     cfg.eval.judge)  # fmt: skip
+            print(f"[eval] {name}: {100 * results[name]['accuracy']:.1f}% of {len(items)} ({results[name]['scoring']})")
+    if len(skipped) == len(cfg.eval.benchmarks):
         raise FileNotFoundError(
             f"no benchmark of {list(cfg.eval.benchmarks)} is in {cfg.eval.data_dir}: see scripts/get_benchmarks.md"
         )
+    if not main_rank():
+        return {}
     if skipped:
         print(f"[eval] {len(skipped)} of {len(cfg.eval.benchmarks)} benchmarks skipped (not in {cfg.eval.data_dir}): {skipped}")
     write_tables(out_dir, results)

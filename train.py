@@ -34,7 +34,7 @@ import config  # noqa: F401  (registers the schema with Hydra's ConfigStore)
 from checkpoint import StopSignals, TrainingError, resume_point, rewrite_logs, rng_state, save_training_state, set_rng_state
 from config import ConfigError, validate
 from data import BadRow, encode_prompt, load_dataset, prompt_batches, steps_per_epoch
-from dist import all_sum, any_rank, backward, barrier, deepspeed_engine, distributed, gather, gathered_weights, in_step
+from dist import all_sum, any_rank, backward, deepspeed_engine, distributed, gather, gathered_weights, in_step
 from dist import console_log, init_distributed, launch_rank, main_rank, pick_device, ranks_to_start, set_cpu_threads
 from dist import shared_run_dir, start_ranks, step_optimizer
 from eval import run_eval
@@ -887,18 +887,15 @@ def optimizer_update(state: RunState, name: str) -> float:
 
 
 def evaluate(state: RunState, step: int) -> Dict[str, float]:
-    """eval/<benchmark> accuracies, greedy with the rollout engine, every eval.every steps (ZeRO-3:
-    every rank gathers the weights, rank 0 evaluates)."""
+    """eval/<benchmark> accuracies (on rank 0), greedy with the rollout engine, every eval.every steps:
+    every rank generates its share of the items (ZeRO-3: with the weights gathered), rank 0 scores."""
     cfg = state.cfg
-    scores = {}
-    if cfg.eval.every > 0 and (step + 1) % cfg.eval.every == 0:
-        with gathered_weights(state.policy):
-            if main_rank():
-                out = os.path.join(state.run_dir, "eval", f"step_{step + 1}")
-                results = run_eval(cfg, out, (state.engine, state.tokenizer, state.image_processor))
-                scores = {f"eval/{name}": res["accuracy"] for name, res in results.items()}
-        barrier()
-    return scores
+    if cfg.eval.every <= 0 or (step + 1) % cfg.eval.every:
+        return {}
+    with gathered_weights(state.policy):
+        out = os.path.join(state.run_dir, "eval", f"step_{step + 1}")
+        results = run_eval(cfg, out, (state.engine, state.tokenizer, state.image_processor))
+    return {f"eval/{name}": res["accuracy"] for name, res in results.items()}
 
 
 def step_metrics(state: RunState, exp: Experience, adv: Advantages, stats: Dict[str, torch.Tensor]) -> Dict[str, float]:

@@ -78,6 +78,11 @@ def assert_trained_alike(single_dir, ranks_dir):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
         assert b["loss/grad_norm"] == pytest.approx(a["loss/grad_norm"], rel=1e-4)
     assert single[0]["reward/std"] > 0 and single[0]["loss/grad_norm"] > 0  # real updates
+    assert [m.get("eval/sokoban") for m in ranks] == [m.get("eval/sokoban") for m in single]
+    predictions = [os.path.join(d, "eval", "step_2", "sokoban", "predictions.jsonl") for d in (single_dir, ranks_dir)]
+    if os.path.exists(predictions[0]):  # the same completion for every item, in the items' order
+        one_process, two_ranks = (open(p).read() for p in predictions)
+        assert two_ranks == one_process
     w1, w2 = final_weights(single_dir), final_weights(ranks_dir)
     assert w1.keys() == w2.keys()
     diff = torch.cat([(w1[k] - w2[k]).abs().flatten() for k in w1])
@@ -86,6 +91,13 @@ def assert_trained_alike(single_dir, ranks_dir):
     assert diff.max() < 5e-5 and (diff > 1e-6).float().mean() < 1e-4
 
 
+EVAL_AT_STEP_2 = [
+    "eval.every=2",
+    "eval.benchmarks=[sokoban]",
+    "eval.max_items=5",
+    "eval.max_new_tokens=16",
+    "eval.data_dir=eval_data",
+]
 MIXED = "one image prompt of two"  # a layout's marker for one_image_prompt_of_two's data
 
 
@@ -98,7 +110,8 @@ MIXED = "one image prompt of two"  # a layout's marker for one_image_prompt_of_t
         # DeepSpeed: parameters sharded too (reference model as well). Every lm_head call gathers its
         # weight, and 8-token chunks of each micro-batch's completions (lengths 1-24, differing per rank)
         # give the ranks different chunk counts: each must run the busiest rank's
-        ["trainer.zero_stage=3", "trainer.logp_chunk_size=8"],
+        # Evaluation on the way (step 2) shards its 5 items over the ranks (3 and 2) and scores them on rank 0
+        ["trainer.zero_stage=3", "trainer.logp_chunk_size=8", *EVAL_AT_STEP_2],
         # with a sharded value model; padded batches, one rank's prompt with an image and the other's
         # without: the vision tower's gathers must happen on both
         ["trainer.zero_stage=3", "algo.estimator=gae", "algo.critic_lr=1e-3", "trainer.packing=false", MIXED],
@@ -108,6 +121,8 @@ MIXED = "one image prompt of two"  # a layout's marker for one_image_prompt_of_t
 )
 def test_two_ranks_train_exactly_like_one_process(tmp_path, layout):
     assert_same_training(tmp_path, layout)
+    if EVAL_AT_STEP_2[0] in layout:
+        assert "eval/sokoban" in metrics_of(tmp_path / "ranks")[1]
 
 
 @pytest.mark.slow
