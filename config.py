@@ -140,6 +140,7 @@ class TrainerConfig:
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
     grad_clip: float = 1.0  # max global grad norm (0 = no clipping)
     zero_stage: int = 0  # 0: plain PyTorch (data parallel by gradient all-reduce) | 1, 2, 3: DeepSpeed ZeRO
+    memory_check: bool = True  # on GPUs: stop at start-up a run whose memory plan exceeds a GPU's free memory
     offload: str = "none"  # DeepSpeed: none | optimizer (states to CPU) | all (ZeRO-3: parameters too)
     episodes: int = 1  # passes over the prompt set (when max_steps <= 0)
     max_steps: int = -1  # RL steps (rollout + update); <= 0 means derived from episodes

@@ -341,3 +341,126 @@ def step_optimizer(engines: Dict[str, object], name: str, params, optimizer, sch
     engines[name].step()
     norm = engines[name].get_global_grad_norm()
     return float(norm) if norm is not None else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-GPU memory plan (README: Multi-GPU): what a run needs, checked before any weight loads
+# ---------------------------------------------------------------------------------------------
+
+GIB = 2**30
+
+
+def unique_numel(params) -> int:
+    return sum({id(p): full_numel(p) for p in params}.values())  # tied weights once
+
+
+def model_state_bytes(model, trainable, zero_stage: int, gpus: int, offload: str) -> dict:
+    """Per-GPU bytes of a model trained with AdamW in bf16 compute, as DeepSpeed's estimators count
+    them (N parameters, n of them trainable):
+    - zero 0 (plain PyTorch): fp32 weights (the master copy), fp32 gradients and Adam's two moments,
+      all whole: 4N + 12n;
+    - zero 1 and 2: bf16 weights whole, 16-bit gradients, fp32 gradients, master weights and moments
+      in shards: 2N + 18n / GPUs (estimate_zero2_model_states_mem_needs; ZeRO-1, which has no
+      estimator, is counted so too); offload=optimizer: 2N;
+    - zero 3: every parameter's bf16 shard (2N / GPUs) and the trainable ones' fp32 gradients, master
+      weights and moments in shards (16n / GPUs), plus the largest layer gathered whole (4 bytes a
+      parameter: weights and gradient) (estimate_zero3_model_states_mem_needs: its 18 bytes a
+      parameter); offload=optimizer keeps the bf16 shards, =all nothing.
+    """
+    N, n = unique_numel(model.parameters()), unique_numel(trainable)
+    largest = max(sum(full_numel(p) for p in m.parameters(recurse=False)) for m in model.modules())
+    if zero_stage == 0:
+        return {"params": 4 * N, "states": 12 * n, "gathered": 0}
+    on_gpu = offload == "none"
+    if zero_stage < 3:
+        return {"params": 2 * N, "states": 18 * n // gpus if on_gpu else 0, "gathered": 0}
+    return {
+        "params": 2 * N // gpus if offload != "all" else 0,
+        "states": 16 * n // gpus if on_gpu else 0,
+        "gathered": 4 * largest,
+    }
+
+
+def activation_bytes(cfg, text_config) -> int:
+    """Activations of one training micro-batch (bf16 autocast), an estimate: with gradient
+    checkpointing each layer keeps its input (tokens x hidden x 2 bytes) and one layer at a time
+    recomputes its inner activations (about 10 hidden + 3 intermediate values a token, 2 bytes each);
+    without it every layer keeps those. Plus one log-prob chunk's fp32 logits, softmax and gradient."""
+    t = cfg.trainer
+    tokens = t.max_tokens_per_micro if t.packing else t.micro_batch_size * (cfg.data.max_prompt_len + cfg.rollout.max_new_tokens)
+    hidden, layers = text_config.hidden_size, text_config.num_hidden_layers
+    inner = tokens * (10 * hidden + 3 * text_config.intermediate_size) * 2
+    body = layers * tokens * hidden * 2 + inner if cfg.model.gradient_checkpointing else layers * inner
+    return body + 3 * 4 * min(t.logp_chunk_size, tokens) * text_config.vocab_size
+
+
+def memory_plan(cfg, policy, gpus: int, gpu_bytes: int) -> dict:
+    """Per-GPU bytes of each part of `cfg`'s run of `policy` (shapes only: a meta model will do) over
+    `gpus` GPUs of `gpu_bytes`, and the two peaks, `training` and `sampling`: the policy's states, the
+    reference (bf16, algo.kl_coef > 0), the critic (algo.estimator=gae; one model runs at a time, so
+    one gathered layer counts), vLLM's rollout.gpu_memory_utilization (also while training unless
+    rollout.enable_sleep), the activations (training)."""
+    zero, offload = cfg.trainer.zero_stage, str(cfg.trainer.offload)
+    vision = policy.model.visual.parameters() if cfg.model.freeze_vision and hasattr(policy.model, "visual") else ()
+    frozen = {id(p) for p in vision}
+    out = model_state_bytes(policy, [p for p in policy.parameters() if id(p) not in frozen], zero, gpus, offload)
+    N = unique_numel(policy.parameters())
+    out["reference"] = 0 if cfg.algo.kl_coef <= 0 or zero == 3 and offload == "all" else 2 * N // (gpus if zero == 3 else 1)
+    out["critic"] = out["critic_gathered"] = 0
+    if cfg.algo.estimator == "gae":  # a copy of the backbone, all trained (its value head's hidden + 1 not counted)
+        critic = model_state_bytes(policy.model, list(policy.model.parameters()), zero, gpus, offload)
+        out["critic"], out["critic_gathered"] = critic["params"] + critic["states"], critic["gathered"]
+    out["activations"] = activation_bytes(cfg, policy.config.get_text_config())
+    out["vllm"] = int(cfg.rollout.gpu_memory_utilization * gpu_bytes) if cfg.rollout.engine == "vllm" else 0
+    resident = out["params"] + out["states"] + out["reference"] + out["critic"]
+    out["training"] = resident + max(out["gathered"], out["critic_gathered"]) + out["activations"]
+    out["training"] += 0 if cfg.rollout.enable_sleep else out["vllm"]
+    out["sampling"] = resident + out["vllm"] + (0 if cfg.rollout.engine == "vllm" else out["gathered"])
+    return out
+
+
+def fits(cfg, policy, gpus: int, free_bytes: int, total_bytes: int) -> bool:
+    plan = memory_plan(cfg, policy, gpus, total_bytes)
+    return max(plan["training"], plan["sampling"]) <= free_bytes
+
+
+def settings_that_fit(cfg, policy, gpus: int, free_bytes: int, total_bytes: int) -> List[str]:
+    """Overrides, each alone (ZeRO-3 where it is not on already), with which the plan fits."""
+    from omegaconf import OmegaConf
+
+    t, zero3 = cfg.trainer, [] if cfg.trainer.zero_stage == 3 else ["trainer.zero_stage=3"]
+    tries = [zero3, [*zero3, "trainer.offload=optimizer"], [*zero3, "trainer.offload=all"]]
+    if not cfg.model.gradient_checkpointing:
+        tries.append(["model.gradient_checkpointing=true"])
+    micro = ("max_tokens_per_micro", t.max_tokens_per_micro) if t.packing else ("micro_batch_size", t.micro_batch_size)
+    tries += [[f"trainer.{micro[0]}={micro[1] // 2**k}"] for k in range(1, 5) if micro[1] // 2**k >= 1]
+    out = [
+        " ".join(o)
+        for o in tries
+        if o and fits(OmegaConf.merge(cfg, OmegaConf.from_dotlist(o)), policy, gpus, free_bytes, total_bytes)
+    ]
+    at_zero3 = OmegaConf.merge(cfg, OmegaConf.from_dotlist(zero3))
+    more = [g for g in (2, 4, 8, 16, 32, 64) if g > gpus and fits(at_zero3, policy, g, free_bytes, total_bytes)]
+    return out + ([f"{more[0]} GPUs or more" + (" with trainer.zero_stage=3" if zero3 else "")] if more else [])
+
+
+def check_memory(cfg, policy, gpus: int, free_bytes: int, total_bytes: int) -> dict:
+    """The run's plan (memory_plan) over `gpus` GPUs; a run whose peak exceeds a GPU's free memory
+    stops here, before any weight loads, naming the parts and settings that would fit."""
+    from config import ConfigError
+
+    plan = memory_plan(cfg, policy, gpus, total_bytes)
+    need = max(plan["training"], plan["sampling"])
+    if not any_rank(need > free_bytes):  # all ranks decide alike, or one would wait for the others forever
+        return plan
+    parts = ", ".join(
+        f"{k} {plan[k] / GIB:.1f}" for k in ("params", "states", "gathered", "reference", "critic", "activations", "vllm")
+    )
+    options = settings_that_fit(cfg, policy, gpus, free_bytes, total_bytes)
+    raise ConfigError(
+        f"this run needs about {need / GIB:.1f} GiB per GPU (at its peak, {'training' if plan['training'] >= plan['sampling'] else 'sampling'}; "
+        f"GiB: {parts}) at trainer.zero_stage={cfg.trainer.zero_stage} over {gpus} GPUs, and a GPU here has "
+        f"{free_bytes / GIB:.1f} of {total_bytes / GIB:.1f} GiB free. "
+        + (f"Settings that would fit: {'; '.join(options)}. " if options else "No single setting here would fit. ")
+        + "(trainer.memory_check=false skips this estimate.)"
+    )

@@ -411,11 +411,7 @@ def load_policy(mcfg, seed: int, device: torch.device):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
         if tokenizer.chat_template is None:
             tokenizer.chat_template = QWEN_CHAT_TEMPLATE
-        model_type = AutoConfig.from_pretrained(path, trust_remote_code=remote).model_type
-        cls = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "qwen2": Qwen2ForCausalLM}.get(model_type)
-        if cls is None:
-            raise ValueError(f"model.path={path}: model_type {model_type!r} is not supported (qwen2_5_vl, qwen2)")
-        model = cls.from_pretrained(
+        model = model_class(AutoConfig.from_pretrained(path, trust_remote_code=remote), path).from_pretrained(
             path, dtype=dtype, attn_implementation=str(mcfg.attn_implementation), trust_remote_code=remote
         )
     use_varlen_attention(model, str(mcfg.attn_implementation))
@@ -429,6 +425,24 @@ def load_policy(mcfg, seed: int, device: torch.device):
     sizes = {k: getattr(text, k) for k in ("hidden_size", "num_hidden_layers", "vocab_size")}
     model.lmm_r1_identity = identity | {"architecture": type(model).__name__, "sizes": sizes}  # beside its checkpoints
     return model, tokenizer, processor
+
+
+def model_class(config, path: str):
+    """The transformers class of a checkpoint's config: Qwen2.5-VL or text-only Qwen2."""
+    cls = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "qwen2": Qwen2ForCausalLM}.get(config.model_type)
+    if cls is None:
+        raise ValueError(f"model.path={path}: model_type {config.model_type!r} is not supported (qwen2_5_vl, qwen2)")
+    return cls
+
+
+def meta_model(mcfg, path: Optional[str]):
+    """The policy's architecture on the meta device (shapes, no weights, no memory), for the memory
+    plan: the checkpoint's config at `path`, or the tiny preset's (path None)."""
+    with torch.device("meta"):
+        if path is None:
+            return build_tiny_model(build_tiny_tokenizer(mcfg.tiny.vocab_size), mcfg.tiny, seed=0)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=bool(mcfg.trust_remote_code))
+        return model_class(config, path)(config)
 
 
 def is_multimodal(model) -> bool:

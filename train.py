@@ -34,7 +34,7 @@ import config  # noqa: F401  (registers the schema with Hydra's ConfigStore)
 from checkpoint import StopSignals, TrainingError, resume_point, rewrite_logs, rng_state, save_training_state, set_rng_state
 from config import ConfigError, validate
 from data import BadRow, encode_prompt, load_dataset, prompt_batches, steps_per_epoch
-from dist import all_sum, any_rank, backward, deepspeed_engine, distributed, gather, gathered_weights, in_step
+from dist import all_sum, any_rank, backward, check_memory, deepspeed_engine, distributed, gather, gathered_weights, in_step
 from dist import console_log, init_distributed, launch_rank, main_rank, pick_device, ranks_to_start, set_cpu_threads
 from dist import shared_run_dir, start_ranks, step_optimizer
 from eval import run_eval
@@ -45,6 +45,7 @@ from model import (
     frozen_copy,
     image_token_id,
     load_policy,
+    meta_model,
     model_identity,
     quiet_progress_bars,
     load_weights,
@@ -576,6 +577,8 @@ def setup(cfg: DictConfig, run_dir: str) -> RunState:
     run_dir = shared_run_dir(run_dir)
     if r.prompts_per_step % world:
         raise ConfigError(f"rollout.prompts_per_step={r.prompts_per_step} must divide among {world} ranks")
+    if device.type == "cuda" and t.memory_check:  # a run that cannot fit stops before any weight loads
+        check_memory(cfg, meta_model(cfg.model, model_path), world, *torch.cuda.mem_get_info(device))
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
         write_run_info(run_dir, cfg)
@@ -591,6 +594,8 @@ def setup(cfg: DictConfig, run_dir: str) -> RunState:
         source = load_policy(OmegaConf.merge(cfg.model, {"path": a.critic_path}), t.seed, device)[0] if a.critic_path else policy
         critic = Critic(source).float()
     engine = make_engine(cfg, policy, tokenizer, image_processor, model_path, run_dir)
+    if hasattr(engine, "sleep"):  # vLLM's memory back before DeepSpeed initialises: their peaks would add up
+        engine.sleep()
     n_samples = r.prompts_per_step * r.group_size
     total_steps = t.max_steps if t.max_steps > 0 else t.episodes * steps_per_epoch(len(samples), r.prompts_per_step)
     banned_ids = torch.tensor(tokenizer.convert_tokens_to_ids(VISION_TOKENS), device=device)
