@@ -63,5 +63,6 @@ def main() -> None:
         row = memory_plan(cfg, policy, args.gpus, int(args.gpu_gib * GIB))
         print(f"| {stage} | {cfg.trainer.zero_stage} | " + " | ".join(f"{row[c] / GIB:.2f}" for c in cols) + " |")
 
+
 if __name__ == "__main__":
     main()
