@@ -307,6 +307,7 @@ class VLLMEngine:
     def __init__(self, model_path: str, tokenizer, rcfg, mcfg, max_model_len: int, seed: int):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: weights load by reference
         from vllm import LLM
+        from vllm.platforms import current_platform
 
         self.tokenizer, self.cfg = tokenizer, rcfg
         self.stop_ids = tokenizer.convert_tokens_to_ids(STOP_TOKENS)
@@ -315,6 +316,14 @@ class VLLMEngine:
         self.sleep_mode = sleep_mode_available(rcfg.enable_sleep)
         kv_bytes = None if rcfg.kv_cache_gb is None else int(rcfg.kv_cache_gb * (1 << 30))
         threads, set_threads = torch.get_num_threads(), torch.set_num_threads
+        # No chunked prefill on CPU, where our per-prompt seeds would crash it. A step whose token budget
+        # (max_num_batched_tokens) ends inside a prompt samples a token for it that is then discarded, and
+        # vLLM's GPUModelRunner._bookkeeping_sync undoes that draw with generator.set_offset(offset - 4),
+        # which only CUDA's Philox generator has: a CPU one raises "CPU Generator does not use offset"
+        # once a batch's prompts exceed the budget (debug=tiny's Sokoban: 64 x 323 tokens > 4096). Unchunked,
+        # a prompt that does not fit waits whole for the next step, so no seeded draw is ever discarded
+        # and a prompt's samples still do not depend on the batch it is in. GPUs keep vLLM's default.
+        chunked_prefill = False if current_platform.is_cpu() else None
         self.llm = LLM(
             model=model_path,
             dtype=str(mcfg.dtype),
@@ -326,6 +335,7 @@ class VLLMEngine:
             distributed_executor_backend="external_launcher" if several_ranks() else None,
             enable_sleep_mode=self.sleep_mode,
             enable_prefix_caching=rcfg.enable_prefix_caching,
+            enable_chunked_prefill=chunked_prefill,
             max_model_len=max_model_len,
             logprobs_mode="processed_logprobs",
             mm_processor_kwargs={"min_pixels": mcfg.min_pixels, "max_pixels": mcfg.max_pixels},

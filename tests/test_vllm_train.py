@@ -5,6 +5,9 @@ A large learning rate and a reward that varies make every update move the weight
 that missed a sync, or kept anything computed from the old weights, samples from another policy:
 `rollout/logp_diff` (the sampler's vs the trainer's log-probs of the sampled tokens, same weights)
 jumps from fp32 rounding (~2e-7) to ~1e-2 at once.
+
+One test drives an engine directly, in-process (test_rollout's fixture): a batch at a size these
+small runs never reach.
 """
 
 import json
@@ -15,9 +18,11 @@ import sys
 import pytest
 
 from conftest import ROOT, TINY_DEFAULTS, need, run_train
+from data import encode_prompt, synthetic_samples
 from test_distributed import launch
 from test_eval import data_dir  # noqa: F401  (a fixture: benchmark files in their public formats)
 from test_resume import assert_same_weights, final_weights, metrics_of, same_metrics
+from test_rollout import shared_vllm  # noqa: F401  (a fixture: this module's one in-process vLLM engine)
 
 # mgt_percereason's tiny run is fre_multi's (test_config.test_tiny_percereason_is_tiny_fre_multi)
 STAGES = ["fre_text", "fre_multi", "mgt_geo", "mgt_sokoban"]
@@ -55,6 +60,23 @@ def test_stage_trains_on_vllm_and_its_engine_follows_every_update(tmp_path, stag
         assert "continuing at step 3 of 3" in out.stdout
         assert same_metrics(metrics_of(resumed_dir)[-1], metrics[-1])
         assert_same_weights(final_weights(resumed_dir), final_weights(run_dir))
+
+
+def test_vllm_keeps_per_prompt_seeds_when_a_batch_exceeds_its_step_budget(shared_vllm, tokenizer, image_processor):  # noqa: F811
+    """More prompt tokens than vLLM takes in one step (max_num_batched_tokens), as debug=tiny's Sokoban
+    has at its own sizes (8 prompts x 8 samples of 323 tokens), which the small runs above stay under.
+    With chunked prefill, the step that ended inside a seeded prompt crashed vLLM's CPU build ("CPU
+    Generator does not use offset", GPUModelRunner._bookkeeping_sync). The prompt past the budget still
+    samples as it does alone."""
+    engine = shared_vllm.with_sampling(max_new_tokens=4)
+    budget = engine.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    one = encode_prompt(synthetic_samples("sokoban", 1, 0, 112, "S")[0], tokenizer, image_processor)
+    n = 2 * budget // len(one.input_ids) + 1  # twice the budget: more than prefix caching saves (a shared system prompt)
+    prompts = [encode_prompt(s, tokenizer, image_processor) for s in synthetic_samples("sokoban", n, 0, 112, "S")]
+    seeds = [100 * k for k in range(n)]  # vLLM seeds a prompt's i-th sample with seed + i
+    batch = engine.generate(prompts, group_size=2, seeds=seeds)
+    alone = engine.generate(prompts[-1:], group_size=2, seeds=seeds[-1:])
+    assert batch.completion_ids[-2:] == alone.completion_ids
 
 
 @pytest.mark.slow
