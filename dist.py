@@ -10,7 +10,7 @@ import os
 import sys
 import traceback
 from contextlib import contextmanager, nullcontext
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -444,23 +444,22 @@ def settings_that_fit(cfg, policy, gpus: int, free_bytes: int, total_bytes: int)
     return out + ([f"{more[0]} GPUs or more" + (" with trainer.zero_stage=3" if zero3 else "")] if more else [])
 
 
-def check_memory(cfg, policy, gpus: int, free_bytes: int, total_bytes: int) -> dict:
-    """The run's plan (memory_plan) over `gpus` GPUs; a run whose peak exceeds a GPU's free memory
-    stops here, before any weight loads, naming the parts and settings that would fit."""
-    from config import ConfigError
-
+def memory_shortfall(cfg, policy, gpus: int, free_bytes: int, total_bytes: int) -> Optional[str]:
+    """Why the run's plan (memory_plan) over `gpus` GPUs does not fit a GPU's free memory, naming the
+    parts and the settings that would fit; None where it fits (on every rank: they decide alike, or
+    one would wait for the others forever)."""
     plan = memory_plan(cfg, policy, gpus, total_bytes)
     need = max(plan["training"], plan["sampling"])
-    if not any_rank(need > free_bytes):  # all ranks decide alike, or one would wait for the others forever
-        return plan
+    if not any_rank(need > free_bytes):
+        return None
+    peak = "training" if plan["training"] >= plan["sampling"] else "sampling"
     parts = ", ".join(
         f"{k} {plan[k] / GIB:.1f}" for k in ("params", "states", "gathered", "reference", "critic", "activations", "vllm")
     )
     options = settings_that_fit(cfg, policy, gpus, free_bytes, total_bytes)
-    raise ConfigError(
-        f"this run needs about {need / GIB:.1f} GiB per GPU (at its peak, {'training' if plan['training'] >= plan['sampling'] else 'sampling'}; "
-        f"GiB: {parts}) at trainer.zero_stage={cfg.trainer.zero_stage} over {gpus} GPUs, and a GPU here has "
-        f"{free_bytes / GIB:.1f} of {total_bytes / GIB:.1f} GiB free. "
+    return (
+        f"this run needs about {need / GIB:.1f} GiB per GPU (its peak, {peak}; GiB: {parts}) at trainer.zero_stage="
+        f"{cfg.trainer.zero_stage} over {gpus} GPUs, and a GPU here has {free_bytes / GIB:.1f} of {total_bytes / GIB:.1f} GiB free. "
         + (f"Settings that would fit: {'; '.join(options)}. " if options else "No single setting here would fit. ")
         + "(trainer.memory_check=false skips this estimate.)"
     )

@@ -34,9 +34,9 @@ import config  # noqa: F401  (registers the schema with Hydra's ConfigStore)
 from checkpoint import StopSignals, TrainingError, resume_point, rewrite_logs, rng_state, save_training_state, set_rng_state
 from config import ConfigError, validate
 from data import BadRow, encode_prompt, load_dataset, prompt_batches, steps_per_epoch
-from dist import all_sum, any_rank, backward, check_memory, deepspeed_engine, distributed, gather, gathered_weights, in_step
+from dist import all_sum, any_rank, backward, deepspeed_engine, distributed, gather, gathered_weights, in_step
 from dist import console_log, init_distributed, launch_rank, main_rank, pick_device, ranks_to_start, set_cpu_threads
-from dist import shared_run_dir, start_ranks, step_optimizer
+from dist import memory_shortfall, shared_run_dir, start_ranks, step_optimizer
 from eval import run_eval
 from model import (
     VISION_TOKENS,
@@ -578,7 +578,8 @@ def setup(cfg: DictConfig, run_dir: str) -> RunState:
     if r.prompts_per_step % world:
         raise ConfigError(f"rollout.prompts_per_step={r.prompts_per_step} must divide among {world} ranks")
     if device.type == "cuda" and t.memory_check:  # a run that cannot fit stops before any weight loads
-        check_memory(cfg, meta_model(cfg.model, model_path), world, *torch.cuda.mem_get_info(device))
+        if problem := memory_shortfall(cfg, meta_model(cfg.model, model_path), world, *torch.cuda.mem_get_info(device)):
+            raise ConfigError(problem)
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
         write_run_info(run_dir, cfg)
