@@ -8,6 +8,7 @@ ranks. A single process is rank 0 of 1 and every helper here is then the plain o
 import math
 import os
 import sys
+import time
 import traceback
 from contextlib import contextmanager, nullcontext
 from typing import Dict, List, Optional, Tuple
@@ -90,6 +91,11 @@ def ranks_to_start(devices: str, device_name: str) -> int:
     """trainer.devices as the number of rank processes `python train.py` starts: 0 under a launcher
     (its ranks exist already); auto: one per visible GPU where training runs on GPUs, else 1."""
     if under_a_launcher():
+        if "WORLD_SIZE" not in os.environ and os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+            raise ValueError(
+                f"an srun step of {os.environ['SLURM_STEP_NUM_TASKS']} tasks: each would train alone. Use cluster=slurm "
+                "(README: SLURM), or torchrun (or trainer.devices) in one task per node"
+            )
         return 0
     gpus = torch.cuda.device_count() if pick_device(device_name).type == "cuda" else 0
     n = max(1, gpus) if devices == "auto" else int(devices)
@@ -171,11 +177,8 @@ def cpu_group():
     order, so the first call makes the new group on all of them together."""
     world = torch.distributed.group.WORLD
     if world not in _cpu_groups:
-        config = torch.distributed.get_backend_config()  # "gloo", "nccl", "cpu:gloo,cuda:nccl", ...
-        if ":" in config:
-            has_cpu = any(part.startswith("cpu:") for part in config.split(","))
-        else:
-            has_cpu = "cpu" in torch.distributed.Backend.backend_capability.get(config, [])
+        config = torch.distributed.get_backend_config()  # device:backend pairs: "cpu:gloo,cuda:nccl", "cuda:nccl", ...
+        has_cpu = any(part.startswith("cpu:") for part in config.split(","))
         _cpu_groups[world] = world if has_cpu else torch.distributed.new_group(backend="gloo")
     return _cpu_groups[world]
 
@@ -222,17 +225,30 @@ def shared_run_dir(own: str) -> str:
     rank 0's ZeRO shards, and each rank would resume from another place. A rank's own dir, where it
     is not rank 0's, holds only what Hydra wrote at start (.hydra/, train.log) and is removed."""
     shared = rank0_value(os.path.abspath(own))
-    if shared != os.path.abspath(own):
+    if shared != os.path.abspath(own) and only_hydras_start_files(own):
         import shutil
 
-        shutil.rmtree(os.path.join(own, ".hydra"), ignore_errors=True)
-        if os.path.isfile(os.path.join(own, "train.log")):
+        shutil.rmtree(os.path.join(own, ".hydra"))
+        if os.path.exists(os.path.join(own, "train.log")):
             os.remove(os.path.join(own, "train.log"))
-        try:
-            os.rmdir(own)  # only if nothing else is there
-        except OSError:
-            pass
+        os.rmdir(own)
     return shared
+
+
+STARTED = time.time()  # (this module is imported before Hydra makes the run dir)
+
+
+def only_hydras_start_files(run_dir: str) -> bool:
+    """Whether `run_dir` holds nothing but what Hydra wrote when this process started: .hydra/ made
+    since, an empty train.log. Another run's dir (two jobs started in the same second) holds more."""
+    names = set(os.listdir(run_dir))
+    log = os.path.join(run_dir, "train.log")
+    return (
+        names <= {".hydra", "train.log"}
+        and ".hydra" in names
+        and os.path.getmtime(os.path.join(run_dir, ".hydra")) >= STARTED - 1
+        and (not os.path.exists(log) or os.path.getsize(log) == 0)
+    )
 
 
 def gather(obj) -> list:
@@ -396,7 +412,7 @@ def activation_bytes(cfg, text_config) -> int:
 
 def memory_plan(cfg, policy, gpus: int, gpu_bytes: int) -> dict:
     """Per-GPU bytes of each part of `cfg`'s run of `policy` (shapes only: a meta model will do) over
-    `gpus` GPUs of `gpu_bytes`, and the two peaks, `training` and `sampling`: the policy's states, the
+    `gpus` GPUs of `gpu_bytes`, and its peaks (`training`, `sampling`, `startup`; `peak` the largest): the policy's states, the
     reference (bf16, algo.kl_coef > 0), the critic (algo.estimator=gae; one model runs at a time, so
     one gathered layer counts), vLLM's rollout.gpu_memory_utilization (also while training unless
     rollout.enable_sleep), the activations (training)."""
@@ -416,12 +432,21 @@ def memory_plan(cfg, policy, gpus: int, gpu_bytes: int) -> dict:
     out["training"] = resident + max(out["gathered"], out["critic_gathered"]) + out["activations"]
     out["training"] += 0 if cfg.rollout.enable_sleep else out["vllm"]
     out["sampling"] = resident + out["vllm"] + (0 if cfg.rollout.engine == "vllm" else out["gathered"])
+    # the models load whole on every GPU (fp32 policy and critic, bf16 reference) before DeepSpeed
+    # partitions them, and only then does vLLM start (train.setup)
+    whole = (
+        4 * N
+        + (2 * N if cfg.algo.kl_coef > 0 else 0)
+        + (4 * unique_numel(policy.model.parameters()) if cfg.algo.estimator == "gae" else 0)
+    )
+    out["startup"] = whole if zero > 0 else 0
+    out["peak"] = max(out["training"], out["sampling"], out["startup"])
     return out
 
 
 def fits(cfg, policy, gpus: int, free_bytes: int, total_bytes: int) -> bool:
     plan = memory_plan(cfg, policy, gpus, total_bytes)
-    return max(plan["training"], plan["sampling"]) <= free_bytes
+    return plan["peak"] <= free_bytes
 
 
 def settings_that_fit(cfg, policy, gpus: int, free_bytes: int, total_bytes: int) -> List[str]:
@@ -449,10 +474,10 @@ def memory_shortfall(cfg, policy, gpus: int, free_bytes: int, total_bytes: int) 
     parts and the settings that would fit; None where it fits (on every rank: they decide alike, or
     one would wait for the others forever)."""
     plan = memory_plan(cfg, policy, gpus, total_bytes)
-    need = max(plan["training"], plan["sampling"])
+    need = plan["peak"]
     if not any_rank(need > free_bytes):
         return None
-    peak = "training" if plan["training"] >= plan["sampling"] else "sampling"
+    peak = next(k for k in ("training", "sampling", "startup") if plan[k] == need)
     parts = ", ".join(
         f"{k} {plan[k] / GIB:.1f}" for k in ("params", "states", "gathered", "reference", "critic", "activations", "vllm")
     )

@@ -42,7 +42,7 @@ import config  # noqa: F401  (registers the schema with Hydra's ConfigStore)
 import football
 import sokoban
 from config import ConfigError, reject_unknown_keys
-from dist import barrier, distributed, gather, main_rank
+from dist import distributed, gather, main_rank, rank0_value
 from data import LMM_R1_SYSTEM_PROMPT, BadRow, Sample, parse_row, read_rows, user_message
 from rewards import (
     choice_letter,
@@ -510,6 +510,20 @@ def benchmark_items(cfg, name: str) -> Optional[List[Item]]:
     return items[: cfg.eval.max_items] if cfg.eval.max_items > 0 else items
 
 
+def items_on_every_rank(cfg, name: str) -> Optional[List[Item]]:
+    """benchmark_items, on rank 0 first (it builds a missing Sokoban split), then on the other ranks,
+    which wait for it; where it fails on rank 0, every rank stops (none is left waiting)."""
+    failure = None
+    if main_rank():
+        try:
+            items = benchmark_items(cfg, name)
+        except Exception as e:  # re-raised below, once every rank knows
+            failure = e
+    if (message := rank0_value(None if failure is None else f"{type(failure).__name__}: {failure}")) is not None:
+        raise failure if failure is not None else RuntimeError(f"eval {name} failed on rank 0: {message}")
+    return items if main_rank() else benchmark_items(cfg, name)
+
+
 def run_eval(cfg: DictConfig, out_dir: str, engine=None) -> Dict[str, dict]:
     """Every benchmark of cfg.eval.benchmarks: predictions from cfg.eval.predictions, or generated
     with `engine` (a (engine, tokenizer, image_processor) triple; default: loaded from cfg.model).
@@ -521,11 +535,7 @@ def run_eval(cfg: DictConfig, out_dir: str, engine=None) -> Dict[str, dict]:
     reject_unknown_keys(cfg)
     results, skipped = {}, []
     for name in cfg.eval.benchmarks:
-        if main_rank():  # where a split is built (Sokoban's), rank 0 builds it and the others then read it
-            items = benchmark_items(cfg, name)
-        barrier()
-        if not main_rank():
-            items = benchmark_items(cfg, name)
+        items = items_on_every_rank(cfg, name)
         if items is None:
             skipped.append(name)
             continue

@@ -848,7 +848,11 @@ def hidden_states(backbone, batch) -> torch.Tensor:
     if "cu_seqlens" not in batch:
         keys = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
         # the dummy image goes where transformers runs a real one: after the embeddings, before the text
-        hook = language_model.register_forward_pre_hook(with_dummy_vision(backbone), with_kwargs=True) if dummy_vision else None
+        hook = (
+            language_model.register_forward_pre_hook(with_dummy_vision(backbone), with_kwargs=True, prepend=True)
+            if dummy_vision
+            else None
+        )
         try:
             return backbone(**{k: batch[k] for k in keys if k in batch}, use_cache=False).last_hidden_state
         finally:
@@ -878,7 +882,8 @@ def hidden_states(backbone, batch) -> torch.Tensor:
 def with_dummy_vision(backbone):
     """A forward pre-hook for the language model of a padded forward without images: it adds the
     dummy image's features, weighted 0, to the input embeddings, in the order transformers runs a
-    real image (embeddings, vision tower, text layers)."""
+    real image (embeddings, vision tower, text model), so it goes first among the text model's
+    pre-hooks (prepend: before ZeRO-3's own, which gathers the text model's weights)."""
 
     def hook(module, args, kwargs):
         kwargs["inputs_embeds"] = kwargs["inputs_embeds"] + 0.0 * dummy_vision_features(backbone).sum()

@@ -34,7 +34,7 @@ import config  # noqa: F401  (registers the schema with Hydra's ConfigStore)
 from checkpoint import StopSignals, TrainingError, resume_point, rewrite_logs, rng_state, save_training_state, set_rng_state
 from config import ConfigError, validate
 from data import BadRow, encode_prompt, load_dataset, prompt_batches, steps_per_epoch
-from dist import all_sum, any_rank, backward, deepspeed_engine, distributed, gather, gathered_weights, in_step
+from dist import all_sum, any_rank, backward, deepspeed_engine, gather, gathered_weights, in_step
 from dist import console_log, init_distributed, launch_rank, main_rank, pick_device, ranks_to_start, set_cpu_threads
 from dist import memory_shortfall, shared_run_dir, start_ranks, step_optimizer
 from eval import run_eval
@@ -48,6 +48,7 @@ from model import (
     meta_model,
     model_identity,
     quiet_progress_bars,
+    uses_varlen_kernels,
     load_weights,
     pack,
     resolve_model_path,
@@ -546,7 +547,8 @@ def make_batch(state: RunState, pairs) -> dict:
         batch = pack(pairs, state.policy, pad_id, state.device, t.share_prompts)
     else:
         batch = collate(pairs, pad_id, image_token_id(state.policy), state.device)
-    return batch | {"dummy_vision": distributed()}  # under ZeRO-3 every rank runs the vision tower (hidden_states)
+    # under ZeRO-3 on several ranks every rank runs the vision tower (hidden_states): its weights are gathered collectively
+    return batch | {"dummy_vision": t.zero_stage == 3 and state.world > 1}
 
 
 def logps(state: RunState, model, batch, **kw) -> torch.Tensor:
@@ -577,6 +579,11 @@ def setup(cfg: DictConfig, run_dir: str) -> RunState:
     run_dir = shared_run_dir(run_dir)
     if r.prompts_per_step % world:
         raise ConfigError(f"rollout.prompts_per_step={r.prompts_per_step} must divide among {world} ranks")
+    if t.packing and uses_varlen_kernels(device) and str(cfg.model.dtype) == "float32":
+        raise ConfigError(
+            "model.dtype=float32 with packed attention on a GPU: its FlashAttention varlen kernels take fp16 / bf16 only. "
+            "Use model.dtype=bfloat16 (fp32 master weights, bf16 autocast) or trainer.packing=false"
+        )
     if device.type == "cuda" and t.memory_check:  # a run that cannot fit stops before any weight loads
         if problem := memory_shortfall(cfg, meta_model(cfg.model, model_path), world, *torch.cuda.mem_get_info(device)):
             raise ConfigError(problem)
@@ -594,15 +601,16 @@ def setup(cfg: DictConfig, run_dir: str) -> RunState:
     if a.estimator == "gae":  # a value head on a copy of the policy's backbone, or of algo.critic_path's
         source = load_policy(OmegaConf.merge(cfg.model, {"path": a.critic_path}), t.seed, device)[0] if a.critic_path else policy
         critic = Critic(source).float()
-    engine = make_engine(cfg, policy, tokenizer, image_processor, model_path, run_dir)
-    if hasattr(engine, "sleep"):  # vLLM's memory back before DeepSpeed initialises: their peaks would add up
-        engine.sleep()
     n_samples = r.prompts_per_step * r.group_size
     total_steps = t.max_steps if t.max_steps > 0 else t.episodes * steps_per_epoch(len(samples), r.prompts_per_step)
     banned_ids = torch.tensor(tokenizer.convert_tokens_to_ids(VISION_TOKENS), device=device)
-    state = RunState(cfg, run_dir, rank, world, device, policy, tokenizer, image_processor, reference, critic, engine, pool,
+    state = RunState(cfg, run_dir, rank, world, device, policy, tokenizer, image_processor, reference, critic, None, pool,
                      samples, total_steps, a.ppo_epochs * (n_samples // t.mini_batch_size), banned_ids, dtype, kl_coef=a.kl_coef)  # fmt: skip
-    build_optimizers(state)
+    build_optimizers(state)  # under ZeRO-3 DeepSpeed partitions the models here, which load whole on every GPU
+    # after the partitioning: vLLM's start-up takes its share of a GPU that no longer holds whole models
+    # (the tiny preset, which vLLM loads from a copy written now, is gathered for it)
+    with gathered_weights(policy) if model_path is None else nullcontext():
+        state.engine = make_engine(cfg, policy, tokenizer, image_processor, model_path, run_dir)
     return state
 
 
@@ -898,7 +906,7 @@ def evaluate(state: RunState, step: int) -> Dict[str, float]:
     cfg = state.cfg
     if cfg.eval.every <= 0 or (step + 1) % cfg.eval.every:
         return {}
-    with gathered_weights(state.policy):
+    with gathered_weights(state.policy) if cfg.rollout.engine == "hf" else nullcontext():  # (vLLM has its copy)
         out = os.path.join(state.run_dir, "eval", f"step_{step + 1}")
         results = run_eval(cfg, out, (state.engine, state.tokenizer, state.image_processor))
     return {f"eval/{name}": res["accuracy"] for name, res in results.items()}
@@ -1062,11 +1070,15 @@ def start_ranks_here(cfg: DictConfig, run_dir: str) -> bool:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     validate(cfg)  # a bad config fails once, here, not once per rank
-    n = ranks_to_start(cfg.trainer.devices, cfg.trainer.device)
+    try:
+        n = ranks_to_start(cfg.trainer.devices, cfg.trainer.device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if n <= 1:
         return False
+    quoted = "'" + run_dir.replace("'", "\\'") + "'"  # Hydra's quoting: a path may hold = , or spaces
     try:
-        start_ranks(n, [os.path.abspath(__file__), *HydraConfig.get().overrides.task, f"hydra.run.dir={run_dir}"])
+        start_ranks(n, [os.path.abspath(__file__), *HydraConfig.get().overrides.task, f"hydra.run.dir={quoted}"])
     except ChildFailedError as e:
         failed = ", ".join(f"rank {rank} exited with {f.exitcode}" for rank, f in e.failures.items())
         raise TrainingError(f"{failed} (its output is above)") from None
@@ -1079,19 +1091,15 @@ def main(cfg: DictConfig) -> None:
 
     run_dir = HydraConfig.get().runtime.output_dir
     quiet_progress_bars()
-    try:
-        if start_ranks_here(cfg, run_dir):
-            return
-    except (ConfigError, ValueError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
     with console_log(os.path.join(run_dir, "train.log")):
-        if launch_rank() == 0:  # (torchrun's or SLURM's ranks: rank 0 speaks)
-            print(
-                f"[run] {os.path.abspath(run_dir)}: config.yaml, metrics.jsonl, samples.jsonl, train.log, checkpoints/",
-                flush=True,
-            )
         try:
+            if start_ranks_here(cfg, run_dir):
+                return
+            if launch_rank() == 0:  # (torchrun's or SLURM's ranks: rank 0 speaks)
+                print(
+                    f"[run] {os.path.abspath(run_dir)}: config.yaml, metrics.jsonl, samples.jsonl, train.log, checkpoints/",
+                    flush=True,
+                )
             run(cfg, run_dir)
         except (ConfigError, BadRow, FileNotFoundError, TrainingError) as e:  # the message is the help
             print(f"error: {e}", file=sys.stderr)

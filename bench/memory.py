@@ -9,8 +9,8 @@ which tests/test_memory.py checks against DeepSpeed's own estimators.
 
 GiB per GPU: params (the weights or their shards), states (gradients, fp32 master weights, Adam's
 moments), gathered (ZeRO-3: the largest layer whole, the 3B's tied embeddings / lm_head), reference,
-critic, activations (an estimate at the micro-batch's tokens), vLLM's share, and the two peaks:
-training and sampling. dist.model_state_bytes says how each ZeRO stage counts.
+critic, activations (an estimate at the micro-batch's tokens), vLLM's share, and the peaks: training,
+sampling, and start-up (ZeRO: the models whole before DeepSpeed partitions them). dist.model_state_bytes says how each ZeRO stage counts.
 """
 
 import argparse
@@ -55,7 +55,7 @@ def main() -> None:
     stages = [o.split("=", 1)[1] for o in args.overrides if o.startswith("stage=")] or STAGES
     overrides = [o for o in args.overrides if not o.startswith("stage=")]
     policy = meta_3b()
-    cols = ["params", "states", "gathered", "reference", "critic", "activations", "vllm", "training", "sampling"]
+    cols = ["params", "states", "gathered", "reference", "critic", "activations", "vllm", "training", "sampling", "startup"]
     print(f"Qwen2.5-VL-3B over {args.gpus} GPUs of {args.gpu_gib:g} GiB: GiB per GPU\n")
     print(f"| stage | ZeRO | {' | '.join(cols)} |\n|---|---|{'---|' * len(cols)}")
     for stage in stages:

@@ -129,3 +129,16 @@ def test_tiny_percereason_is_tiny_fre_multi(debug):
     ]
     assert [c["stage"].pop("name") for c in configs] == ["fre_multi", "mgt_percereason"]
     assert configs[0] == configs[1]
+
+
+def test_a_float32_run_is_refused_where_the_gpu_varlen_kernels_would_run(monkeypatch, tmp_path):
+    """The GPU kernels take fp16 / bf16 only: a model.dtype=float32 run (the tiny preset's) with
+    packing stops at start-up, before any model loads, saying what to set (CPU stand-in: the
+    kernels' path forced on)."""
+    import train
+
+    monkeypatch.setattr(train, "uses_varlen_kernels", lambda device: True)
+    cfg = compose_cfg(["debug=tiny_random"])
+    assert cfg.model.dtype == "float32" and cfg.trainer.packing
+    with pytest.raises(ConfigError, match="model.dtype=bfloat16 .* or trainer.packing=false"):
+        train.setup(cfg, str(tmp_path))

@@ -7,6 +7,7 @@ each sequence's loss weight comes from its whole mini-batch (train.sequence_weig
 summation order differs.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -78,11 +79,6 @@ def assert_trained_alike(single_dir, ranks_dir):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
         assert b["loss/grad_norm"] == pytest.approx(a["loss/grad_norm"], rel=1e-4)
     assert single[0]["reward/std"] > 0 and single[0]["loss/grad_norm"] > 0  # real updates
-    assert [m.get("eval/sokoban") for m in ranks] == [m.get("eval/sokoban") for m in single]
-    predictions = [os.path.join(d, "eval", "step_2", "sokoban", "predictions.jsonl") for d in (single_dir, ranks_dir)]
-    if os.path.exists(predictions[0]):  # the same completion for every item, in the items' order
-        one_process, two_ranks = (open(p).read() for p in predictions)
-        assert two_ranks == one_process
     w1, w2 = final_weights(single_dir), final_weights(ranks_dir)
     assert w1.keys() == w2.keys()
     diff = torch.cat([(w1[k] - w2[k]).abs().flatten() for k in w1])
@@ -121,8 +117,22 @@ MIXED = "one image prompt of two"  # a layout's marker for one_image_prompt_of_t
 )
 def test_two_ranks_train_exactly_like_one_process(tmp_path, layout):
     assert_same_training(tmp_path, layout)
-    if EVAL_AT_STEP_2[0] in layout:
-        assert "eval/sokoban" in metrics_of(tmp_path / "ranks")[1]
+    if EVAL_AT_STEP_2[0] in layout:  # the two ranks' evaluation at step 2 is one process's of the same weights
+        assert_evaluated_as_one_process_would(tmp_path, tmp_path / "ranks")
+
+
+def assert_evaluated_as_one_process_would(tmp_path, run_dir):
+    """eval.py in one process on `run_dir`'s final weights (those its step-2 evaluation saw) scores
+    each item as the ranks did: the same completions, in the items' order, and the same score."""
+    out = tmp_path / "eval_alone"
+    args = [*TINY_DEFAULTS, *EVAL_AT_STEP_2[1:], f"model.path={run_dir / 'checkpoints' / 'final'}", f"hydra.run.dir={out}"]
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "eval.py"), *args], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    by_ranks = run_dir / "eval" / "step_2" / "sokoban"
+    assert (by_ranks / "predictions.jsonl").read_text() == (out / "sokoban" / "predictions.jsonl").read_text()
+    assert metrics_of(run_dir)[1]["eval/sokoban"] == json.loads((out / "sokoban" / "results.json").read_text())["accuracy"]
 
 
 @pytest.mark.slow
@@ -203,3 +213,27 @@ assert sharded == plain, (len(sharded), len(plain))
 print(len(plain))
 """
     assert int(run_script(code).split()[-1]) > 5  # (DeepSpeed prints a line of its own before)
+
+
+@pytest.mark.parametrize(
+    "env, devices, expected",
+    [
+        ({}, "auto", 1),  # a CPU: one process
+        ({}, "2", 2),
+        ({"WORLD_SIZE": "2"}, "2", 0),  # torchrun's rank: the ranks exist (and a child never starts more)
+        ({"SUBMITIT_EXECUTOR": "slurm"}, "auto", 0),  # cluster=slurm's task
+        ({"SLURM_STEP_NUM_TASKS": "4"}, "auto", "each would train alone"),  # srun's tasks, no rendezvous: refused
+    ],
+)
+def test_ranks_to_start_follows_the_launcher(monkeypatch, env, devices, expected):
+    from dist import ranks_to_start
+
+    for key in ("WORLD_SIZE", "SUBMITIT_EXECUTOR", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    if isinstance(expected, str):
+        with pytest.raises(ValueError, match=expected):
+            ranks_to_start(devices, "cpu")
+    else:
+        assert ranks_to_start(devices, "cpu") == expected

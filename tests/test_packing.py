@@ -360,7 +360,7 @@ def test_text_only_micro_batch_runs_a_zero_weighted_vision_forward_when_asked(ti
 
     def module_order(batch):
         calls, backbone = [], tiny_model.model
-        modules = {"embed": backbone.get_input_embeddings(), "vision": backbone.visual, "text": backbone.language_model.layers[0]}
+        modules = {"embed": backbone.get_input_embeddings(), "vision": backbone.visual, "text": backbone.language_model}
         hooks = [m.register_forward_pre_hook(lambda *_, n=n: calls.append(n)) for n, m in modules.items()]
         try:
             logp = sequence_logps(tiny_model, batch, 1.0, 64)

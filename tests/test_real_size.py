@@ -33,6 +33,20 @@ def meta_3b(tokenizer):
         return Qwen2_5_VLForConditionalGeneration(qwen2_5_vl_config(tokenizer, QWEN2_5_VL_3B_TEXT, QWEN2_5_VL_3B_VISION))
 
 
+def test_the_memory_plans_meta_model_is_the_checkpoints(meta_3b, tokenizer, tiny_cfg, tmp_path):
+    """model.meta_model, which a GPU run's memory plan counts, builds a checkpoint dir's architecture
+    (its config.json alone) and the tiny preset's, on the meta device."""
+    from model import build_tiny_model, meta_model
+
+    meta_3b.config.save_pretrained(tmp_path)
+    from_dir = meta_model(tiny_cfg.model, str(tmp_path))
+    assert sum({id(p): p.numel() for p in from_dir.parameters()}.values()) == PUBLISHED_PARAMETERS
+    assert from_dir.lm_head.weight.is_meta and from_dir.lm_head.weight is from_dir.model.language_model.embed_tokens.weight
+    tiny = build_tiny_model(tokenizer, tiny_cfg.model.tiny, seed=0)
+    shapes = [(n, p.shape) for n, p in meta_model(tiny_cfg.model, None).named_parameters()]
+    assert shapes == [(n, p.shape) for n, p in tiny.named_parameters()]
+
+
 def test_the_meta_model_has_the_published_shapes(meta_3b):
     assert sum(p.numel() for p in meta_3b.parameters()) == PUBLISHED_PARAMETERS
     embed = meta_3b.model.language_model.embed_tokens.weight
