@@ -104,17 +104,23 @@ def ranks_to_start(devices: str, device_name: str) -> int:
     return n
 
 
+STOP_GRACE_S = 600  # (torch's elastic agent would give 30 s: too short to finish a step and save a 3B)
+
+
 def start_ranks(n: int, argv: List[str]) -> None:
     """`python argv...` as `n` local ranks through torch's elastic launcher, as `torchrun --standalone
     --nproc_per_node n` starts them (a free rendezvous port, no restarts, one OMP thread each unless
-    set); returns when all have ended, raises its ChildFailedError if one failed."""
+    set); returns when all have ended, raises its ChildFailedError if one failed. A signal to this
+    process goes on to the ranks, SLURM's and submitit's SIGUSR1/2 as well as SIGTERM, and they get
+    STOP_GRACE_S to save at the end of their step (checkpoint.StopSignals) before they are killed."""
     import uuid
 
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default for several processes
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
-                          rdzv_endpoint="localhost:0", max_restarts=0)  # fmt: skip
+                          rdzv_endpoint="localhost:0", max_restarts=0, shutdown_timeout=STOP_GRACE_S,
+                          signals_to_handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2")  # fmt: skip
     elastic_launch(config, sys.executable)(*argv)
 
 
@@ -412,18 +418,20 @@ def activation_bytes(cfg, text_config) -> int:
 
 def memory_plan(cfg, policy, gpus: int, gpu_bytes: int) -> dict:
     """Per-GPU bytes of each part of `cfg`'s run of `policy` (shapes only: a meta model will do) over
-    `gpus` GPUs of `gpu_bytes`, and its peaks (`training`, `sampling`, `startup`; `peak` the largest): the policy's states, the
-    reference (bf16, algo.kl_coef > 0), the critic (algo.estimator=gae; one model runs at a time, so
-    one gathered layer counts), vLLM's rollout.gpu_memory_utilization (also while training unless
-    rollout.enable_sleep), the activations (training)."""
+    `gpus` GPUs of `gpu_bytes`, and its peaks (`training`, `sampling`, `startup`; `peak` the largest):
+    the policy's states, the reference (bf16, algo.kl_coef > 0), the critic (algo.estimator=gae; one
+    model runs at a time, so one gathered layer counts), vLLM's rollout.gpu_memory_utilization (also
+    while training unless rollout.enable_sleep), the activations (training)."""
     zero, offload = cfg.trainer.zero_stage, str(cfg.trainer.offload)
     vision = policy.model.visual.parameters() if cfg.model.freeze_vision and hasattr(policy.model, "visual") else ()
     frozen = {id(p) for p in vision}
-    out = model_state_bytes(policy, [p for p in policy.parameters() if id(p) not in frozen], zero, gpus, offload)
+    trainable = [p for p in policy.parameters() if id(p) not in frozen]
+    out = model_state_bytes(policy, trainable, zero, gpus, offload)
     N = unique_numel(policy.parameters())
+    critic_n = unique_numel(policy.model.parameters()) if cfg.algo.estimator == "gae" else 0  # a copy of the backbone
     out["reference"] = 0 if cfg.algo.kl_coef <= 0 or zero == 3 and offload == "all" else 2 * N // (gpus if zero == 3 else 1)
     out["critic"] = out["critic_gathered"] = 0
-    if cfg.algo.estimator == "gae":  # a copy of the backbone, all trained (its value head's hidden + 1 not counted)
+    if critic_n:  # all trained (its value head's hidden + 1 parameters not counted)
         critic = model_state_bytes(policy.model, list(policy.model.parameters()), zero, gpus, offload)
         out["critic"], out["critic_gathered"] = critic["params"] + critic["states"], critic["gathered"]
     out["activations"] = activation_bytes(cfg, policy.config.get_text_config())
@@ -431,14 +439,12 @@ def memory_plan(cfg, policy, gpus: int, gpu_bytes: int) -> dict:
     resident = out["params"] + out["states"] + out["reference"] + out["critic"]
     out["training"] = resident + max(out["gathered"], out["critic_gathered"]) + out["activations"]
     out["training"] += 0 if cfg.rollout.enable_sleep else out["vllm"]
-    out["sampling"] = resident + out["vllm"] + (0 if cfg.rollout.engine == "vllm" else out["gathered"])
+    # without ZeRO the fp32 gradients live from a backward to the optimizer step (zero_grad frees them)
+    freed = 4 * (unique_numel(trainable) + critic_n) if zero == 0 else 0
+    out["sampling"] = resident - freed + out["vllm"] + (0 if cfg.rollout.engine == "vllm" else out["gathered"])
     # the models load whole on every GPU (fp32 policy and critic, bf16 reference) before DeepSpeed
     # partitions them, and only then does vLLM start (train.setup)
-    whole = (
-        4 * N
-        + (2 * N if cfg.algo.kl_coef > 0 else 0)
-        + (4 * unique_numel(policy.model.parameters()) if cfg.algo.estimator == "gae" else 0)
-    )
+    whole = 4 * N + (2 * N if cfg.algo.kl_coef > 0 else 0) + 4 * critic_n
     out["startup"] = whole if zero > 0 else 0
     out["peak"] = max(out["training"], out["sampling"], out["startup"])
     return out

@@ -1067,6 +1067,7 @@ def start_ranks_here(cfg: DictConfig, run_dir: str) -> bool:
     """Whether this process started the run's ranks (trainer.devices > 1, no launcher), each this same
     command in this run dir, and waited for them: then it has nothing more to do."""
     from hydra.core.hydra_config import HydraConfig
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     validate(cfg)  # a bad config fails once, here, not once per rank
@@ -1082,6 +1083,8 @@ def start_ranks_here(cfg: DictConfig, run_dir: str) -> bool:
     except ChildFailedError as e:
         failed = ", ".join(f"rank {rank} exited with {f.exitcode}" for rank, f in e.failures.items())
         raise TrainingError(f"{failed} (its output is above)") from None
+    except SignalException as e:  # passed on to the ranks, which saved at the end of their step: exit as they do
+        sys.exit(128 + e.sigval)
     return True
 
 

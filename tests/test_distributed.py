@@ -237,3 +237,47 @@ def test_ranks_to_start_follows_the_launcher(monkeypatch, env, devices, expected
             ranks_to_start(devices, "cpu")
     else:
         assert ranks_to_start(devices, "cpu") == expected
+
+
+SHARDED_EVAL = """
+import torch
+import dist
+import eval as evaluation
+from conftest import TINY_DEFAULTS, compose_cfg
+from data import Sample, encode_prompt, synthetic_samples
+from model import build_image_processor, build_tiny_model, build_tiny_tokenizer, use_varlen_attention
+from rollout import HFEngine
+
+torch.distributed.init_process_group("gloo")
+rank = torch.distributed.get_rank()
+cfg = compose_cfg(TINY_DEFAULTS)
+tokenizer = build_tiny_tokenizer(cfg.model.tiny.vocab_size)
+image_processor = build_image_processor(cfg.model.min_pixels, cfg.model.max_pixels)
+model = build_tiny_model(tokenizer, cfg.model.tiny, seed=0).eval()
+use_varlen_attention(model, "sdpa")
+asked, generate = [], HFEngine.generate
+HFEngine.generate = lambda self, prompts, *a, **k: asked.append(len(prompts)) or generate(self, prompts, *a, **k)
+samples = synthetic_samples("arithmetic", 5, seed=0, image_size=56, system_prompt="sys")
+items = [evaluation.Item(str(i), s.messages, {"answer": s.answer}) for i, s in enumerate(samples)]
+engine = HFEngine(model, tokenizer, cfg.rollout)
+completions = evaluation.greedy_completions(engine, tokenizer, image_processor, items, 8)
+assert asked == [3 - rank], asked  # items 0, 2, 4 on rank 0; 1, 3 on rank 1
+assert dist.gather(completions)[1] == completions
+if rank == 0:  # one engine generating them all gives the same list
+    prompts = [encode_prompt(Sample(messages=i.messages, answer=i.row["answer"], where=i.id), tokenizer, image_processor) for i in items]
+    greedy = engine.with_sampling(temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=8, logprobs=False)
+    assert greedy.generate(prompts, 1, seeds=[0] * 5).texts == completions
+print("ok", rank)
+"""
+
+
+def test_evaluation_on_two_ranks_shares_out_the_items_and_gathers_every_completion(tmp_path):
+    """eval.greedy_completions under two ranks: each generates every second item (3 and 2 of 5), and
+    each gets all five completions in the items' order, those one engine gives generating them all."""
+    script = tmp_path / "sharded_eval.py"
+    script.write_text(SHARDED_EVAL)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert sorted(line for line in out.stdout.splitlines() if line.startswith("ok")) == ["ok 0", "ok 1"]

@@ -92,6 +92,9 @@ def test_each_stage_counts_its_reference_critic_frozen_tower_and_vllm(policy):
     assert sokoban["params"] == fre_text["params"]  # the frozen tower is still sharded, in bf16
     assert sokoban["states"] == fre_text["states"] - 16 * vision // GPUS
     assert abs(sokoban["critic"] - 18 * PUBLISHED_PARAMETERS // GPUS) <= 3  # the backbone, all trained
+    zero0 = memory_plan(compose_cfg(["stage=fre_text", "trainer.zero_stage=0"]), policy, 1, 80 * GIB)
+    assert zero0["states"] == 12 * PUBLISHED_PARAMETERS and zero0["startup"] == 0  # fp32 grads and Adam, whole
+    assert zero0["sampling"] == zero0["params"] + 8 * PUBLISHED_PARAMETERS + zero0["reference"] + zero0["vllm"]  # grads freed
     offloaded = memory_plan(compose_cfg(["stage=mgt_geo", "trainer.offload=all"]), policy, GPUS, 80 * GIB)
     assert offloaded["training"] == max(offloaded["gathered"], offloaded["critic_gathered"]) + offloaded["activations"]
 

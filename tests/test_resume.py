@@ -105,6 +105,20 @@ def test_sigterm_saves_at_the_end_of_the_step_and_exits_for_requeue(tmp_path):
     assert [m["step"] for m in metrics_of(run_dir)] == list(range(1, 9))
 
 
+@pytest.mark.slow
+def test_the_ranks_train_py_starts_save_and_stop_on_the_signal_it_gets(tmp_path):
+    """`python train.py trainer.devices=2` passes SIGUSR1 (SLURM's warning before the time limit) on
+    to the two ranks it started: they save at the end of their step, and it exits as one process does."""
+    run_dir = str(tmp_path / "run")
+    proc = train_process(run_dir, ["trainer.max_steps=8", "trainer.save_every=0", "trainer.devices=2"])
+    wait_for(lambda: os.path.exists(os.path.join(run_dir, "metrics.jsonl")), proc)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGUSR1, err[-3000:]
+    (saved,) = checkpoint.step_checkpoints(run_dir)  # save_every=0: this one is the signal's
+    assert 1 <= saved[0] < 8 and [m["step"] for m in metrics_of(run_dir)] == list(range(1, saved[0] + 1))
+
+
 def test_a_crash_between_writing_and_publishing_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     four = [*RUN, "trainer.max_steps=4", "trainer.save_every=2"]
     straight = tmp_path / "straight"
