@@ -77,26 +77,18 @@ def console_log(path: str):
             sys.stdout, sys.stderr = out, err
 
 
-def under_a_launcher() -> bool:
-    """Whether this process is one of a launcher's ranks: torchrun's (WORLD_SIZE), cluster=slurm's
-    (submitit), or one task of an srun step of several."""
-    return (
-        "WORLD_SIZE" in os.environ
-        or os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
-        or int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1
-    )
-
-
 def ranks_to_start(devices: str, device_name: str) -> int:
-    """trainer.devices as the number of rank processes `python train.py` starts: 0 under a launcher
-    (its ranks exist already); auto: one per visible GPU where training runs on GPUs, else 1."""
-    if under_a_launcher():
-        if "WORLD_SIZE" not in os.environ and os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
-            raise ValueError(
-                f"an srun step of {os.environ['SLURM_STEP_NUM_TASKS']} tasks: each would train alone. Use cluster=slurm "
-                "(README: SLURM), or torchrun (or trainer.devices) in one task per node"
-            )
+    """trainer.devices as the number of rank processes `python train.py` starts: 0 as one of a
+    launcher's ranks (torchrun's: WORLD_SIZE; cluster=slurm's: submitit), which exist already; auto:
+    one per visible GPU where training runs on GPUs, else 1. An srun step of several tasks has no
+    rendezvous of its own and is refused."""
+    if "WORLD_SIZE" in os.environ or os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
         return 0
+    if int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
+        raise ValueError(
+            f"an srun step of {os.environ['SLURM_STEP_NUM_TASKS']} tasks: each would train alone. Use cluster=slurm "
+            "(README: SLURM), or torchrun (or trainer.devices) in one task per node"
+        )
     gpus = torch.cuda.device_count() if pick_device(device_name).type == "cuda" else 0
     n = max(1, gpus) if devices == "auto" else int(devices)
     if gpus and n > gpus:
@@ -287,14 +279,18 @@ def full_numel(param) -> int:
     return getattr(param, "ds_numel", param.numel())
 
 
-def gathered_weights(*models):
-    """A context in which ZeRO-3-sharded parameters are whole (nothing to do for other models)."""
-    params = [p for m in models if m is not None for p in m.parameters()]
+def gathered_params(params):
+    """A context in which `params`, where ZeRO-3 shards them, are whole (nothing to do for others)."""
     if zero3_sharded(params):
         import deepspeed
 
         return deepspeed.zero.GatheredParameters(params)
     return nullcontext()
+
+
+def gathered_weights(*models):
+    """gathered_params over every parameter of `models` (None: skipped)."""
+    return gathered_params([p for m in models if m is not None for p in m.parameters()])
 
 
 def deepspeed_engine(model, optimizer, schedule, t, bf16: bool):

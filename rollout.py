@@ -24,7 +24,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from data import image_items, load_image
-from dist import barrier, distributed, full_numel, main_rank, zero3_sharded
+from dist import barrier, distributed, full_numel, gathered_params, main_rank
 from model import STOP_TOKENS, VISION_TOKENS, image_token_id, save_checkpoint, vision_inputs
 
 
@@ -226,13 +226,7 @@ def weight_buckets(model, bucket_bytes: int, dtype: torch.dtype) -> Iterator[Lis
 
 def gathered(bucket, dtype: torch.dtype) -> Iterator[List[Tuple[str, torch.Tensor]]]:
     """One bucket with its ZeRO-3 shards gathered (a no-op for ordinary parameters)."""
-    params = [p for _, p in bucket]
-    if zero3_sharded(params):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(params):
-            yield [(name, p.detach().to(dtype)) for name, p in bucket]
-    else:
+    with gathered_params([p for _, p in bucket]):
         yield [(name, p.detach().to(dtype)) for name, p in bucket]
 
 

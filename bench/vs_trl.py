@@ -31,7 +31,6 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # the repository, and tests/
 
 import torch  # noqa: E402
 from conftest import compose_cfg  # noqa: E402
-from toy_rewards import digit_fraction  # noqa: E402
 
 import train  # noqa: E402
 from data import LMM_R1_SYSTEM_PROMPT, chat_text, synthetic_samples  # noqa: E402
@@ -74,8 +73,6 @@ def trl_reward(setup: str):
 
     def reward(completions, answer, **kwargs):
         texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
-        if setup == "random":
-            return [digit_fraction(t, {}) for t in texts]
         return [sum(w * resolve(name)(t, {"answer": a}) for name, w in weights.items()) for t, a in zip(texts, answer)]
 
     return reward
