@@ -181,6 +181,16 @@ def cpu_group():
     return _cpu_groups[world]
 
 
+def destroy_groups() -> None:
+    """Destroy this process's groups, the CPU one included, and drop the last references to them, so
+    that their gloo threads are joined now. A group that lives on into interpreter exit can abort it
+    (a gloo thread taking the GIL during finalization: "terminate called without an active exception",
+    about 1 two-rank exit in 20)."""
+    if distributed():
+        torch.distributed.destroy_process_group()
+    _cpu_groups.clear()
+
+
 def barrier() -> None:
     if distributed():
         torch.distributed.barrier(group=cpu_group())

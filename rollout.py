@@ -24,7 +24,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from data import image_items, load_image
-from dist import barrier, distributed, full_numel, gathered_params, main_rank
+from dist import barrier, destroy_groups, distributed, full_numel, gathered_params, main_rank
 from model import STOP_TOKENS, VISION_TOKENS, image_token_id, save_checkpoint, vision_inputs
 
 
@@ -443,14 +443,13 @@ class VLLMEngine:
 
 def release_process_groups() -> None:
     """Destroy this process's torch.distributed groups at exit: vLLM's first where it ran here (its own
-    clean-up also destroys the default group), else just the trainer's. In the other order vLLM's
+    clean-up also destroys the default group), then the trainer's (dist.destroy_groups). In the other order vLLM's
     exit hook fails on groups that are already gone."""
     if "vllm" in sys.modules:
         from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
         cleanup_dist_env_and_memory()
-    elif distributed():
-        torch.distributed.destroy_process_group()
+    destroy_groups()
 
 
 def make_engine(cfg, policy, tokenizer, image_processor, model_path: Optional[str], run_dir: str):
