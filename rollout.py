@@ -4,7 +4,7 @@ An engine has two methods:
     generate(prompts, group_size, seeds) -> Rollout  # group_size samples per prompt, grouped; a seed per prompt
     sync_weights(model)                               # make the engine sample from `model`'s weights
     with_sampling(**overrides) -> engine              # the same engine, other sampling knobs (greedy eval)
-HFEngine samples with transformers' `generate` on the policy module itself (CPU, tests, debugging),
+HFEngine samples with its own KV-cached decode on the policy module itself (CPU, tests, debugging),
 so its sync is free. VLLMEngine runs an in-process vLLM `LLM` colocated with training, on a GPU or
 on vLLM's CPU backend: it sleeps while the policy trains (where the platform has sleep mode) and
 receives the new weights bucket by bucket after every update.
@@ -20,12 +20,11 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from data import image_items, load_image
-from dist import barrier, destroy_groups, distributed, full_numel, gathered_params, main_rank
-from model import STOP_TOKENS, VISION_TOKENS, image_token_id, save_checkpoint, vision_inputs
+from dist import any_rank, barrier, destroy_groups, distributed, full_numel, gathered_params, main_rank, zero3_sharded
+from model import STOP_TOKENS, VISION_TOKENS, image_token_id, prompt_positions, save_checkpoint, vision_inputs
 
 
 @dataclass
@@ -81,17 +80,16 @@ def row_seeds(seed: int, group_size: int) -> List[int]:
     return torch.randint(2**62, (group_size,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-class SeededSampler(LogitsProcessor):
-    """The last logits processor of a greedy `generate` that makes it sample: each row is an exact
-    draw from softmax of its processed logits, from that row's own random stream.
+class SeededSampler:
+    """The sampler of HFEngine's decode: each row is an exact draw from softmax of its processed
+    logits, from that row's own random stream.
 
-    It applies temperature, top-k and top-p as transformers' sampling does (after generate's own
-    processors: the suppressed vision tokens), keeps the log-softmax of the result (the sampler's
-    log-probs), and picks argmax(logp - log q) with q ~ Exp(1) per token, drawn from the row's
-    generator: P(argmax = i) = p_i (the exponential race; vLLM samples the same way). generate then
-    takes the argmax of a one-hot it is given, so it picks exactly this token. A row's noise at step
-    t is the t-th draw of its own generator whatever the other rows are, so a prompt's samples do
-    not depend on the batch it is in. Temperature 0 keeps the argmax of the unwarped logits.
+    It applies temperature, top-k and top-p as transformers' sampling does (to logits whose vision
+    tokens are already -inf), keeps the log-softmax of the result (the sampler's log-probs), and
+    picks argmax(logp - log q) with q ~ Exp(1) per token, drawn from the row's generator: P(argmax =
+    i) = p_i (the exponential race; vLLM samples the same way). A row's noise at step t is the t-th
+    draw of its own generator whatever the other rows are, so a prompt's samples do not depend on
+    the batch it is in. Temperature 0 keeps the argmax of the unwarped logits.
     """
 
     def __init__(self, seeds: List[int], temperature: float, top_k: int, top_p: float, device):
@@ -105,9 +103,10 @@ class SeededSampler(LogitsProcessor):
                 self.warpers.append(TopPLogitsWarper(top_p))
         self.logprobs: List[torch.Tensor] = []  # per step, (rows,): the chosen tokens' log-probs
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def __call__(self, scores: torch.FloatTensor) -> torch.LongTensor:
+        """(rows, V) logits -> (rows,) the sampled tokens."""
         for warp in self.warpers:
-            scores = warp(input_ids, scores)
+            scores = warp(None, scores)  # (transformers' warpers take input_ids, and ignore them)
         logp = F.log_softmax(scores.float(), dim=-1)  # (rows, V)
         race = logp
         if self.generators is not None:
@@ -118,7 +117,16 @@ class SeededSampler(LogitsProcessor):
             race = (logp - noise.log()).masked_fill(logp == float("-inf"), float("-inf"))
         tokens = race.argmax(dim=-1)  # (rows,)
         self.logprobs.append(logp.gather(1, tokens[:, None])[:, 0])
-        return torch.full_like(scores, float("-inf")).scatter_(1, tokens[:, None], 0.0)
+        return tokens
+
+
+def prefill_positions(model, prompts, length: int) -> torch.Tensor:
+    """(3, U, length) rotary positions of left-padded prompts (model.prompt_positions; 0 on padding)."""
+    out = torch.zeros(3, len(prompts), length, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        positions = prompt_positions(p, model)  # (3, P)
+        out[:, i, length - positions.shape[1] :] = positions
+    return out
 
 
 class HFEngine:
@@ -135,27 +143,9 @@ class HFEngine:
         """The same engine with other sampling settings (greedy evaluation: temperature=0.0)."""
         return HFEngine(self.model, self.tokenizer, OmegaConf.merge(self.cfg, overrides))
 
-    def generation_config(self) -> GenerationConfig:
-        # Every knob is set here: a checkpoint's generation_config.json (Qwen ships
-        # repetition_penalty=1.05, top_k=1, ...) must not change the policy being trained. generate
-        # itself is greedy: SeededSampler does the sampling, with the rollout's temperature / top-k / top-p.
-        return GenerationConfig(
-            do_sample=False,
-            temperature=1.0,
-            top_p=1.0,
-            top_k=50,  # transformers' default, which greedy ignores (any other value is warned about)
-            min_p=None,
-            repetition_penalty=1.0,
-            max_new_tokens=self.cfg.max_new_tokens,
-            eos_token_id=self.stop_ids,
-            pad_token_id=self.pad_id,
-            suppress_tokens=self.banned_ids,
-            return_dict_in_generate=True,
-        )
-
     @torch.no_grad()
     def generate(self, prompts, group_size: int, seeds: List[int]) -> Rollout:
-        """group_size samples per prompt, all prompts' rows in batched `generate` calls of
+        """group_size samples per prompt, all prompts' rows in batched decodes of
         rollout.micro_batch_size rows. Each row samples from its own stream, seeded from its prompt's
         seed: a prompt's samples do not depend on which other prompts share the call (or the rank),
         so data-parallel runs sample what one process would."""
@@ -165,7 +155,7 @@ class HFEngine:
         out = Rollout([], [], [], [], [] if self.cfg.logprobs else None)
         for start in range(0, len(rows), self.cfg.micro_batch_size):
             chunk = rows[start : start + self.cfg.micro_batch_size]
-            completions, logprobs = self.sample([prompts[k] for k, _ in chunk], [s for _, s in chunk])
+            completions, logprobs = self.sample(prompts, [k for k, _ in chunk], [s for _, s in chunk])
             out.prompt_index += [k for k, _ in chunk]
             out.completion_ids += completions
             if out.logprobs is not None:
@@ -176,19 +166,54 @@ class HFEngine:
             out.truncated.append(not self.stopped(c))
         return out
 
-    def sample(self, prompts, seeds: List[int]) -> Tuple[List[List[int]], List[List[float]]]:
-        """One `generate` call, a row per (prompt, seed): completions and their sampler log-probs."""
+    def sample(self, prompts, index: List[int], seeds: List[int]) -> Tuple[List[List[int]], List[List[float]]]:
+        """One batched decode, a row per (prompts[index[i]], seeds[i]): completions and their sampler
+        log-probs. Each prompt is prefilled once, however many of its rows the batch holds (a group's
+        rows: the prompt and its images go through the model once, not group_size times), and its KV
+        cache is copied to each of its rows."""
         device = next(self.model.parameters()).device
-        c = self.cfg
-        sampler = SeededSampler(seeds, c.temperature, c.top_k, c.top_p, device)
-        inputs = generation_inputs(self.model, prompts, self.pad_id, device)
-        generated = self.model.generate(
-            **inputs, generation_config=self.generation_config(), logits_processor=LogitsProcessorList([sampler])
-        )
-        new_tokens = generated.sequences[:, inputs["input_ids"].shape[1] :]  # (rows, T)
-        completions = [self.trim(row) for row in new_tokens.tolist()]
-        logprobs = torch.stack(sampler.logprobs, dim=1).tolist()  # (rows, T') with T' >= T
+        distinct = sorted(set(index))  # (U,) the prompts of this batch
+        owner = torch.tensor([distinct.index(k) for k in index], device=device)  # (B,) row -> its prompt's prefill row
+        inputs = generation_inputs(self.model, [prompts[k] for k in distinct], self.pad_id, device)  # (U, L)
+        positions = prefill_positions(self.model, [prompts[k] for k in distinct], inputs["input_ids"].shape[1])
+        out = self.model(**inputs, position_ids=self.rotary(positions.to(device)), use_cache=True, logits_to_keep=1)
+        cache, mask = out.past_key_values, inputs["attention_mask"][owner]  # mask: (B, L)
+        cache.reorder_cache(owner)  # (U, ...) -> (B, ...)
+        position = positions.amax(dim=(0, 2)).to(device)[owner]  # (B,) each prompt's last: a completion continues after it
+        return self.decode(out.logits[owner, -1], cache, mask, position, SeededSampler(seeds, **self.knobs(device)))
+
+    def decode(self, logits, cache, mask, position, sampler):
+        """Sample up to rollout.max_new_tokens tokens per row from `logits` (B, V), the prefilled
+        prompts' next-token logits: (completions up to their first stop token, their log-probs)."""
+        banned = torch.tensor(self.banned_ids, device=logits.device)
+        stops = torch.tensor(self.stop_ids, device=logits.device)
+        done = torch.zeros(len(logits), dtype=torch.bool, device=logits.device)  # (B,)
+        # Under ZeRO-3 across ranks every forward gathers the parameters with the other ranks: every
+        # rank decodes until the last rank's rows are done
+        in_step = zero3_sharded(list(self.model.parameters())) and distributed()
+        tokens = []
+        for t in range(self.cfg.max_new_tokens):
+            token = sampler(logits.float().index_fill_(1, banned, float("-inf")))  # (B,) vision tokens never sampled
+            tokens.append(token.masked_fill(done, self.pad_id))
+            done |= torch.isin(token, stops)
+            if t + 1 == self.cfg.max_new_tokens or not (any_rank(not done.all()) if in_step else not done.all()):
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B, L + t + 1)
+            step = self.rotary((position + 1 + t).view(1, -1, 1).expand(3, -1, 1))
+            logits = self.model(
+                input_ids=tokens[-1][:, None], attention_mask=mask, position_ids=step, past_key_values=cache, use_cache=True
+            ).logits[:, -1]
+        completions = [self.trim(row) for row in torch.stack(tokens, dim=1).tolist()]  # (B, T) -> cut at stops
+        logprobs = torch.stack(sampler.logprobs, dim=1).tolist()  # (B, T)
         return completions, [lp[: len(ids)] for lp, ids in zip(logprobs, completions)]
+
+    def rotary(self, positions: torch.Tensor) -> torch.Tensor:
+        """(3, B, T) mrope positions as the model takes them: all three for Qwen2.5-VL, (B, T) for a text model."""
+        return positions if image_token_id(self.model) is not None else positions[0]
+
+    def knobs(self, device) -> dict:
+        c = self.cfg
+        return dict(temperature=c.temperature, top_k=c.top_k, top_p=c.top_p, device=device)
 
     def stopped(self, ids: List[int]) -> bool:
         return bool(ids) and ids[-1] in self.stop_ids

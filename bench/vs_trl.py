@@ -37,7 +37,7 @@ from data import LMM_R1_SYSTEM_PROMPT, chat_text, synthetic_samples  # noqa: E40
 from model import load_policy, save_checkpoint  # noqa: E402
 from rewards import resolve  # noqa: E402
 
-PROMPTS, GROUP, NEW_TOKENS, LR, SEED = 8, 8, 24, 1e-3, 42
+PROMPTS, GROUP, NEW_TOKENS, LR = 8, 8, 24, 1e-3
 WARMUP_STEPS = 2
 SETUPS = {  # --model: (debug preset of the weights, problems, reward weights)
     "warm": ("debug=tiny", 16, {"format": 0.5, "math": 1.0}),
@@ -45,14 +45,14 @@ SETUPS = {  # --model: (debug preset of the weights, problems, reward weights)
 }
 
 
-def ours(model_dir: str, steps: int, run_dir: str, setup: str, share_prompts: bool, threads: Optional[int]):
+def ours(model_dir: str, steps: int, run_dir: str, setup: str, share_prompts: bool, threads: Optional[int], seed: int):
     """(step times, reward means) of `train.run` on the run above."""
     _, n_data, weights = SETUPS[setup]
     reward = ["+reward.weights={toy_rewards\\:digit_fraction: 1.0}", "~reward.weights.format", "~reward.weights.math"]
     overrides = [
         "debug=tiny", "log.wandb=disabled", "log.progress=false", f"model.path={model_dir}", f"trainer.share_prompts={share_prompts}",
         *([f"trainer.threads={threads}"] if threads is not None else []),
-        f"trainer.seed={SEED}", f"trainer.max_steps={steps}", f"data.num_synthetic={n_data}",
+        f"trainer.seed={seed}", f"trainer.max_steps={steps}", f"data.num_synthetic={n_data}",
         f"rollout.prompts_per_step={PROMPTS}", f"rollout.group_size={GROUP}", f"rollout.max_new_tokens={NEW_TOKENS}",
         "rollout.temperature=1.0", f"rollout.micro_batch_size={PROMPTS * GROUP}",
         f"trainer.mini_batch_size={PROMPTS * GROUP}", "trainer.micro_batch_size=8", f"trainer.lr={LR}", "trainer.warmup_ratio=0", "trainer.min_lr_ratio=1.0",
@@ -78,14 +78,14 @@ def trl_reward(setup: str):
     return reward
 
 
-def trl(model_dir: str, steps: int, out_dir: str, tokenizer, setup: str):
+def trl(model_dir: str, steps: int, out_dir: str, tokenizer, setup: str, seed: int):
     """(step times, reward means) of TRL's GRPOTrainer on the run above."""
     from datasets import Dataset
     from transformers import AutoModelForImageTextToText, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     rows = []
-    for s in synthetic_samples("arithmetic", SETUPS[setup][1], SEED, 112, LMM_R1_SYSTEM_PROMPT):
+    for s in synthetic_samples("arithmetic", SETUPS[setup][1], seed, 112, LMM_R1_SYSTEM_PROMPT):
         # Arrow wants one type per field: each message's text parts as one string (the same template text)
         messages = [{"role": m["role"], "content": text_of(m["content"])} for m in s.messages]
         assert chat_text(messages, tokenizer) == chat_text(s.messages, tokenizer)  # TRL's prompts are ours
@@ -102,7 +102,7 @@ def trl(model_dir: str, steps: int, out_dir: str, tokenizer, setup: str):
             self.times.append(time.perf_counter() - self.start)
 
     config = GRPOConfig(
-        output_dir=out_dir, use_cpu=True, max_steps=steps, seed=SEED, report_to="none", save_strategy="no",
+        output_dir=out_dir, use_cpu=True, max_steps=steps, seed=seed, report_to="none", save_strategy="no",
         logging_steps=1, per_device_train_batch_size=PROMPTS * GROUP, gradient_accumulation_steps=1,
         num_generations=GROUP, max_completion_length=NEW_TOKENS, temperature=1.0, learning_rate=LR,
         lr_scheduler_type="constant", warmup_steps=0, adam_beta2=0.95, beta=0.0, loss_type="dapo",
@@ -124,27 +124,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--model", choices=list(SETUPS), default="warm")
+    parser.add_argument("--seed", type=int, default=42, help="both sides' seed: the problems drawn, sampling, data order")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="TRL's torch threads (default: torch's)")
     parser.add_argument("--our-threads", type=int, default=None, help="trainer.threads (default: debug=tiny's, 1; 0: torch's)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = compose_cfg([SETUPS[args.model][0], f"trainer.seed={SEED}"])
-        policy, tokenizer, image_processor = load_policy(cfg.model, SEED, torch.device("cpu"))
+        cfg = compose_cfg([SETUPS[args.model][0], f"trainer.seed={args.seed}"])
+        policy, tokenizer, image_processor = load_policy(cfg.model, args.seed, torch.device("cpu"))
         model_dir = os.path.join(tmp, "tiny")
         save_checkpoint(model_dir, policy, tokenizer, image_processor)  # every run starts from these weights
         for share in (True, False):  # (ours sets its own threads: trainer.threads, 1 at debug=tiny)
             name = "ours, shared prompts" if share else "ours, per sample"
             runs[name] = ours(
-                model_dir, args.steps, os.path.join(tmp, name.replace(" ", "_")), args.model, share, args.our_threads
+                model_dir, args.steps, os.path.join(tmp, name.replace(" ", "_")), args.model, share, args.our_threads, args.seed
             )
         torch.set_num_threads(args.threads)  # TRL's: --threads, default torch's own
-        runs["TRL"] = trl(model_dir, args.steps, os.path.join(tmp, "trl"), tokenizer, args.model)
+        runs["TRL"] = trl(model_dir, args.steps, os.path.join(tmp, "trl"), tokenizer, args.model, args.seed)
     medians = {name: statistics.median(times[WARMUP_STEPS:]) for name, (times, _) in runs.items()}
     print(
         f"--model {args.model}, threads: ours {args.our_threads if args.our_threads is not None else 'debug=tiny (1)'}, TRL {args.threads}; "
-        f"{args.steps} steps each, medians over steps {WARMUP_STEPS + 1}+"
+        f"seed {args.seed}, {args.steps} steps each, medians over steps {WARMUP_STEPS + 1}+"
     )
     for name, median in medians.items():
         rewards = runs[name][1]

@@ -272,13 +272,51 @@ release_process_groups()  # as train.py ends (without it, about 1 exit in 20 abo
 """
 
 
+def run_on_two_ranks(tmp_path, code: str, timeout: int = 300) -> None:
+    """`code` as a script under torchrun with two ranks (tests/ importable); each rank prints "ok RANK"."""
+    script = tmp_path / "two_ranks.py"
+    script.write_text(code)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]), "DS_ACCELERATOR": "cpu"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert sorted(line for line in out.stdout.splitlines() if line.startswith("ok")) == ["ok 0", "ok 1"]
+
+
 def test_evaluation_on_two_ranks_shares_out_the_items_and_gathers_every_completion(tmp_path):
     """eval.greedy_completions under two ranks: each generates every second item (3 and 2 of 5), and
     each gets all five completions in the items' order, those one engine gives generating them all."""
-    script = tmp_path / "sharded_eval.py"
-    script.write_text(SHARDED_EVAL)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
-    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-4000:]
-    assert sorted(line for line in out.stdout.splitlines() if line.startswith("ok")) == ["ok 0", "ok 1"]
+    run_on_two_ranks(tmp_path, SHARDED_EVAL)
+
+
+ZERO3_DECODE = """
+import torch
+from omegaconf import OmegaConf
+import dist
+from conftest import TINY_DEFAULTS, compose_cfg
+from data import encode_prompt, synthetic_samples
+from model import build_image_processor, build_tiny_model, build_tiny_tokenizer
+from rollout import HFEngine, release_process_groups
+
+rank, _, _ = dist.init_distributed("cpu")
+cfg = compose_cfg(TINY_DEFAULTS + ["rollout.max_new_tokens=6"])
+tokenizer = build_tiny_tokenizer(cfg.model.tiny.vocab_size)
+image_processor = build_image_processor(cfg.model.min_pixels, cfg.model.max_pixels)
+model = build_tiny_model(tokenizer, cfg.model.tiny, seed=0)
+dist.deepspeed_engine(model, None, None, OmegaConf.merge(cfg.trainer, {"zero_stage": 3}), bf16=False)
+engine = HFEngine(model, tokenizer, cfg.rollout)
+if rank == 0:  # every token stops rank 0's rows at once; rank 1's random model runs to the limit
+    engine.stop_ids = list(range(len(tokenizer)))
+prompts = [encode_prompt(s, tokenizer, image_processor) for s in synthetic_samples("arithmetic", 2, 0, 56, "sys")]
+lengths = {len(c) for c in engine.generate(prompts, 2, seeds=[rank, rank]).completion_ids}
+assert lengths == ({1} if rank == 0 else {6}), lengths
+print("ok", rank)
+release_process_groups()
+"""
+
+
+def test_zero3_decode_runs_until_every_ranks_rows_are_done(tmp_path):
+    """Under ZeRO-3 every forward gathers the parameters with the other ranks: a rank whose rows have
+    all stopped keeps making the decode's forwards until the other rank's rows are done too (before:
+    transformers' generate stopped there, and the other rank's gathers waited on it forever)."""
+    run_on_two_ranks(tmp_path, ZERO3_DECODE, timeout=180)

@@ -148,8 +148,6 @@ def test_checkpoint_generation_config_does_not_change_sampling(tiny_model, token
     tiny_model.generation_config.top_k = 1
     tiny_model.generation_config.repetition_penalty = 5.0
     engine = HFEngine(tiny_model, tokenizer, rcfg())
-    gc = engine.generation_config()
-    assert gc.repetition_penalty == 1.0 and not gc.do_sample  # the sampling is SeededSampler's
     out = engine.generate(prompts[:1], 6, seeds=per_prompt(0, prompts[:1]))
     assert len({tuple(c) for c in out.completion_ids}) > 1  # top_k=1 would make every sample identical
 
@@ -349,6 +347,23 @@ def test_a_prompts_group_does_not_depend_on_the_other_prompts(tiny_model, tokeni
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
 
 
+def test_each_prompt_is_prefilled_once_and_its_rows_sample_as_alone(tiny_model, tokenizer, prompts):
+    """A batch of 3 groups of 4 rows prefills 3 prompts (their 2 images through the vision tower
+    once each, not 4 times), and each row samples what it samples in a batch of its own, whose
+    prefill is that row alone (log-probs up to float rounding); rows stop at different steps."""
+    favour_token(tiny_model, tokenizer.convert_tokens_to_ids("<|im_end|>"), 4.0)
+    calls = []
+    tiny_model.register_forward_pre_hook(lambda m, a, kw: calls.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+    images = []
+    tiny_model.model.visual.register_forward_pre_hook(lambda m, a, kw: images.append(len(kw["grid_thw"])), with_kwargs=True)
+    shared = HFEngine(tiny_model, tokenizer, rcfg(micro_batch_size=12)).generate(prompts, 4, seeds=[5, 6, 7])
+    assert calls[0][0] == 3 and all(c == (12, 1) for c in calls[1:]) and images == [2]
+    alone = HFEngine(tiny_model, tokenizer, rcfg(micro_batch_size=1)).generate(prompts, 4, seeds=[5, 6, 7])
+    assert shared.completion_ids == alone.completion_ids and len({len(c) for c in shared.completion_ids}) > 1
+    for a, b in zip(shared.logprobs, alone.logprobs):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
+
+
 # ---- the seeded sampler on a fixed logit vector ----
 
 LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, float("-inf")])  # the last token is banned
@@ -360,9 +375,7 @@ def draw(seeds, steps: int, **knobs) -> torch.Tensor:
     sampler = SeededSampler(seeds, device="cpu", **knobs)
     picks = []
     for _ in range(steps):
-        one_hot = sampler(None, LOGITS.expand(len(seeds), -1).clone())
-        assert ((one_hot == 0).sum(-1) == 1).all() and torch.isinf(one_hot).sum() == one_hot.numel() - len(seeds)
-        picks.append(one_hot.argmax(-1))
+        picks.append(sampler(LOGITS.expand(len(seeds), -1).clone()))
     return torch.stack(picks, dim=1)
 
 
@@ -391,7 +404,7 @@ def test_seeded_sampler_draws_from_the_processed_softmax(knobs, allowed):
 
 def test_seeded_sampler_logprobs_are_of_the_processed_distribution():
     sampler = SeededSampler([0, 1, 2], temperature=0.5, top_k=4, top_p=1.0, device="cpu")
-    tokens = sampler(None, LOGITS.expand(3, -1).clone()).argmax(-1)
+    tokens = sampler(LOGITS.expand(3, -1).clone())
     kept = torch.log_softmax(LOGITS[:4] / 0.5, dim=0)
     torch.testing.assert_close(sampler.logprobs[0], kept[tokens])
 
