@@ -17,6 +17,7 @@ import random
 import re
 import sys
 import tempfile
+from contextlib import contextmanager
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -847,17 +848,8 @@ def hidden_states(backbone, batch) -> torch.Tensor:
     dummy_vision = batch.get("dummy_vision") and "pixel_values" not in batch and language_model is not backbone
     if "cu_seqlens" not in batch:
         keys = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
-        # the dummy image goes where transformers runs a real one: after the embeddings, before the text
-        hook = (
-            language_model.register_forward_pre_hook(with_dummy_vision(backbone), with_kwargs=True, prepend=True)
-            if dummy_vision
-            else None
-        )
-        try:
+        with vision_on_every_rank(backbone, dummy_vision):
             return backbone(**{k: batch[k] for k in keys if k in batch}, use_cache=False).last_hidden_state
-        finally:
-            if hook is not None:
-                hook.remove()
     embeds = backbone.get_input_embeddings()(batch["input_ids"])  # (1, S, H)
     if "pixel_values" in batch:
         features = torch.cat(backbone.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output)
@@ -877,6 +869,22 @@ def hidden_states(backbone, batch) -> torch.Tensor:
         use_cache=False,
     )
     return out.last_hidden_state
+
+
+@contextmanager
+def vision_on_every_rank(backbone, needed: bool):
+    """While `needed` (a padded forward without images, under ZeRO-3 across ranks): the forward runs
+    the vision tower on the dummy image where transformers runs a real one (after the embeddings,
+    before the text model), so every rank gathers its weights alike. A text-only model: nothing."""
+    language_model = getattr(backbone, "language_model", backbone)
+    if not needed or language_model is backbone:
+        yield
+        return
+    hook = language_model.register_forward_pre_hook(with_dummy_vision(backbone), with_kwargs=True, prepend=True)
+    try:
+        yield
+    finally:
+        hook.remove()
 
 
 def with_dummy_vision(backbone):

@@ -24,7 +24,15 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 from data import image_items, load_image
 from dist import any_rank, barrier, destroy_groups, distributed, full_numel, gathered_params, main_rank, zero3_sharded
-from model import STOP_TOKENS, VISION_TOKENS, image_token_id, prompt_positions, save_checkpoint, vision_inputs
+from model import (
+    STOP_TOKENS,
+    VISION_TOKENS,
+    image_token_id,
+    prompt_positions,
+    save_checkpoint,
+    vision_inputs,
+    vision_on_every_rank,
+)
 
 
 @dataclass
@@ -176,27 +184,31 @@ class HFEngine:
         owner = torch.tensor([distinct.index(k) for k in index], device=device)  # (B,) row -> its prompt's prefill row
         inputs = generation_inputs(self.model, [prompts[k] for k in distinct], self.pad_id, device)  # (U, L)
         positions = prefill_positions(self.model, [prompts[k] for k in distinct], inputs["input_ids"].shape[1])
-        out = self.model(**inputs, position_ids=self.rotary(positions.to(device)), use_cache=True, logits_to_keep=1)
+        # Under ZeRO-3 across ranks every forward gathers the parameters with the other ranks, and
+        # DeepSpeed checks that each rank ran the same modules: the vision tower runs on every rank's
+        # prefill (a dummy image where this rank's prompts have none), and every rank decodes until the
+        # last rank's rows are done
+        sync = zero3_sharded(list(self.model.parameters())) and several_ranks()
+        with vision_on_every_rank(self.model.model, sync and "pixel_values" not in inputs):
+            out = self.model(**inputs, position_ids=self.rotary(positions.to(device)), use_cache=True, logits_to_keep=1)
         cache, mask = out.past_key_values, inputs["attention_mask"][owner]  # mask: (B, L)
         cache.reorder_cache(owner)  # (U, ...) -> (B, ...)
         position = positions.amax(dim=(0, 2)).to(device)[owner]  # (B,) each prompt's last: a completion continues after it
-        return self.decode(out.logits[owner, -1], cache, mask, position, SeededSampler(seeds, **self.knobs(device)))
+        return self.decode(out.logits[owner, -1], cache, mask, position, SeededSampler(seeds, **self.knobs(device)), sync)
 
-    def decode(self, logits, cache, mask, position, sampler):
+    def decode(self, logits, cache, mask, position, sampler, sync: bool):
         """Sample up to rollout.max_new_tokens tokens per row from `logits` (B, V), the prefilled
-        prompts' next-token logits: (completions up to their first stop token, their log-probs)."""
+        prompts' next-token logits: (completions up to their first stop token, their log-probs).
+        `sync`: continue while any rank's rows are."""
         banned = torch.tensor(self.banned_ids, device=logits.device)
         stops = torch.tensor(self.stop_ids, device=logits.device)
         done = torch.zeros(len(logits), dtype=torch.bool, device=logits.device)  # (B,)
-        # Under ZeRO-3 across ranks every forward gathers the parameters with the other ranks: every
-        # rank decodes until the last rank's rows are done
-        in_step = zero3_sharded(list(self.model.parameters())) and distributed()
         tokens = []
         for t in range(self.cfg.max_new_tokens):
             token = sampler(logits.float().index_fill_(1, banned, float("-inf")))  # (B,) vision tokens never sampled
             tokens.append(token.masked_fill(done, self.pad_id))
             done |= torch.isin(token, stops)
-            if t + 1 == self.cfg.max_new_tokens or not (any_rank(not done.all()) if in_step else not done.all()):
+            if t + 1 == self.cfg.max_new_tokens or not (any_rank(not done.all()) if sync else not done.all()):
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B, L + t + 1)
             step = self.rotary((position + 1 + t).view(1, -1, 1).expand(3, -1, 1))
