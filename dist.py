@@ -357,8 +357,13 @@ def backward(engines: Dict[str, object], name: str, loss: torch.Tensor, boundary
         loss.backward()
         return
     world = torch.distributed.get_world_size()
-    engines[name].set_gradient_accumulation_boundary(boundary)
-    engines[name].backward(loss * world)
+    engine = engines[name]
+    # What DeepSpeedEngine.forward does first, and our forwards call the model's parts, not the
+    # engine: ZeRO counts micro-batches by it (0.19.8's stage 3 adds a micro-batch's gradients to the
+    # last ones only from the second count on; without it each micro-batch's replaced the last's)
+    engine.optimizer.clear_backward_seen_flag()
+    engine.set_gradient_accumulation_boundary(boundary)
+    engine.backward(loss * world)
 
 
 def step_optimizer(engines: Dict[str, object], name: str, params, optimizer, schedule, grad_clip: float) -> float:

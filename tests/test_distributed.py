@@ -106,8 +106,10 @@ MIXED = "one image prompt of two"  # a layout's marker for one_image_prompt_of_t
         # DeepSpeed: parameters sharded too (reference model as well). Every lm_head call gathers its
         # weight, and 8-token chunks of each micro-batch's completions (lengths 1-24, differing per rank)
         # give the ranks different chunk counts: each must run the busiest rank's
-        # Evaluation on the way (step 2) shards its 5 items over the ranks (3 and 2) and scores them on rank 0
-        ["trainer.zero_stage=3", "trainer.logp_chunk_size=8", *EVAL_AT_STEP_2],
+        # Evaluation on the way (step 2) shards its 5 items over the ranks (3 and 2) and scores them on rank 0.
+        # A 300-token budget holds a ~260-token prompt and 1-3 of its completions: every group spans
+        # micro-batches, and the ranks' micro-batch counts differ
+        ["trainer.zero_stage=3", "trainer.logp_chunk_size=8", "trainer.max_tokens_per_micro=300", *EVAL_AT_STEP_2],
         # with a sharded value model; padded batches, one rank's prompt with an image and the other's
         # without: the vision tower's gathers must happen on both
         ["trainer.zero_stage=3", "algo.estimator=gae", "algo.critic_lr=1e-3", "trainer.packing=false", MIXED],
@@ -119,6 +121,19 @@ def test_two_ranks_train_exactly_like_one_process(tmp_path, layout):
     assert_same_training(tmp_path, layout)
     if EVAL_AT_STEP_2[0] in layout:  # the two ranks' evaluation at step 2 is one process's of the same weights
         assert_evaluated_as_one_process_would(tmp_path, tmp_path / "ranks")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_deepspeed_accumulates_packed_micro_batches_as_plain_pytorch(tmp_path, zero_stage):
+    """One process, a 300-token budget: each mini-batch of 8 samples is 3-8 packed micro-batches (a
+    ~260-token prompt and 1-3 of its completions each). DeepSpeed's gradients must be their sum, as
+    plain PyTorch's are. Before: our forwards bypass DeepSpeedEngine.forward, so ZeRO-3 never counted
+    a micro-batch and each one's gradients replaced the last's (grad norm 0.35 instead of 0.91)."""
+    budget = ["trainer.max_tokens_per_micro=300", "trainer.logp_chunk_size=8"]
+    launch(str(tmp_path / "plain"), [*budget, "trainer.zero_stage=0"], 1)
+    launch(str(tmp_path / "deepspeed"), [*budget, f"trainer.zero_stage={zero_stage}"], 1)
+    assert_trained_alike(tmp_path / "plain", tmp_path / "deepspeed")
 
 
 def assert_evaluated_as_one_process_would(tmp_path, run_dir):
