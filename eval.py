@@ -462,9 +462,13 @@ def greedy_completions(engine, tokenizer, image_processor, items: List[Item], ma
 
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed() else (0, 1)
     greedy = engine.with_sampling(temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens, logprobs=False)
-    samples = [Sample(messages=i.messages, answer=str(i.row["answer"]), where=i.id) for i in items[rank::world]]
+    mine = items[rank::world]
+    # every rank generates as many prompts (a short shard repeats an item, its completion dropped): the
+    # HF engine under ZeRO-3 gathers weights in each forward, so every rank must run as many batches
+    padded = mine + items[:1] * (-(-len(items) // world) - len(mine))
+    samples = [Sample(messages=i.messages, answer=str(i.row["answer"]), where=i.id) for i in padded]
     prompts = [encode_prompt(s, tokenizer, image_processor) for s in samples]
-    texts = greedy.generate(prompts, 1, seeds=[0] * len(prompts)).texts if prompts else []
+    texts = greedy.generate(prompts, 1, seeds=[0] * len(prompts)).texts[: len(mine)] if prompts else []
     completions = [""] * len(items)
     for r, shard in enumerate(gather(texts)):  # rank r's are items r, r + world, ...
         completions[r::world] = shard

@@ -109,7 +109,14 @@ MIXED = "one image prompt of two"  # a layout's marker for one_image_prompt_of_t
         # Evaluation on the way (step 2) shards its 5 items over the ranks (3 and 2) and scores them on rank 0.
         # A 300-token budget holds a ~260-token prompt and 1-3 of its completions: every group spans
         # micro-batches, and the ranks' micro-batch counts differ
-        ["trainer.zero_stage=3", "trainer.logp_chunk_size=8", "trainer.max_tokens_per_micro=300", *EVAL_AT_STEP_2],
+        # The HF engine's batches of 2 rows give the evaluation's 3 and 2 items 2 and 1 batches, unless padded.
+        [
+            "trainer.zero_stage=3",
+            "trainer.logp_chunk_size=8",
+            "trainer.max_tokens_per_micro=300",
+            "rollout.micro_batch_size=2",
+            *EVAL_AT_STEP_2,
+        ],  # fmt: skip
         # with a sharded value model; padded batches, one rank's prompt with an image and the other's
         # without: the vision tower's gathers must happen on both
         ["trainer.zero_stage=3", "algo.estimator=gae", "algo.critic_lr=1e-3", "trainer.packing=false", MIXED],
@@ -276,7 +283,7 @@ samples = synthetic_samples("arithmetic", 5, seed=0, image_size=56, system_promp
 items = [evaluation.Item(str(i), s.messages, {"answer": s.answer}) for i, s in enumerate(samples)]
 engine = HFEngine(model, tokenizer, cfg.rollout)
 completions = evaluation.greedy_completions(engine, tokenizer, image_processor, items, 8)
-assert asked == [3 - rank], asked  # items 0, 2, 4 on rank 0; 1, 3 on rank 1
+assert asked == [3], asked  # items 0, 2, 4 on rank 0; 1, 3 on rank 1, and 0 again (as many batches)
 assert dist.gather(completions)[1] == completions
 if rank == 0:  # one engine generating them all gives the same list
     prompts = [encode_prompt(Sample(messages=i.messages, answer=i.row["answer"], where=i.id), tokenizer, image_processor) for i in items]
@@ -299,8 +306,9 @@ def run_on_two_ranks(tmp_path, code: str, timeout: int = 300) -> None:
 
 
 def test_evaluation_on_two_ranks_shares_out_the_items_and_gathers_every_completion(tmp_path):
-    """eval.greedy_completions under two ranks: each generates every second item (3 and 2 of 5), and
-    each gets all five completions in the items' order, those one engine gives generating them all."""
+    """eval.greedy_completions under two ranks: each generates every second item (3 and 2 of 5; rank
+    1 repeats one to generate as many), and each gets all five completions in the items' order,
+    those one engine gives generating them all."""
     run_on_two_ranks(tmp_path, SHARDED_EVAL)
 
 
