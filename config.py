@@ -176,7 +176,7 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0  # 0 = disabled
     max_new_tokens: int = 4096  # completion budget; longer completions are truncated
-    micro_batch_size: int = 64  # sequences per generate call (hf)
+    micro_batch_size: int = 64  # sequences per batched decode (hf)
     logprobs: bool = True  # engines return the sampled tokens' log-probs (rollout/logp_diff, algo.tis_clip)
     gpu_memory_utilization: float = 0.5  # vllm: share of GPU memory (on CPU: of RAM) for its weights and KV cache
     kv_cache_gb: Optional[float] = None  # vllm: KV cache size in GiB; null = what gpu_memory_utilization leaves
@@ -368,6 +368,8 @@ def validate(cfg: Any) -> None:
         errors.append(f"trainer.zero_stage={t.zero_stage} must be 0-3 and trainer.offload={t.offload} none|optimizer|all")
     elif t.offload != "none" and t.zero_stage == 0 or t.offload == "all" and t.zero_stage != 3:
         errors.append(f"trainer.offload={t.offload} needs DeepSpeed (zero_stage >= 1; 'all' needs zero_stage=3)")
+    if cfg.eval.max_new_tokens < 1:
+        errors.append(f"eval.max_new_tokens={cfg.eval.max_new_tokens} must be >= 1")
     if t.keep_last < 1 or t.max_bad_steps < 1:
         errors.append(f"trainer.keep_last={t.keep_last} and trainer.max_bad_steps={t.max_bad_steps} must be >= 1")
     if t.max_tokens_per_micro < 1:

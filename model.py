@@ -505,7 +505,7 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     the prompt's followed by its own). On a GPU flash-attn's varlen kernel where it is installed,
     else PyTorch's own (`torch.nn.attention.varlen.varlen_attn`), over keys gathered per segment
     (`prefix["kv_index"]`); elsewhere (CPU) SDPA per sequence, or per prompt group under its mask
-    (`blockwise_attention`). Without `cu_seqlens` (padded batches, HF generate) it is transformers'
+    (`blockwise_attention`). Without `cu_seqlens` (padded batches, the HF engine's decode) it is transformers'
     SDPA with the usual padding mask.
     """
     if cu_seqlens is None:

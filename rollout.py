@@ -77,7 +77,7 @@ def left_pad(seqs: List[List[int]], pad_id: int):
 
 
 def generation_inputs(model, prompts, pad_id: int, device) -> dict:
-    """Left-padded `generate` inputs for a list of prompts (images of all prompts in order)."""
+    """Left-padded inputs for a forward over a list of prompts (images of all prompts in order)."""
     input_ids, attention_mask = left_pad([p.input_ids for p in prompts], pad_id)
     inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
     return inputs | vision_inputs(prompts, inputs["input_ids"], image_token_id(model), device)  # padding is type 0
@@ -194,7 +194,9 @@ class HFEngine:
         cache, mask = out.past_key_values, inputs["attention_mask"][owner]  # mask: (B, L)
         cache.reorder_cache(owner)  # (U, ...) -> (B, ...)
         position = positions.amax(dim=(0, 2)).to(device)[owner]  # (B,) each prompt's last: a completion continues after it
-        return self.decode(out.logits[owner, -1], cache, mask, position, SeededSampler(seeds, **self.knobs(device)), sync)
+        c = self.cfg
+        sampler = SeededSampler(seeds, c.temperature, c.top_k, c.top_p, device)
+        return self.decode(out.logits[owner, -1], cache, mask, position, sampler, sync)
 
     def decode(self, logits, cache, mask, position, sampler, sync: bool):
         """Sample up to rollout.max_new_tokens tokens per row from `logits` (B, V), the prefilled
@@ -205,10 +207,11 @@ class HFEngine:
         done = torch.zeros(len(logits), dtype=torch.bool, device=logits.device)  # (B,)
         tokens = []
         for t in range(self.cfg.max_new_tokens):
-            token = sampler(logits.float().index_fill_(1, banned, float("-inf")))  # (B,) vision tokens never sampled
+            token = sampler(logits.float().index_fill(1, banned, float("-inf")))  # (B,) vision tokens never sampled
             tokens.append(token.masked_fill(done, self.pad_id))
             done |= torch.isin(token, stops)
-            if t + 1 == self.cfg.max_new_tokens or not (any_rank(not done.all()) if sync else not done.all()):
+            running = not done.all()
+            if t + 1 == self.cfg.max_new_tokens or not (any_rank(running) if sync else running):
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B, L + t + 1)
             step = self.rotary((position + 1 + t).view(1, -1, 1).expand(3, -1, 1))
@@ -222,10 +225,6 @@ class HFEngine:
     def rotary(self, positions: torch.Tensor) -> torch.Tensor:
         """(3, B, T) mrope positions as the model takes them: all three for Qwen2.5-VL, (B, T) for a text model."""
         return positions if image_token_id(self.model) is not None else positions[0]
-
-    def knobs(self, device) -> dict:
-        c = self.cfg
-        return dict(temperature=c.temperature, top_k=c.top_k, top_p=c.top_p, device=device)
 
     def stopped(self, ids: List[int]) -> bool:
         return bool(ids) and ids[-1] in self.stop_ids

@@ -89,6 +89,7 @@ def test_keys_added_with_a_plus_fail_naming_the_nearest_and_extension_points_tak
         (["rollout.tensor_parallel_size=2"], "only 1 is supported. Each rank samples its own prompts"),
         (["trainer.devices=0"], "trainer.devices=0: expected auto or a number"),
         (["trainer.devices=all"], "trainer.devices=all: expected auto or a number"),
+        (["eval.max_new_tokens=0"], "eval.max_new_tokens=0 must be >= 1"),
     ],
 )
 def test_cross_key_rules_are_checked_at_start_up(overrides, message):
