@@ -13,7 +13,8 @@ small Qwen2.5-VL (256 wide, 4 layers, a 4,096-word vocabulary) on the same shape
 - fre_text: a 150-token text prompt, completions of median 1,000 tokens (the same spread).
 For each: the tokens the language model processes, the time of a no-grad log-prob pass (old
 log-probs, reference) and of the update's forward and backward, both layouts in
-trainer.max_tokens_per_micro micro-batches, and the ratio of their forward FLOPs.
+trainer.max_tokens_per_micro micro-batches, and the ratio of their forward FLOPs; each layout's
+update in tokens/s and, on a GPU (or given --peak-tflops), its MFU.
 """
 
 import argparse
@@ -30,7 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from packing import QWEN_3B, SMALL, SMALL_VISION, build_model  # noqa: E402
+from packing import QWEN_3B, SMALL, SMALL_VISION, build_model, measured_peak_tflops  # noqa: E402
 
 from data import Prompt, Sample  # noqa: E402
 from model import QWEN2_5_VL_3B_VISION, pack, sequence_logps  # noqa: E402
@@ -121,6 +122,13 @@ def timed(repeats: int, model, items, t, device, grad: bool) -> float:
     return statistics.median(times)
 
 
+def rates(tokens: int, seconds: float, flops: float, peak_tflops: float) -> str:
+    """An update's throughput: language-model tokens/s and, given the device's peak, the model FLOPs
+    utilisation (forward and backward: 3x the layout's forward FLOPs)."""
+    line = f"{tokens / seconds:,.0f} processed tokens/s"
+    return line + (f", MFU {3 * flops / seconds / (peak_tflops * 1e12):.1%}" if peak_tflops else "")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", choices=["3b", "small"], default="3b")
@@ -131,8 +139,13 @@ def main():
     parser.add_argument("--prompts", type=int, default=1, help="prompts (groups) per pass")
     parser.add_argument("--micro", type=int, default=16384, help="trainer.max_tokens_per_micro")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--peak-tflops", type=float, default=0.0,
+                        help="the dense peak for MFU; 0 on a GPU = measured here (an 8192^3 bf16 matmul)")  # fmt: skip
     args = parser.parse_args()
     device = torch.device(args.device)
+    if device.type == "cuda" and not args.peak_tflops:
+        args.peak_tflops = measured_peak_tflops(device)
+        print(f"measured bf16 peak: {args.peak_tflops:.0f} TFLOP/s")
     if args.model == "3b":
         text, vision = QWEN_3B | {"num_hidden_layers": 2}, QWEN2_5_VL_3B_VISION | {"depth": 2, "fullatt_block_indexes": [1]}
     else:
@@ -157,6 +170,9 @@ def main():
                 f"{shape:>8} G={G:<2}: tokens {t0} -> {t1} ({t0 / t1:.2f}x fewer), FLOPs {f0 / f1:.2f}x fewer; "
                 f"log-prob pass {l0:.2f} -> {l1:.2f} s ({l0 / l1:.2f}x); update fwd+bwd {u0:.2f} -> {u1:.2f} s ({u0 / u1:.2f}x)",
                 flush=True,
+            )
+            print(
+                f"{'':>14}update: per sample {rates(t0, u0, f0, args.peak_tflops)}; shared {rates(t1, u1, f1, args.peak_tflops)}"
             )
 
 
