@@ -130,17 +130,26 @@ def test_two_ranks_train_exactly_like_one_process(tmp_path, layout):
         assert_evaluated_as_one_process_would(tmp_path, tmp_path / "ranks")
 
 
+SMALL_BUDGET = ["trainer.max_tokens_per_micro=300", "trainer.logp_chunk_size=8"]
+
+
+@pytest.fixture(scope="module")
+def plain_small_budget_run(tmp_path_factory):
+    """One process of plain PyTorch with SMALL_BUDGET: its run dir."""
+    run_dir = tmp_path_factory.mktemp("plain") / "run"
+    launch(str(run_dir), [*SMALL_BUDGET, "trainer.zero_stage=0"], 1)
+    return run_dir
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [2, 3])
-def test_deepspeed_accumulates_packed_micro_batches_as_plain_pytorch(tmp_path, zero_stage):
+def test_deepspeed_accumulates_packed_micro_batches_as_plain_pytorch(tmp_path, plain_small_budget_run, zero_stage):
     """One process, a 300-token budget: each mini-batch of 8 samples is 3-8 packed micro-batches (a
     ~260-token prompt and 1-3 of its completions each). DeepSpeed's gradients must be their sum, as
     plain PyTorch's are. Before: our forwards bypass DeepSpeedEngine.forward, so ZeRO-3 never counted
     a micro-batch and each one's gradients replaced the last's (grad norm 0.35 instead of 0.91)."""
-    budget = ["trainer.max_tokens_per_micro=300", "trainer.logp_chunk_size=8"]
-    launch(str(tmp_path / "plain"), [*budget, "trainer.zero_stage=0"], 1)
-    launch(str(tmp_path / "deepspeed"), [*budget, f"trainer.zero_stage={zero_stage}"], 1)
-    assert_trained_alike(tmp_path / "plain", tmp_path / "deepspeed")
+    launch(str(tmp_path / "deepspeed"), [*SMALL_BUDGET, f"trainer.zero_stage={zero_stage}"], 1)
+    assert_trained_alike(plain_small_budget_run, tmp_path / "deepspeed")
 
 
 def assert_evaluated_as_one_process_would(tmp_path, run_dir):
