@@ -142,13 +142,23 @@ def plain_small_budget_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_deepspeed_accumulates_packed_micro_batches_as_plain_pytorch(tmp_path, plain_small_budget_run, zero_stage):
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ["trainer.zero_stage=2"],
+        ["trainer.zero_stage=3"],
+        ["trainer.zero_stage=3", "trainer.packing=false", "trainer.micro_batch_size=2"],
+    ],
+    ids=["zero2", "zero3", "zero3-padded"],
+)
+def test_deepspeed_accumulates_micro_batches_as_plain_pytorch(tmp_path, plain_small_budget_run, layout):
     """One process, a 300-token budget: each mini-batch of 8 samples is 3-8 packed micro-batches (a
-    ~260-token prompt and 1-3 of its completions each). DeepSpeed's gradients must be their sum, as
-    plain PyTorch's are. Before: our forwards bypass DeepSpeedEngine.forward, so ZeRO-3 never counted
-    a micro-batch and each one's gradients replaced the last's (grad norm 0.35 instead of 0.91)."""
-    launch(str(tmp_path / "deepspeed"), [*SMALL_BUDGET, f"trainer.zero_stage={zero_stage}"], 1)
+    ~260-token prompt and 1-3 of its completions each), or 4 padded ones of 2. DeepSpeed's gradients
+    must be their sum, as plain PyTorch's are. Before: our forwards bypass DeepSpeedEngine.forward, so
+    ZeRO-3 never counted a micro-batch and each one's gradients replaced the last's (grad norm 0.35
+    instead of 0.91); the other tests' runs had one micro-batch per mini-batch, or compared ZeRO-3
+    with ZeRO-3."""
+    launch(str(tmp_path / "deepspeed"), [*SMALL_BUDGET, *layout], 1)
     assert_trained_alike(plain_small_budget_run, tmp_path / "deepspeed")
 
 
