@@ -687,6 +687,12 @@ def vision_inputs(prompts, input_ids: torch.Tensor, image_token_id: Optional[int
     return out
 
 
+def rotary_ids(model, positions: torch.Tensor) -> torch.Tensor:
+    """(3, B, T) mrope positions as the model takes them: all three rows for Qwen2.5-VL, (B, T) for a
+    text model (whose three rows are equal)."""
+    return positions if is_multimodal(model) else positions[0]
+
+
 def prompt_positions(prompt, model) -> torch.Tensor:
     """Rotary positions (3, P) of a prompt: Qwen2.5-VL's 3D mrope (an image advances the position by
     its merged grid, not by its token count) or, for a text-only model, 0..P-1 on every row.
@@ -817,7 +823,7 @@ def pack(items, model, pad_id: int, device, share_prompts: bool = True) -> dict:
     segments = attention_segments(blocks, None if uses_varlen_kernels(device) else device)  # CPU plans only where they run
     batch = {
         "input_ids": torch.tensor([ids], device=device),
-        "position_ids": (position_ids if is_multimodal(model) else position_ids[0]).to(device),
+        "position_ids": rotary_ids(model, position_ids).to(device),
         "cu_seqlens": segments["cu_seqlens"].to(device),
         "max_seqlen": segments["max_seqlen"],
         "image_mask": torch.cat(image_mask)[None].to(device),

@@ -29,6 +29,7 @@ from model import (
     VISION_TOKENS,
     image_token_id,
     prompt_positions,
+    rotary_ids,
     save_checkpoint,
     vision_inputs,
     vision_on_every_rank,
@@ -182,15 +183,18 @@ class HFEngine:
         device = next(self.model.parameters()).device
         distinct = sorted(set(index))  # (U,) the prompts of this batch
         owner = torch.tensor([distinct.index(k) for k in index], device=device)  # (B,) row -> its prompt's prefill row
-        inputs = generation_inputs(self.model, [prompts[k] for k in distinct], self.pad_id, device)  # (U, L)
-        positions = prefill_positions(self.model, [prompts[k] for k in distinct], inputs["input_ids"].shape[1])
+        unique = [prompts[k] for k in distinct]
+        inputs = generation_inputs(self.model, unique, self.pad_id, device)  # (U, L)
+        positions = prefill_positions(self.model, unique, inputs["input_ids"].shape[1])
         # Under ZeRO-3 across ranks every forward gathers the parameters with the other ranks, and
         # DeepSpeed checks that each rank ran the same modules: the vision tower runs on every rank's
         # prefill (a dummy image where this rank's prompts have none), and every rank decodes until the
         # last rank's rows are done
         sync = zero3_sharded(list(self.model.parameters())) and several_ranks()
         with vision_on_every_rank(self.model.model, sync and "pixel_values" not in inputs):
-            out = self.model(**inputs, position_ids=self.rotary(positions.to(device)), use_cache=True, logits_to_keep=1)
+            out = self.model(
+                **inputs, position_ids=rotary_ids(self.model, positions.to(device)), use_cache=True, logits_to_keep=1
+            )
         cache, mask = out.past_key_values, inputs["attention_mask"][owner]  # mask: (B, L)
         cache.reorder_cache(owner)  # (U, ...) -> (B, ...)
         position = positions.amax(dim=(0, 2)).to(device)[owner]  # (B,) each prompt's last: a completion continues after it
@@ -214,17 +218,13 @@ class HFEngine:
             if t + 1 == self.cfg.max_new_tokens or not (any_rank(running) if sync else running):
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B, L + t + 1)
-            step = self.rotary((position + 1 + t).view(1, -1, 1).expand(3, -1, 1))
+            step = rotary_ids(self.model, (position + 1 + t).view(1, -1, 1).expand(3, -1, 1))
             logits = self.model(
                 input_ids=tokens[-1][:, None], attention_mask=mask, position_ids=step, past_key_values=cache, use_cache=True
             ).logits[:, -1]
         completions = [self.trim(row) for row in torch.stack(tokens, dim=1).tolist()]  # (B, T) -> cut at stops
         logprobs = torch.stack(sampler.logprobs, dim=1).tolist()  # (B, T)
         return completions, [lp[: len(ids)] for lp, ids in zip(logprobs, completions)]
-
-    def rotary(self, positions: torch.Tensor) -> torch.Tensor:
-        """(3, B, T) mrope positions as the model takes them: all three for Qwen2.5-VL, (B, T) for a text model."""
-        return positions if image_token_id(self.model) is not None else positions[0]
 
     def stopped(self, ids: List[int]) -> bool:
         return bool(ids) and ids[-1] in self.stop_ids
