@@ -22,6 +22,7 @@ import atexit
 import functools
 import json
 import os
+import random
 import re
 import sys
 import types
@@ -31,8 +32,6 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
-
-from data import user_message
 
 SCENARIO_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "football_scenarios.txt")
 
@@ -118,9 +117,11 @@ def scenario(name: str) -> Scenario:
     return scenarios[name]
 
 
-def scenario_seed(seed: int, name: str) -> int:
-    """The engine's random seed for one scenario of a run seeded `seed` (gfootball's AI is stochastic)."""
-    return zlib.crc32(f"{seed}:{name}".encode()) % 2_000_000_000
+def scenario_seed(seed: int, name: str, repeat: int = 0) -> int:
+    """The engine's random seed for one scenario (its `repeat`-th episode) of a run seeded `seed`
+    (gfootball's AI is stochastic)."""
+    key = f"{seed}:{name}" if repeat == 0 else f"{seed}:{name}:{repeat}"
+    return zlib.crc32(key.encode()) % 2_000_000_000
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,24 +166,24 @@ def game_values(s: Scenario, seed: int) -> dict:
             "game_engine_random_seed": seed, "reverse_team_processing": bool(seed % 2)}  # fmt: skip
 
 
-_GAME: list = []  # [(env, its config)]: one engine, reset for every episode (making one costs seconds)
+_GAME: list = []  # the env of this process's episode (gfootball renders one env per process)
 
 
 def reset(s: Scenario, seed: int):
-    """The env reset to `s`, the engine seeded `seed`; returns (env, the start state). It never
-    renders: rendering stays on for every later frame, and software OpenGL takes seconds a frame."""
+    """A fresh env of `s` with the engine seeded `seed`, the last one closed; returns (env, the start
+    state). gfootball keeps its engines for the next env: after the first (seconds), one takes ~25 ms."""
     from gfootball.env import config, football_env
 
-    if not _GAME:
-        cfg = config.Config(game_values(s, seed))
-        _GAME.append((football_env.FootballEnv(cfg), cfg))  # the constructor resets
-        atexit.register(_GAME[0][0].close)  # before interpreter shutdown, when gfootball's own __del__ fails
-    else:
-        env, cfg = _GAME[0]
-        cfg.update(game_values(s, seed))
-        env.reset()
-    env = _GAME[0][0]
+    close_games()
+    env = football_env.FootballEnv(config.Config(game_values(s, seed)))  # the constructor resets
+    _GAME.append(env)
     return env, env.observation()[0]
+
+
+@atexit.register  # before interpreter shutdown, when gfootball's own __del__ fails
+def close_games() -> None:
+    while _GAME:
+        _GAME.pop().close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,51 +353,69 @@ def end_reason(state, score: ShapedScore) -> str:
     return "time"
 
 
-def play(s: Scenario, plan: List[str], seed: int = 0) -> Episode:
-    """Play `plan` from `s` with MageBench's Global rules, until the plan or the episode ends:
+class Game:
+    """One episode advanced one action at a time with MageBench's rules (env/football_env.py,
+    take_action), from `env` just reset to scenario `s` (its start `state`):
     - the first action is played for one step;
     - a move repeating the previous action keeps moving (at most MAX_AUTO_STEPS steps) while
       `free_to_move`; a move after something else is one step;
     - a pass or shot while a player has the ball plays out: kick, then the last move direction
       (right before any), again until the ball leaves him, then the built-in AI until someone
       has it;
-    - anything else is one step."""
-    env, state = reset(s, seed)
-    episode = Episode(s.name, list(plan), states=[state])
-    done = False
+    - anything else is one step.
+    `play` drives it with a whole plan (the Global setting), the Online setting with one answer a turn."""
 
-    def step(action: str):
-        nonlocal done
-        obs, _, env_done, _ = env.step(ACTIONS.index(action))
+    def __init__(self, env, state, s: Scenario, plan: Optional[List[str]] = None):
+        self.env, self.state, self.done = env, state, False
+        self.episode = Episode(s.name, list(plan or []), states=[state])
+        self.previous, self.direction = None, "action_right"
+
+    def engine_step(self, action: str):
+        """One step of the engine; returns its observation."""
+        return self.env.step(ACTIONS.index(action))
+
+    def step(self, action: str):
+        obs, _, env_done, _ = self.engine_step(action)
         new = obs[0]
+        episode = self.episode
         episode.score.add(new, action)
         episode.played.append(action)
         episode.running.append(episode.score.total)
         episode.states.append(new)
-        done = env_done or episode.score.done
-        if done:
+        self.done = env_done or episode.score.done
+        if self.done:
             episode.end = end_reason(new, episode.score)
         return new
 
-    previous, direction = None, "action_right"
-    for k, action in enumerate(plan):
-        if done:
-            break
-        if k == 0:
-            state = step(action)
-        elif action in MOVES and action == previous:  # (so it is already the direction)
+    def act(self, action: str) -> int:
+        """Play one action (with its repeats or play-out); returns the engine steps it took."""
+        assert not self.done, "the episode is over"
+        before = len(self.episode.played)
+        if before == 0:
+            self.state = self.step(action)
+        elif action in MOVES and action == self.previous:  # (so it is already the direction)
             for _ in range(MAX_AUTO_STEPS):
-                state = step(action)
-                if done or not free_to_move(state):
+                self.state = self.step(action)
+                if self.done or not free_to_move(self.state):
                     break
-        elif action in KICKS and state["ball_owned_player"] != -1:
-            state = play_out(step, action, direction, state, lambda: done)
-            previous = action
+        elif action in KICKS and self.state["ball_owned_player"] != -1:
+            self.state = play_out(self.step, action, self.direction, self.state, lambda: self.done)
+            self.previous = action
         else:
-            direction = action if action in MOVES else direction
-            previous = action
-            state = step(action)
-    return episode
+            self.direction = action if action in MOVES else self.direction
+            self.previous = action
+            self.state = self.step(action)
+        return len(self.episode.played) - before
+
+
+def play(s: Scenario, plan: List[str], seed: int = 0) -> Episode:
+    """Play `plan` from `s` with MageBench's rules (`Game`), until the plan or the episode ends."""
+    game = Game(*reset(s, seed), s, plan=plan)
+    for action in plan:
+        if game.done:
+            break
+        game.act(action)
+    return game.episode
 
 
 def play_out(step, kick: str, direction: str, state, finished):
@@ -472,16 +491,10 @@ def model_size(width: int, height: int, min_pixels: int, max_pixels: int) -> Tup
 
 def start_frame(s: Scenario, seed: int = 0, pixels: Tuple[int, int] = QWEN_PIXELS) -> Image.Image:
     """The start of `s` as gfootball renders it (1280x720), resized to what the model sees, so the
-    processor keeps it as it is. A fresh env per frame: one that has rendered renders every frame
-    after (and crashes rendering again after a reset without), gfootball reuses its rendering engine."""
-    from gfootball.env import config, football_env
-
-    env = football_env.FootballEnv(config.Config(game_values(s, seed)))
-    try:
-        env.render("rgb_array")
-        image = Image.fromarray(env.observation()[0]["frame"])  # RGB (render() returns it channel-swapped)
-    finally:
-        env.close()
+    processor keeps it as it is."""
+    env, _ = reset(s, seed)
+    env.render("rgb_array")
+    image = Image.fromarray(env.observation()[0]["frame"])  # RGB (render() returns it channel-swapped)
     return image.resize(model_size(*image.size, *pixels), Image.Resampling.LANCZOS)
 
 
@@ -559,6 +572,8 @@ USER_PROMPT = (
 
 
 def scenario_messages(image) -> List[dict]:
+    from data import user_message  # (data imports torch: not in the worker processes, which import this file)
+
     return [{"role": "system", "content": SYSTEM_PROMPT}, user_message(USER_PROMPT, image)]
 
 
@@ -626,6 +641,406 @@ def evaluate(rows: List[dict], completions: List[str], out_dir: Optional[str] = 
 
 
 # ---------------------------------------------------------------------------------------------
+# The Online setting, as MageBench plays Football (Flow/Online_HL_FBandSB.py, main.py and its
+# official scripts/experiments/Football/*.sh): one action a turn, seen from a frame of the game
+# ---------------------------------------------------------------------------------------------
+
+# The 16 action IDs its parser accepts (idle, release_direction, sliding and builtin_ai are not among them)
+ONLINE_ACTIONS = MOVES + KICKS + ("action_sprint", "action_release_sprint", "action_dribble", "action_release_dribble")
+# Its texts, verbatim: the env's system prompt, the format instruction, the turn messages
+ONLINE_SYSTEM_PROMPT = """You're going to play a football game. The character you control wears a yellow jersey with a blue name above his head.
+Your goal is to attack the goal on the **right side** according to standard soccer rules. It's your teammates who wear the yellow jersey, and the opponents in the other colors.
+You'll use text commands to manipulate your character. Here are the action ID and explaination:
+
+- 'action_left', 'action_top_left', 'action_top', 'action_top_right', 'action_right', 'action_bottom_right', 'action_bottom', 'action_bottom_left': Run in the direction corresponding to the action ID's name.
+- 'action_long_pass': perform a long pass to the player on your team. Player to pass the ball to is auto-determined based on the movement direction.
+- 'action_high_pass': perform a high pass, similar to action_long_pass.
+- 'action_short_pass': perform a short pass, similar to action_long_pass.
+- 'action_shot': perform a shot, always in the direction of the opponent's goal.
+- 'action_sprint', 'action_release_sprint': start and stop sprinting, sticky action. If sprinting, player moves faster, but has worse ball handling.
+- 'action_dribble', 'action_release_dribble': start and stop dribbling, sticky action. Player moves slower, but it is harder to take over the ball from him.
+
+"""  # noqa: E501
+FORMAT_PROMPT = ("You should perform 1 action for each generation, with this format: \n# analyze\nsome analyze\n# action\n"
+                 "action ID\n\nFor example: \n# analyze\n...\n# action\naction_left")  # fmt: skip
+SCENE, FIRST_TURN = "Current game scene:", "Please act according to the init game scene."
+NEXT_TURN = "Please continue to act according to the current game scene."
+REGENERATE = "Please regenerate the response that satisfy the format requirements strictly."
+MINI = ("R1_P_2", "R1_R_4", "R2_T_2", "R2_R_1", "R3_P_3", "R3_R_2", "R3_T_2", "R4_P_3", "R4_R_2", "R4_T_2", "R5_P_2",
+        "R5_R_3", "R6_T_1", "R6_R_2", "R7_P_3", "R7_R_4", "R8_R_4", "R8_T_3", "R9_P_4", "R9_R_2")  # Football_mini.json  # fmt: skip
+
+
+def parse_action(answer: str) -> Tuple[Optional[str], str]:
+    """MageBench's reading of an answer: the text after the first `# action` (up to a second one),
+    stripped, must be one of the 16 ONLINE_ACTIONS exactly; without `# action` the whole answer,
+    stripped, must be. Returns (action, "") or (None, why)."""
+    text = answer.split("# action")[1] if "# action" in answer else answer
+    if text.strip() in ONLINE_ACTIONS:
+        return text.strip(), ""
+    if "# action" not in answer:
+        return None, "no '# action' and the answer is not an action ID"
+    return None, f"not one of the 16 action IDs after '# action': {text.strip()[:40]!r}"
+
+
+def augment(image: Image.Image) -> Image.Image:
+    """MageBench's HARDCODE_IMAGE_AUGMENTATION, applied to every frame the model sees: brightness
+    x1.5, contrast x0.6, brightness x1.2 (PIL's ImageEnhance, in that order)."""
+    from PIL import ImageEnhance
+
+    image = ImageEnhance.Brightness(image).enhance(1.5)
+    image = ImageEnhance.Contrast(image).enhance(0.6)
+    return ImageEnhance.Brightness(image).enhance(1.2)
+
+
+def fit(image: Image.Image, longest: int) -> Image.Image:
+    """MageBench's resize_image: the longest side to `longest` (int() of the scaled other side), Lanczos;
+    a 1280x720 frame at its official --resolution 1280 comes back unchanged."""
+    scale = longest / max(image.size)
+    return image.resize((int(image.width * scale), int(image.height * scale)), Image.Resampling.LANCZOS)
+
+
+def trim_memory(memory: List[dict], max_messages: int, max_images: int) -> List[dict]:
+    """MageBench's history for the next turn: the last `max_messages` messages, and images only in
+    the newest messages that hold at most `max_images` of them (older messages keep their text)."""
+    memory = memory[-max_messages:]
+    images, keep_from = 0, len(memory)
+    for k in range(len(memory) - 1, -1, -1):
+        images += sum(c["type"] == "image" for c in memory[k]["content"])
+        if images > max_images:
+            break
+        keep_from = k
+    strip = lambda m: {**m, "content": [c for c in m["content"] if c["type"] != "image"]}  # noqa: E731
+    return [m if k >= keep_from else strip(m) for k, m in enumerate(memory)]
+
+
+def merge_roles(messages: List[dict]) -> List[dict]:
+    """Consecutive messages of one role as one (MageBench's API layer, merge_role)."""
+    merged: List[dict] = []
+    for m in messages:
+        if merged and merged[-1]["role"] == m["role"]:
+            merged[-1] = {"role": m["role"], "content": merged[-1]["content"] + m["content"]}
+        else:
+            merged.append({"role": m["role"], "content": list(m["content"])})
+    return merged
+
+
+def text(words: str) -> dict:
+    return {"type": "text", "text": words}
+
+
+@dataclass
+class OnlineEpisode:
+    """One Online episode: the conversation as the model sees it, and what each turn did.
+
+    turns: per turn, the answer, the action read (or None and the parse error), the engine steps it
+    took and the actions they played, the turn's reward and the score after it."""
+
+    scenario: Scenario
+    repeat: int
+    seed: int  # the engine's
+    memory: List[dict] = field(default_factory=list)  # the history after the system prompt and format instruction
+    turns: List[dict] = field(default_factory=list)
+    parse_errors: int = 0
+    frames: int = 0  # frames the model was shown
+    done: bool = False
+    end: str = "turns used up"  # or, once the game ends, as Episode.end
+    result: dict = field(default_factory=lambda: {"score": 0.0, "terms": dict.fromkeys(TERMS, 0.0), "passes": 0, "steps": 0})
+
+    def messages(self, max_messages: int, max_images: int) -> List[dict]:
+        """The chat for the next turn (the history trimmed as MageBench trims it, for good)."""
+        self.memory = trim_memory(self.memory, max_messages, max_images)
+        fixed = [{"role": "system", "content": [text(ONLINE_SYSTEM_PROMPT)]}, {"role": "user", "content": [text(FORMAT_PROMPT)]}]
+        return merge_roles(fixed + self.memory)
+
+    def scene(self, frame: Optional[Image.Image], first: bool) -> None:
+        """The user's message with a new frame (none where the policy does not look at frames)."""
+        image = [{"type": "image", "image": frame}] if frame is not None else []
+        self.frames += frame is not None
+        self.memory.append({"role": "user", "content": [text(SCENE), *image, text(FIRST_TURN if first else NEXT_TURN)]})
+
+    def answered(self, answer: str) -> Optional[str]:
+        """Record the model's answer; returns the action to play, or None (a parse error: the turn
+        counts, the game does not move, and the model is asked to regenerate)."""
+        action, error = parse_action(answer)
+        self.memory.append({"role": "assistant", "content": [text(answer)]})
+        self.turns.append({"answer": answer, "action": action, "error": error, "steps": 0, "played": [], "reward": 0.0,
+                           "score": self.result["score"]})  # fmt: skip
+        if action is None:
+            self.parse_errors += 1
+            self.memory.append({"role": "user", "content": [text(REGENERATE)]})
+        return action
+
+    def played(self, outcome: dict, frame: Optional[Image.Image]) -> None:
+        """The worker's outcome of this turn's action; the next scene unless the episode ended."""
+        turn = self.turns[-1]
+        turn.update(steps=len(outcome["played"]), played=outcome["played"], reward=outcome["score"] - self.result["score"],
+                    score=outcome["score"])  # fmt: skip
+        self.result = {k: outcome[k] for k in ("score", "terms", "passes")} | {"steps": self.result["steps"] + turn["steps"]}
+        self.done = outcome["done"]
+        if self.done:
+            self.end = outcome["end"]
+        else:
+            self.scene(frame, first=False)
+
+    def record(self) -> dict:
+        s = self.scenario
+        return {"scenario": s.name, "region": s.region, "kind": s.kind, "repeat": self.repeat, "seed": self.seed,
+                **self.result, "end": self.end, "turns": len(self.turns), "parse_errors": self.parse_errors, "frames": self.frames, "log": self.turns}  # fmt: skip
+
+
+# ---- the game side: one gfootball env per worker process, rendering only the frames the model sees ----
+
+
+class FramedGame(Game):
+    """A Game that renders the frames the model sees (render="seen"), every frame (render="every",
+    as MageBench does: the same pixels, a rendered step costs 0.3-1.8 s on CPU against ~4 ms), or
+    none (render="none", for policies that do not look).
+
+    gfootball's renderer draws a step from its state and the frame it drew the step before, so a
+    frame rendered after unrendered steps differs (by a fraction of a pixel at the edges). "seen"
+    therefore keeps a snapshot (the engine's get_state, ~0.4 ms) before each step, and when a frame
+    is wanted replays the turn's last two steps from it with the renderer on: the frame is the one
+    rendering every step gives (tests: equal pixels), and the game goes on exactly as it was."""
+
+    def __init__(self, env, state, s: Scenario, render: str):
+        super().__init__(env, state, s)
+        self.render, self.recent = render, []  # recent: [(engine state, action)] before each of the last two steps
+
+    def engine_step(self, action: str):
+        if self.render == "seen":
+            self.recent = (self.recent + [(self.env._env.get_state({}), action)])[-2:]
+        return super().engine_step(action)
+
+    def frame(self) -> Image.Image:
+        """The frame after the last step, with MageBench's augmentation. The first action is one
+        step and is rendered as it is played (the start frame turned the renderer on)."""
+        core = self.env._env  # gfootball's FootballEnvCore: get_state / set_state / disable_render
+        if not core._env.game_config.render:
+            core.set_state(self.recent[0][0])
+            core._env.game_config.render = True  # what its render() sets, without drawing the restored state
+            for _, action in self.recent:
+                self.env.step(ACTIONS.index(action))
+        frame = Image.fromarray(self.env.observation()[0]["frame"])
+        if self.render == "seen":
+            core.disable_render()
+        return augment(frame)
+
+
+def start_game(s: Scenario, seed: int, render: str) -> Tuple[FramedGame, Optional[Image.Image]]:
+    """A game of `s` and its first frame (None when render="none") as MageBench's env makes them: a
+    fresh env, its first frame from env.render("rgb_array"), which in gfootball 2.10.2 returns the
+    colour channels swapped (later frames, the observations', are not)."""
+    env, state = reset(s, seed)
+    first = augment(Image.fromarray(env.render("rgb_array"))) if render != "none" else None
+    return FramedGame(env, state, s, render), first
+
+
+def worker_main(conn, display: Optional[str]) -> None:
+    """A worker process: games started and played on command (`Pitches`), one at a time."""
+    if display:
+        os.environ["DISPLAY"] = display
+    game = None
+    while (command := conn.recv()) is not None:
+        try:
+            if command[0] == "start":
+                game, frame = start_game(parse_scenario(command[1]), command[2], command[3])
+                conn.send(("ok", frame))
+            else:
+                steps = game.act(command[1])
+                score = game.episode.score
+                frame = game.frame() if game.render != "none" and not game.done else None
+                conn.send(("ok", {"played": game.episode.played[-steps:], "score": score.total, "terms": dict(score.totals),
+                                  "passes": score.passes, "done": game.done, "end": game.episode.end, "frame": frame}))  # fmt: skip
+        except Exception as e:  # noqa: BLE001  (sent back: the evaluation stops with it)
+            import traceback
+
+            conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+class Pitches:
+    """`n` worker processes, each with its own gfootball env (gfootball renders one env per process),
+    where games start and step in parallel. Where frames are rendered and there is no display, a
+    virtual one (Xvfb) is started for them and stopped with the pool."""
+
+    def __init__(self, n: int, render: str):
+        import multiprocessing
+
+        self.xvfb, display = None, os.environ.get("DISPLAY")
+        if render != "none" and not display:
+            self.xvfb, display = virtual_display()
+        context = multiprocessing.get_context("spawn")  # the parent may hold CUDA or vLLM: never fork it
+        self.conns, self.procs = [], []
+        for _ in range(n):
+            parent, child = context.Pipe()
+            proc = context.Process(target=worker_main, args=(child, display), daemon=True)
+            proc.start()
+            self.conns.append(parent)
+            self.procs.append(proc)
+
+    def send(self, k: int, *command) -> None:
+        self.conns[k].send(command)
+
+    def receive(self, k: int):
+        if not self.conns[k].poll(600):
+            raise RuntimeError(f"football worker {k} gave no answer in 600 s")
+        status, value = self.conns[k].recv()
+        if status != "ok":
+            raise RuntimeError(f"football worker {k} failed: {value}")
+        return value
+
+    def close(self) -> None:
+        for conn, proc in zip(self.conns, self.procs):
+            try:
+                conn.send(None)
+            except OSError:  # already gone
+                pass
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+        if self.xvfb is not None:
+            self.xvfb.terminate()
+            self.xvfb.wait(10)
+
+
+def virtual_display():
+    """(Xvfb process, its DISPLAY) on a free display number (Xvfb -displayfd picks one)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("Xvfb") is None:
+        raise RuntimeError("rendering Football frames needs a display: install Xvfb (apt-get install xvfb) or set DISPLAY")
+    read, write = os.pipe()
+    proc = subprocess.Popen(["Xvfb", "-displayfd", str(write), "-screen", "0", "1280x1024x24", "-nolisten", "tcp"],
+                            pass_fds=(write,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    os.close(write)
+    with os.fdopen(read) as f:
+        number = f.readline().strip()  # written once the server is up
+    if not number:
+        proc.kill()
+        raise RuntimeError("Xvfb did not start (no display number on -displayfd)")
+    return proc, f":{number}"
+
+
+# ---- the turn loop, every live episode's turn in one generate ----
+
+
+@dataclass
+class OnlineSettings:
+    """MageBench's official Football run: --max_loop 400 --max_memory 5 --max_image 1 --resolution 1280
+    (its sampling, --temperature 0.1 --max_tokens 1000 and top_p 0.95, is the policy's)."""
+
+    max_turns: int = 400
+    max_messages: int = 10  # max_memory 5: five exchanges
+    max_images: int = 1
+    resolution: int = 1280
+    render: str = "seen"  # seen | every | none (`FramedGame`); none where the policy does not look
+
+
+def play_online(policy, episodes: List[OnlineEpisode], pitches: Pitches, settings: OnlineSettings, log=None) -> None:
+    """Play `episodes` to their end, as many at once as there are workers: each turn, every live
+    episode's chat goes to `policy` in one call (policy(episodes, chats) -> answers), then every
+    valid action is played in the workers in parallel. Episodes finish independently; a finished
+    one's worker takes the next episode."""
+    queue, live = list(episodes), {}  # live: worker -> episode
+    while queue or live:
+        started = [k for k in range(len(pitches.conns)) if k not in live and queue]
+        for k in started:
+            live[k] = queue.pop(0)
+            pitches.send(k, "start", format_scenario(live[k].scenario), live[k].seed, settings.render)
+        for k in started:
+            live[k].scene(seen(pitches.receive(k), settings), first=True)
+        workers = sorted(live)
+        chats = [live[k].messages(settings.max_messages, settings.max_images) for k in workers]
+        answers = policy([live[k] for k in workers], chats)
+        moving = []
+        for k, answer in zip(workers, answers):
+            if (action := live[k].answered(answer)) is not None:
+                pitches.send(k, "act", action)
+                moving.append(k)
+        for k in moving:
+            outcome = pitches.receive(k)
+            live[k].played(outcome, seen(outcome["frame"], settings))
+        for k in workers:
+            if live[k].done or len(live[k].turns) >= settings.max_turns:
+                if log is not None:
+                    log(live[k])
+                del live[k]
+
+
+def seen(frame: Optional[Image.Image], settings: OnlineSettings) -> Optional[Image.Image]:
+    return None if frame is None else fit(frame, settings.resolution)
+
+def online_episodes(names: List[str], repeats: int, seed: int) -> List[OnlineEpisode]:
+    """`repeats` episodes of each named scenario, repeat r's engine seeded scenario_seed(seed, name, r):
+    reproducible from `seed`, and as varied as MageBench's unseeded repeats."""
+    scenarios = read_scenarios()
+    unknown = [n for n in names if n not in scenarios]
+    if unknown:
+        raise ValueError(f"no scenario {unknown[0]!r}; `python football.py list` lists them")
+    return [OnlineEpisode(scenarios[n], r, scenario_seed(seed, n, r)) for n in names for r in range(repeats)]
+
+
+def turn_seed(seed: int, episode: OnlineEpisode) -> int:
+    """The sampling seed of an episode's next turn: the same whatever episodes share its batch."""
+    return zlib.crc32(f"{seed}:{episode.scenario.name}:{episode.repeat}:{len(episode.turns)}".encode())
+
+
+def run_online(policy, episodes: List[OnlineEpisode], settings: OnlineSettings, workers: int, log=None) -> float:
+    """Play `episodes` (play_online) with `workers` worker processes; returns the wall time in s."""
+    import time
+
+    start = time.perf_counter()
+    if episodes:
+        pitches = Pitches(min(workers, len(episodes)), settings.render)
+        try:
+            play_online(policy, episodes, pitches, settings, log)
+        finally:
+            pitches.close()
+    return time.perf_counter() - start
+
+
+def online_metrics(records: List[dict]) -> dict:
+    """`score`, the mean over episodes of each one's summed shaped reward (MageBench's number);
+    `accuracy` = score / 100 and `region=R1`, `kind=P`, ... the same by scenario family, as
+    fractions like eval.py's tables; `goals` (a rate), and per episode `parse_errors`, `turns` and
+    engine `steps`."""
+    n = max(1, len(records))
+    mean = lambda key: sum(r[key] for r in records) / n  # noqa: E731
+    metrics = {"accuracy": mean("score") / 100, "score": mean("score"), "goals": sum(r["end"] == "goal" for r in records) / n,
+               "parse_errors": mean("parse_errors"), "turns": mean("turns"), "steps": mean("steps"), "episodes": len(records)}  # fmt: skip
+    for key in ("region", "kind"):
+        for value in sorted({r[key] for r in records}):
+            scores = [r["score"] for r in records if r[key] == value]
+            metrics[f"{key}={value}"] = sum(scores) / len(scores) / 100
+    return metrics
+
+
+def answer_with(action: str) -> str:
+    return f"# analyze\nA scripted baseline.\n# action\n{action}"
+
+
+# Scripted policies that do not look at the game (Online baselines): the answer for an episode's next turn
+BASELINES = {
+    "random": lambda e: answer_with(random.Random(f"{e.seed}:{len(e.turns)}").choice(ONLINE_ACTIONS)),
+    "shoot": lambda e: answer_with("action_shot"),
+    "right_then_shoot": lambda e: answer_with("action_right" if len(e.turns) < 4 else "action_shot"),  # a run, then shots
+    "bad_format": lambda e: "I will shoot: action_shot",  # never MageBench's format: every turn is a parse error
+}
+
+
+def scripted(answer):
+    """A policy (play_online's) answering each episode with answer(episode)."""
+    return lambda episodes, chats: [answer(e) for e in episodes]
+
+
+def write_records(path: str, records: List[dict]) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line: list, show, play, build
 # ---------------------------------------------------------------------------------------------
 
@@ -656,6 +1071,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("name")
     p.add_argument("--seed", type=int, default=0, help="the engine's random seed")
     p.add_argument("--gif", help="write the replay here")
+    o = sub.add_parser("online", help="play scripted Online baselines (MageBench's setting) and score them")
+    o.add_argument("--policy", choices=sorted(BASELINES), default="random")
+    o.add_argument("--subset", choices=("mini", "all"), default="mini", help="MageBench's 20 (Football_mini.json) or all 108")
+    o.add_argument("--names", nargs="*", default=[], help="these scenarios instead of a subset")
+    o.add_argument("--repeats", type=int, default=10)
+    o.add_argument("--seed", type=int, default=0, help="seeds each episode's engine (scenario_seed)")
+    o.add_argument("--workers", type=int, default=2, help="gfootball processes: episodes played at once")
+    o.add_argument("--render", choices=("none", "seen", "every"), default="none",
+                   help="frames: none (the baselines do not look), seen (those a model would see), every (each engine step, as MageBench)")
+    o.add_argument("--max-turns", type=int, default=400)
+    o.add_argument("--out", help="write every episode's record (turn logs included) here, as jsonl")
     b = sub.add_parser("build", help="eval.py's rows: start frames and prompts for the scenarios")
     b.add_argument("--out", required=True, help="output directory (eval.py reads <eval.data_dir>/football/test.jsonl)")
     b.add_argument("--names", nargs="*", default=[], help="scenarios to include (default: all)")
@@ -689,6 +1115,15 @@ def run_command(args) -> int:
         print(report(episode))
         if args.gif:
             print(f"wrote {args.gif} ({save_replay_gif(episode, args.gif)} frames)")
+    elif args.command == "online":
+        episodes = online_episodes(args.names or list(MINI if args.subset == "mini" else read_scenarios()), args.repeats, args.seed)
+        settings = OnlineSettings(max_turns=args.max_turns, render=args.render)
+        wall = run_online(scripted(BASELINES[args.policy]), episodes, settings, args.workers)
+        records = [e.record() for e in episodes]
+        frames = sum(r["frames"] for r in records)
+        print(json.dumps(online_metrics(records) | {"wall_s": round(wall, 1), "frames": frames, "frames_per_s": round(frames / wall, 2)}))
+        if args.out:
+            write_records(args.out, records)
     else:
         n = build(args.out, args.names, args.seed, (args.min_pixels, args.max_pixels))
         print(f"wrote {n} scenarios to {os.path.join(args.out, 'test.jsonl')}")
