@@ -42,6 +42,22 @@ class Shuffle(Choice):
     group = "group"  # of whole groups: each mini-batch holds group_size samples of each of its prompts
 
 
+# online: MageBench's, one action a turn from a frame of the game (the only setting it has for Football);
+# global: ours, not MageBench's, one plan from the start frame (rows from football.py build). (The functional
+# form: `global` is a keyword, and OmegaConf reads an enum by its member's name.)
+FootballSetting = Choice("FootballSetting", {"online": "online", "global": "global"})
+
+
+class FootballSubset(Choice):
+    mini = "mini"  # MageBench's Football_mini.json: 20 scenarios, as its official runs
+    all = "all"  # the 108
+
+
+class Render(Choice):
+    seen = "seen"  # only the frames the model sees (the pixels of rendering every step, far fewer renders)
+    every = "every"  # every engine step, as MageBench does (slow on CPU: 0.3-1.8 s a step)
+
+
 class LossAgg(Choice):
     token_mean = "token_mean"  # every completion token of the mini-batch weighs the same
     seq_mean_token_mean = "seq_mean_token_mean"  # mean over each sequence's tokens, then over sequences
@@ -184,6 +200,7 @@ class RolloutConfig:
     tensor_parallel_size: int = 1  # vllm: GPUs per engine; only 1 (validate says why): one engine per rank
     enable_sleep: bool = True  # vllm: free its memory while training, wake it to sample
     enable_prefix_caching: bool = True  # vllm: a group's G samples share the prompt's KV cache
+    frequency_penalty: float = 0.0  # each logit minus this x the times its token is already in the completion (as vLLM)
     sync_bucket_mb: int = 512  # vllm: weights are pushed in buckets of about this many MB
 
 
@@ -288,6 +305,27 @@ class JudgeConfig:
 
 
 @dataclass
+class FootballEvalConfig:
+    """eval.py's `football` benchmark. The Online defaults are MageBench's official run
+    (scripts/experiments/Football/*.sh: --resolution 1280 --temperature 0.1 --max_image 1 --repeat 10
+    --max_tokens 1000 --max_memory 5 --max_loop 400; its defaults top_p 0.95, frequency_penalty 1.0)."""
+
+    setting: FootballSetting = FootballSetting.online
+    subset: FootballSubset = FootballSubset.mini  # online; eval.max_items takes its first N scenarios
+    repeats: int = 10  # online: episodes per scenario, repeat r's engine seeded from eval.seed (football.scenario_seed)
+    workers: int = 4  # online: gfootball processes, each playing one episode at a time; their turns share one generate
+    render: Render = Render.seen
+    max_turns: int = 400  # online: turns per episode, a parse error's included
+    max_memory: int = 5  # online: exchanges of history kept (the last 2 * max_memory messages)
+    max_images: int = 1  # online: images kept in the history (the newest)
+    resolution: int = 1280  # online: frames resized to this longest side before the model's processor (1280: as rendered)
+    temperature: float = 0.1  # online sampling
+    top_p: float = 0.95
+    max_tokens: int = 1000
+    frequency_penalty: float = 1.0  # MageBench's default, sent to the vLLM server with every request
+
+
+@dataclass
 class EvalConfig:
     benchmarks: List[str] = field(
         default_factory=lambda: ["mathvista", "mathverse", "mathvision", "olympiadbench", "mmstar", "math500", "gpqa", "sokoban"]
@@ -296,7 +334,8 @@ class EvalConfig:
     predictions: Optional[str] = None  # a dir of <benchmark>.jsonl ({"id", "prediction"}) to score instead of generating
     max_new_tokens: int = 4096  # greedy generation budget
     max_items: int = -1  # first N items of each benchmark (-1 = all)
-    seed: int = 0  # GPQA's option shuffle
+    seed: int = 0  # GPQA's option shuffle; Football's engine seeds and sampling
+    football: FootballEvalConfig = field(default_factory=FootballEvalConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     every: int = 0  # train.py: evaluate every N steps on eval.benchmarks (eval.max_items each), log eval/*; 0 = never
 
@@ -370,6 +409,11 @@ def validate(cfg: Any) -> None:
         errors.append(f"trainer.offload={t.offload} needs DeepSpeed (zero_stage >= 1; 'all' needs zero_stage=3)")
     if cfg.eval.max_new_tokens < 1:
         errors.append(f"eval.max_new_tokens={cfg.eval.max_new_tokens} must be >= 1")
+    f = cfg.eval.football
+    if min(f.repeats, f.workers, f.max_turns, f.max_memory, f.max_images, f.resolution, f.max_tokens) < 1:
+        errors.append(
+            "eval.football: repeats, workers, max_turns, max_memory, max_images, resolution and max_tokens must be >= 1"
+        )
     if t.keep_last < 1 or t.max_bad_steps < 1:
         errors.append(f"trainer.keep_last={t.keep_last} and trainer.max_bad_steps={t.max_bad_steps} must be >= 1")
     if t.max_tokens_per_micro < 1:

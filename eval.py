@@ -16,8 +16,11 @@ Benchmarks are read from local files in their public release formats, `eval.data
     math500        test.jsonl (problem, answer, subject, level, unique_id): math equivalence
     gpqa           gpqa_diamond.csv: options shuffled with a fixed seed per question, letters recorded
     sokoban        our held-out jsonl (sokoban.py build --split test): success by size/boxes/length
-    football       our rows (football.py build): MageBench's 108 scenarios; each plan played on
-                   gfootball, MageBench's shaped score by region and kind (accuracy = score / 100)
+    football       MageBench's Football on gfootball, its shaped score by region and kind (accuracy =
+                   score / 100). eval.football.setting=online (default): MageBench's own setting, played
+                   live, nothing to download (football.py: the subset x eval.football.repeats episodes,
+                   a turn per answer, every live episode's turn in one generate). global (ours, not
+                   MageBench's): one plan per scenario, rows from football.py build
 Prompts use the training system prompt. Scoring is rule-based (the `choice` and `math` verifiers,
 bounded by the same worker pool; MathVista's and OlympiadBench's own rules where they publish them,
 see `verdicts`); with eval.judge.url an LLM behind any OpenAI-compatible endpoint
@@ -475,6 +478,50 @@ def greedy_completions(engine, tokenizer, image_processor, items: List[Item], ma
     return completions
 
 
+def football_online(cfg, engine, out_dir: str) -> Optional[dict]:
+    """MageBench's Online Football with the model: eval.football's subset (its first eval.max_items
+    scenarios) x repeats episodes, each rank playing every world-th with its own workers; rank 0
+    writes football/episodes.jsonl (every turn logged) and results.json and returns the results."""
+    f = cfg.eval.football
+    names = list(football.MINI if f.subset == "mini" else football.read_scenarios())
+    names = names[: cfg.eval.max_items] if cfg.eval.max_items > 0 else names
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed() else (0, 1)
+    episodes = football.online_episodes(names, f.repeats, cfg.eval.seed)[rank::world]
+    settings = football.OnlineSettings(f.max_turns, 2 * f.max_memory, f.max_images, f.resolution, str(f.render))
+    wall = football.run_online(football_policy(*engine, f, cfg.eval.seed), episodes, settings, f.workers)
+    records = sorted(
+        (r for shard in gather([e.record() for e in episodes]) for r in shard),
+        key=lambda r: (names.index(r["scenario"]), r["repeat"]),
+    )
+    if not main_rank():
+        return None
+    frames = sum(r["frames"] for r in records)
+    results = {"benchmark": "football", "n": len(records), "scoring": "MageBench Online (shaped score / 100)",
+               **football.online_metrics(records), "wall_s": wall, "frames": frames, "frames_per_s": frames / wall}  # fmt: skip
+    football.write_records(os.path.join(out_dir, "football", "episodes.jsonl"), records)
+    with open(os.path.join(out_dir, "football", "results.json"), "w") as out:
+        json.dump(results, out, indent=2)
+    return results
+
+
+def football_policy(engine, tokenizer, image_processor, f, seed: int):
+    """play_online's policy: every live episode's chat in one generate call of the rollout engine,
+    sampled as MageBench samples (eval.football: temperature, top_p, max_tokens, frequency_penalty),
+    each turn from its own seed (football.turn_seed: the same alone or batched)."""
+    from data import encode_prompt
+
+    sampler = engine.with_sampling(temperature=f.temperature, top_p=f.top_p, top_k=0, max_new_tokens=f.max_tokens,
+                                   frequency_penalty=f.frequency_penalty, logprobs=False)  # fmt: skip
+
+    def policy(episodes, chats):
+        samples = [Sample(messages=c, answer="", where=f"football {e.scenario.name} repeat {e.repeat} turn {len(e.turns)}")
+                   for e, c in zip(episodes, chats)]  # fmt: skip
+        prompts = [encode_prompt(s, tokenizer, image_processor) for s in samples]
+        return sampler.generate(prompts, 1, seeds=[football.turn_seed(seed, e) for e in episodes]).texts
+
+    return policy
+
+
 def load_engine(cfg, out_dir: str):
     """(engine, tokenizer, image_processor) for the model in cfg.model, with cfg.rollout's engine
     (vLLM loads the tiny preset from `out_dir`)."""
@@ -539,6 +586,16 @@ def run_eval(cfg: DictConfig, out_dir: str, engine=None) -> Dict[str, dict]:
     reject_unknown_keys(cfg)
     results, skipped = {}, []
     for name in cfg.eval.benchmarks:
+        if name == "football" and cfg.eval.football.setting == "online":  # played live: no file, no predictions
+            if cfg.eval.predictions:
+                raise ConfigError("eval.predictions cannot score Football Online (the game answers each turn); "
+                                  "drop football from eval.benchmarks, or use eval.football.setting=global")  # fmt: skip
+            engine = engine or load_engine(cfg, out_dir)
+            if (online := football_online(cfg, engine, out_dir)) is not None:
+                results[name] = online
+                print(f"[eval] football (Online): score {online['score']:.2f} over {online['n']} episodes "
+                      f"({online['parse_errors']:.1f} parse errors an episode)")  # fmt: skip
+            continue
         items = items_on_every_rank(cfg, name)
         if items is None:
             skipped.append(name)

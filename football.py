@@ -970,6 +970,7 @@ def play_online(policy, episodes: List[OnlineEpisode], pitches: Pitches, setting
 def seen(frame: Optional[Image.Image], settings: OnlineSettings) -> Optional[Image.Image]:
     return None if frame is None else fit(frame, settings.resolution)
 
+
 def online_episodes(names: List[str], repeats: int, seed: int) -> List[OnlineEpisode]:
     """`repeats` episodes of each named scenario, repeat r's engine seeded scenario_seed(seed, name, r):
     reproducible from `seed`, and as varied as MageBench's unseeded repeats."""
@@ -1039,7 +1040,6 @@ def write_records(path: str, records: List[dict]) -> None:
         f.writelines(json.dumps(r) + "\n" for r in records)
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Command line: list, show, play, build
 # ---------------------------------------------------------------------------------------------
@@ -1078,8 +1078,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     o.add_argument("--repeats", type=int, default=10)
     o.add_argument("--seed", type=int, default=0, help="seeds each episode's engine (scenario_seed)")
     o.add_argument("--workers", type=int, default=2, help="gfootball processes: episodes played at once")
-    o.add_argument("--render", choices=("none", "seen", "every"), default="none",
-                   help="frames: none (the baselines do not look), seen (those a model would see), every (each engine step, as MageBench)")
+    o.add_argument(
+        "--render",
+        choices=("none", "seen", "every"),
+        default="none",
+        help="frames: none (the baselines do not look), seen (those a model would see), every (each engine step, as MageBench)",
+    )
     o.add_argument("--max-turns", type=int, default=400)
     o.add_argument("--out", help="write every episode's record (turn logs included) here, as jsonl")
     b = sub.add_parser("build", help="eval.py's rows: start frames and prompts for the scenarios")
@@ -1116,12 +1120,18 @@ def run_command(args) -> int:
         if args.gif:
             print(f"wrote {args.gif} ({save_replay_gif(episode, args.gif)} frames)")
     elif args.command == "online":
-        episodes = online_episodes(args.names or list(MINI if args.subset == "mini" else read_scenarios()), args.repeats, args.seed)
+        episodes = online_episodes(
+            args.names or list(MINI if args.subset == "mini" else read_scenarios()), args.repeats, args.seed
+        )
         settings = OnlineSettings(max_turns=args.max_turns, render=args.render)
         wall = run_online(scripted(BASELINES[args.policy]), episodes, settings, args.workers)
         records = [e.record() for e in episodes]
         frames = sum(r["frames"] for r in records)
-        print(json.dumps(online_metrics(records) | {"wall_s": round(wall, 1), "frames": frames, "frames_per_s": round(frames / wall, 2)}))
+        print(
+            json.dumps(
+                online_metrics(records) | {"wall_s": round(wall, 1), "frames": frames, "frames_per_s": round(frames / wall, 2)}
+            )
+        )
         if args.out:
             write_records(args.out, records)
     else:

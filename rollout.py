@@ -98,10 +98,13 @@ class SeededSampler:
     picks argmax(logp - log q) with q ~ Exp(1) per token, drawn from the row's generator: P(argmax =
     i) = p_i (the exponential race; vLLM samples the same way). A row's noise at step t is the t-th
     draw of its own generator whatever the other rows are, so a prompt's samples do not depend on
-    the batch it is in. Temperature 0 keeps the argmax of the unwarped logits.
+    the batch it is in. Temperature 0 keeps the argmax of the unwarped logits. A frequency penalty
+    first subtracts penalty x (times the token is already in the row's completion) from each logit,
+    as vLLM and OpenAI's API do.
     """
 
-    def __init__(self, seeds: List[int], temperature: float, top_k: int, top_p: float, device):
+    def __init__(self, seeds: List[int], temperature: float, top_k: int, top_p: float, device, frequency_penalty: float = 0.0):
+        self.penalty, self.counts = frequency_penalty, None  # counts: (rows, V) tokens sampled so far, when penalised
         self.generators = [torch.Generator(device).manual_seed(s) for s in seeds] if temperature > 0 else None
         self.warpers = []
         if temperature > 0:
@@ -114,6 +117,9 @@ class SeededSampler:
 
     def __call__(self, scores: torch.FloatTensor) -> torch.LongTensor:
         """(rows, V) logits -> (rows,) the sampled tokens."""
+        if self.penalty:
+            self.counts = torch.zeros_like(scores) if self.counts is None else self.counts
+            scores = scores - self.penalty * self.counts
         for warp in self.warpers:
             scores = warp(None, scores)  # (transformers' warpers take input_ids, and ignore them)
         logp = F.log_softmax(scores.float(), dim=-1)  # (rows, V)
@@ -125,6 +131,8 @@ class SeededSampler:
             # a q of exactly 0 must not resurrect a banned (-inf) token as nan
             race = (logp - noise.log()).masked_fill(logp == float("-inf"), float("-inf"))
         tokens = race.argmax(dim=-1)  # (rows,)
+        if self.penalty:
+            self.counts[torch.arange(len(tokens)), tokens] += 1
         self.logprobs.append(logp.gather(1, tokens[:, None])[:, 0])
         return tokens
 
@@ -199,7 +207,7 @@ class HFEngine:
         cache.reorder_cache(owner)  # (U, ...) -> (B, ...)
         position = positions.amax(dim=(0, 2)).to(device)[owner]  # (B,) each prompt's last: a completion continues after it
         c = self.cfg
-        sampler = SeededSampler(seeds, c.temperature, c.top_k, c.top_p, device)
+        sampler = SeededSampler(seeds, c.temperature, c.top_k, c.top_p, device, c.frequency_penalty)
         return self.decode(out.logits[owner, -1], cache, mask, position, sampler, sync)
 
     def decode(self, logits, cache, mask, position, sampler, sync: bool):
@@ -413,6 +421,7 @@ class VLLMEngine:
                 temperature=c.temperature,
                 top_p=c.top_p,
                 top_k=c.top_k,
+                frequency_penalty=c.frequency_penalty,
                 max_tokens=c.max_new_tokens,
                 stop_token_ids=self.stop_ids,
                 logit_bias={t: -1e9 for t in self.banned_ids},  # never sample a vision token

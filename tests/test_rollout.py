@@ -240,6 +240,18 @@ def test_vllm_follows_language_model_changes_and_keeps_a_frozen_vision_tower(vll
     assert after.completion_ids != before.completion_ids
 
 
+def test_vllm_applies_the_frequency_penalty_as_the_hf_engine(vllm_and_model, tokenizer, prompts):
+    """MageBench samples Football's turns with frequency_penalty 1.0 (eval.football): both engines
+    subtract it from a logit per earlier occurrence of its token in the completion."""
+    engine, model = vllm_and_model
+    penalised = dict(temperature=0.0, frequency_penalty=1.0, logprobs=False, max_new_tokens=24)
+    out = engine.with_sampling(**penalised).generate(prompts, 1, seeds=per_prompt(0, prompts))
+    hf = HFEngine(model, tokenizer, rcfg(**penalised)).generate(prompts, 1, seeds=per_prompt(0, prompts))
+    assert out.completion_ids == hf.completion_ids
+    plain = HFEngine(model, tokenizer, rcfg(**penalised | {"frequency_penalty": 0.0})).generate(prompts, 1, seeds=per_prompt(0, prompts))
+    assert plain.completion_ids != hf.completion_ids  # the tiny model repeats itself: the penalty shows
+
+
 def test_vllm_recomputes_image_features_after_a_vision_only_change(vllm_and_model, tokenizer, prompts):
     """Image prompts seen before the change: vision features cached under the image's hash must not
     be reused (nor be missing from a cache the reload emptied: "Encoder cache miss")."""
@@ -419,3 +431,10 @@ def test_seeded_sampler_rows_are_reproducible_and_independent_of_the_other_rows(
 
 def test_seeded_sampler_is_greedy_at_temperature_zero():
     assert (draw([1, 2], 5, temperature=0.0, top_k=0, top_p=1.0) == 0).all()
+
+
+def test_seeded_sampler_frequency_penalty_counts_each_rows_own_tokens():
+    """Greedy with penalty 0.75 on logits 2, 1.5, 1, ...: 0 (2 beats 1.5), then 1 (2-.75 < 1.5), then
+    0 (1.25 > .75, 1), then 2 (.5, .75 < 1), then 1 (.5, .75, .25)."""
+    picks = draw([1, 2], 5, temperature=0.0, top_k=0, top_p=1.0, frequency_penalty=0.75)
+    assert picks.tolist() == [[0, 1, 0, 2, 1]] * 2
