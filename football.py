@@ -812,8 +812,10 @@ class FramedGame(Game):
         return super().engine_step(action)
 
     def frame(self) -> Image.Image:
-        """The frame after the last step, with MageBench's augmentation. The first action is one
-        step and is rendered as it is played (the start frame turned the renderer on)."""
+        """The frame after the last step, with MageBench's augmentation. The renderer stays on (the
+        start frame turned it on) until two steps have been played: a replay from the start state
+        draws a few hundred pixels differently for the rest of the episode, one from any later
+        state does not."""
         core = self.env._env  # gfootball's FootballEnvCore: get_state / set_state / disable_render
         if not core._env.game_config.render:
             core.set_state(self.recent[0][0])
@@ -821,7 +823,7 @@ class FramedGame(Game):
             for _, action in self.recent:
                 self.env.step(ACTIONS.index(action))
         frame = Image.fromarray(self.env.observation()[0]["frame"])
-        if self.render == "seen":
+        if self.render == "seen" and len(self.episode.played) >= 2:
             core.disable_render()
         return augment(frame)
 
@@ -835,11 +837,12 @@ def start_game(s: Scenario, seed: int, render: str) -> Tuple[FramedGame, Optiona
     return FramedGame(env, state, s, render), first
 
 
-def worker_main(conn, display: Optional[str]) -> None:
-    """A worker process: games started and played on command (`Pitches`), one at a time."""
-    if display:
-        os.environ["DISPLAY"] = display
-    game = None
+def worker_main(fd: int) -> None:
+    """A worker process: games started and played on command (`Pitches`), one at a time, over the
+    socket `fd`."""
+    from multiprocessing.connection import Connection
+
+    conn, game = Connection(fd), None
     while (command := conn.recv()) is not None:
         try:
             if command[0] == "start":
@@ -859,31 +862,37 @@ def worker_main(conn, display: Optional[str]) -> None:
 
 class Pitches:
     """`n` worker processes, each with its own gfootball env (gfootball renders one env per process),
-    where games start and step in parallel. Where frames are rendered and there is no display, a
-    virtual one (Xvfb) is started for them and stopped with the pool."""
+    where games start and step in parallel. Each is a fresh interpreter that imports this file only
+    (not the caller's main script, nor torch or CUDA). Where frames are rendered and there is no
+    display, a virtual one (Xvfb) is started for them and stopped with the pool."""
 
     def __init__(self, n: int, render: str):
-        import multiprocessing
+        import socket
+        import subprocess
+        from multiprocessing.connection import Connection
 
-        self.xvfb, display = None, os.environ.get("DISPLAY")
-        if render != "none" and not display:
-            self.xvfb, display = virtual_display()
-        context = multiprocessing.get_context("spawn")  # the parent may hold CUDA or vLLM: never fork it
+        self.xvfb, env = None, dict(os.environ)
+        if render != "none" and not env.get("DISPLAY"):
+            self.xvfb, env["DISPLAY"] = virtual_display()
+        here = os.path.dirname(os.path.abspath(__file__))
         self.conns, self.procs = [], []
         for _ in range(n):
-            parent, child = context.Pipe()
-            proc = context.Process(target=worker_main, args=(child, display), daemon=True)
-            proc.start()
-            self.conns.append(parent)
-            self.procs.append(proc)
+            mine, theirs = socket.socketpair()
+            code = f"import sys; sys.path.insert(0, {here!r}); import football; football.worker_main({theirs.fileno()})"
+            self.procs.append(subprocess.Popen([sys.executable, "-c", code], pass_fds=(theirs.fileno(),), env=env))
+            theirs.close()
+            self.conns.append(Connection(mine.detach()))
 
     def send(self, k: int, *command) -> None:
         self.conns[k].send(command)
 
     def receive(self, k: int):
-        if not self.conns[k].poll(600):
-            raise RuntimeError(f"football worker {k} gave no answer in 600 s")
-        status, value = self.conns[k].recv()
+        try:
+            if not self.conns[k].poll(600):
+                raise RuntimeError(f"football worker {k} gave no answer in 600 s")
+            status, value = self.conns[k].recv()
+        except (EOFError, ConnectionError):
+            raise RuntimeError(f"football worker {k} died (exit code {self.procs[k].wait(10)})") from None
         if status != "ok":
             raise RuntimeError(f"football worker {k} failed: {value}")
         return value
@@ -894,9 +903,11 @@ class Pitches:
                 conn.send(None)
             except OSError:  # already gone
                 pass
-            proc.join(10)
-            if proc.is_alive():
+            try:
+                proc.wait(10)
+            except Exception:  # noqa: BLE001  (a worker that will not stop is killed)
                 proc.kill()
+            conn.close()
         if self.xvfb is not None:
             self.xvfb.terminate()
             self.xvfb.wait(10)

@@ -206,6 +206,7 @@ def data_dir(engine, tmp_path_factory):
 
 
 def test_eval_scores_a_predictions_file_like_playing_it(data_dir, tmp_path):
+    """The Global setting (ours): a plan per scenario from a predictions file."""
     rows = [json.loads(line) for line in open(data_dir / "football" / "test.jsonl")]
     assert [r["question"] for r in rows] == ["R1_P_1", "R9_T_2"] and rows[0]["answer"] == football.NO_GOLD
     assert football.model_size(1280, 720, 3136, 12544) == (140, 84)
@@ -213,7 +214,8 @@ def test_eval_scores_a_predictions_file_like_playing_it(data_dir, tmp_path):
     preds = tmp_path / "preds"
     preds.mkdir()
     (preds / "football.jsonl").write_text("".join(json.dumps({"id": k, "prediction": v}) + "\n" for k, v in plans.items()))
-    cfg = compose_cfg([*TINY_DEFAULTS, f"eval.data_dir={data_dir}", f"eval.predictions={preds}", "eval.benchmarks=[football]"])
+    cfg = compose_cfg([*TINY_DEFAULTS, f"eval.data_dir={data_dir}", f"eval.predictions={preds}", "eval.benchmarks=[football]",
+                       "eval.football.setting=global"])  # fmt: skip
     results = evaluation.run_eval(cfg, str(tmp_path / "out"))["football"]
     expected = football.play(football.scenario("R1_P_1"), ["action_right", "action_short_pass"], rows[0]["seed"]).score.total
     assert results["score"] == pytest.approx(expected / 2) and results["malformed"] == 0.5 and results["n"] == 2
@@ -225,10 +227,202 @@ def test_eval_scores_a_predictions_file_like_playing_it(data_dir, tmp_path):
 
 @pytest.mark.slow
 def test_eval_generates_and_scores_two_scenarios_on_the_tiny_model(data_dir, tmp_path):
-    cfg = compose_cfg([*TINY_DEFAULTS, f"eval.data_dir={data_dir}", "eval.benchmarks=[football]", "eval.max_new_tokens=8"])
+    cfg = compose_cfg([*TINY_DEFAULTS, f"eval.data_dir={data_dir}", "eval.benchmarks=[football]", "eval.max_new_tokens=8",
+                       "eval.football.setting=global"])  # fmt: skip
     results = evaluation.run_eval(cfg, str(tmp_path / "out"))["football"]
     assert results["n"] == 2 and "kind=T" in results
     lines = [json.loads(line) for line in open(tmp_path / "out" / "football" / "predictions.jsonl")]
     assert [line["id"] for line in lines] == ["R1_P_1", "R9_T_2"] and all(isinstance(line["prediction"], str) for line in lines)
     scores = [json.loads(line) for line in open(tmp_path / "out" / "football" / "scores.jsonl")]
     assert all((s["plan"] is None) == (s["error"] != "") for s in scores)  # a random model: read or counted, never a crash
+
+
+# ---- the Online setting (MageBench's) ----
+
+
+@pytest.mark.parametrize(
+    "answer, action",
+    [
+        ("# analyze\nrun\n# action\naction_right", "action_right"),
+        ("# action\n  action_short_pass \n\n", "action_short_pass"),  # whitespace around the ID
+        ("action_shot", "action_shot"),  # no `# action`, but the whole answer is an ID
+        ("# analyze\n# action\naction_shot\n# action\naction_left", "action_shot"),  # the first `# action` counts
+        ("# action\naction_right because the lane is free", None),  # text after the ID
+        ("# action\nAction_Right", None),  # exact IDs only: no case folding
+        ("# action\nright", None),
+        ("# action\naction_idle", None),  # gfootball has it, MageBench's 16 do not
+        ("# action: action_right", None),
+        ("I would run right: action_right", None),  # no `# action`
+        ("", None),
+    ],
+)
+def test_online_parser_reads_magebenchs_format_strictly(answer, action):
+    assert football.parse_action(answer)[0] == action
+    assert (football.parse_action(answer)[1] == "") == (action is not None)
+
+
+def test_online_parser_knows_the_16_ids():
+    assert len(football.ONLINE_ACTIONS) == 16 and set(football.ONLINE_ACTIONS) <= set(football.ACTIONS)
+    assert not {"action_idle", "action_release_direction", "action_sliding", "action_builtin_ai"} & set(football.ONLINE_ACTIONS)
+
+
+def frame(colour) -> Image.Image:
+    return Image.new("RGB", (4, 3), colour)
+
+
+def test_online_memory_keeps_ten_messages_and_only_the_newest_image():
+    """MageBench's history after six valid turns and a parse error: the fixed system prompt and
+    format instruction, then the last 10 messages, the image only in the newest scene."""
+    episode = football.OnlineEpisode(EMPTY_GOAL, 0, 0)
+    episode.scene(frame("red"), first=True)
+    first = episode.messages(10, 1)
+    assert [m["role"] for m in first] == ["system", "user"]  # the instruction and the first scene merged
+    assert [c.get("text") for c in first[1]["content"]] == [football.FORMAT_PROMPT, football.SCENE, None, football.FIRST_TURN]
+    assert first[0]["content"][0]["text"] == football.ONLINE_SYSTEM_PROMPT
+    for k in range(6):
+        episode.messages(10, 1)
+        assert episode.answered(football.answer_with("action_right")) == "action_right"
+        episode.played(
+            {"played": ["action_right"], "score": 0.0, "terms": {}, "passes": 0, "done": False, "end": ""}, frame((k, 0, 0))
+        )
+    episode.messages(10, 1)
+    assert episode.answered("no format") is None
+    chat = episode.messages(10, 1)
+    assert [m["role"] for m in chat] == ["system", "user"] + ["assistant", "user"] * 5
+    images = [c["image"] for m in chat for c in m["content"] if c["type"] == "image"]
+    assert len(images) == 1 and images[0].getpixel((0, 0)) == (5, 0, 0)  # the newest frame
+    assert chat[-1]["content"] == [{"type": "text", "text": football.REGENERATE}]
+    assert [c["text"] for c in chat[-3]["content"] if c["type"] == "text"] == [football.SCENE, football.NEXT_TURN]
+    assert chat[2]["content"][0]["text"] == football.answer_with("action_right")  # the oldest kept: an answer
+    assert chat[1]["content"] == [{"type": "text", "text": football.FORMAT_PROMPT}]  # the first scene has gone
+
+
+def test_online_regenerate_rule_counts_the_turn_and_leaves_the_game():
+    episode = football.OnlineEpisode(EMPTY_GOAL, 0, 0)
+    episode.scene(None, first=True)
+    assert episode.answered("# action\nshoot") is None
+    assert episode.parse_errors == 1 and len(episode.turns) == 1 and episode.turns[0]["steps"] == 0
+    assert episode.turns[0]["error"].startswith("not one of the 16 action IDs")
+    assert episode.memory[-2:] == [{"role": "assistant", "content": [{"type": "text", "text": "# action\nshoot"}]},
+                                   {"role": "user", "content": [{"type": "text", "text": football.REGENERATE}]}]  # fmt: skip
+
+
+def test_online_augmentation_is_magebenchs_pixel_for_pixel():
+    """brightness 1.5, contrast 0.6, brightness 1.2 as PIL computes them: each enhancement blends with
+    a degenerate image (black; for contrast the grey of the mean luma, rounded) in float32 and
+    truncates to 0..255."""
+    pixels = np.array([[[0, 0, 0], [10, 200, 30], [255, 255, 255]], [[90, 91, 92], [3, 140, 250], [170, 20, 60]]], np.uint8)
+    f32 = np.float32
+
+    def blend(degenerate, image, factor):  # PIL's Image.blend: in1 + alpha * (in2 - in1), truncated
+        return np.clip((f32(degenerate) + f32(factor) * (image.astype(f32) - f32(degenerate))).astype(np.int64), 0, 255)
+
+    bright = blend(0, pixels, 1.5)
+    luma = (bright[..., 0] * 19595 + bright[..., 1] * 38470 + bright[..., 2] * 7471 + 0x8000) >> 16  # PIL's RGB -> L
+    contrast = blend(int(luma.mean() + 0.5), bright, 0.6)
+    expected = blend(0, contrast, 1.2)
+    assert np.array_equal(np.asarray(football.augment(Image.fromarray(pixels))), expected)
+
+
+def in_display(code: str, tmp_path) -> None:
+    """Run `code` in a fresh Python (gfootball renders one env per process) under a virtual display."""
+    xvfb, display = football.virtual_display()
+    try:
+        env = dict(os.environ, DISPLAY=display, PYTHONPATH=ROOT)
+        done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        xvfb.terminate()
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_online_first_frame_is_rendered_channel_swapped_as_magebenchs(engine, tmp_path):
+    """MageBench's first frame is env.render("rgb_array"), whose red and blue are swapped in
+    gfootball 2.10.2; the observation's frame is not. Both then get the augmentation."""
+    in_display(
+        "import numpy as np, football\n"
+        "game, first = football.start_game(football.scenario('R1_P_2'), 3, 'seen')\n"
+        "np.save('first.npy', np.asarray(first)); np.save('raw.npy', game.env.observation()[0]['frame'])\n",
+        tmp_path,
+    )
+    first, raw = np.load(tmp_path / "first.npy"), np.load(tmp_path / "raw.npy")
+    assert first.shape == raw.shape == (720, 1280, 3)
+    assert np.array_equal(first, np.asarray(football.augment(Image.fromarray(raw[..., ::-1].copy()))))
+    assert not np.array_equal(first, np.asarray(football.augment(Image.fromarray(raw))))  # the swap shows
+
+
+def replaying(plan, frames=None):
+    """A scripted "model": answers each episode's next turn with the plan's next action (one per
+    action played so far), in MageBench's format; records the image each chat shows, where `frames`
+    is a list."""
+
+    def policy(episodes, chats):
+        if frames is not None:
+            frames.extend(c["image"] for chat in chats for m in chat for c in m["content"] if c["type"] == "image")
+        done = [sum(t["action"] is not None for t in e.turns) for e in episodes]
+        return [football.answer_with(plan[k]) if k < len(plan) else "no more" for k in done]
+
+    return policy
+
+
+PLAN = ["action_right", "action_right", "action_right", "action_top_right", "action_short_pass", "action_right",
+        "action_sprint", "action_right", "action_shot"]  # fmt: skip
+
+
+def test_online_scripted_model_plays_what_play_plays(engine):
+    """Replaying a plan turn by turn, two episodes at once, plays football.play's game, step for step
+    (the first answer of one episode badly formatted: a turn lost, the game unmoved)."""
+    episodes = football.online_episodes(["R5_P_2", "R9_P_4"], 1, seed=4)
+    plan = replaying(PLAN)
+
+    def policy(batch, chats):
+        answers = plan(batch, chats)
+        return ["oops" if e.scenario.name == "R9_P_4" and not e.turns else a for e, a in zip(batch, answers)]
+
+    football.run_online(policy, episodes, football.OnlineSettings(max_turns=len(PLAN) + 1, render="none"), workers=2)
+    for episode, lost in zip(episodes, (0, 1)):
+        expected = football.play(episode.scenario, PLAN, episode.seed)
+        played = [a for turn in episode.turns for a in turn["played"]]
+        assert played == expected.played and episode.result["score"] == pytest.approx(expected.score.total)
+        assert episode.parse_errors == lost and episode.end == expected.end
+        assert [t["action"] for t in episode.turns if t["action"]] == PLAN[: len([t for t in episode.turns if t["action"]])]
+
+
+def test_online_renders_only_the_frames_the_model_sees_with_every_steps_pixels(engine):
+    """render=seen (the frames the model sees, the turn's last two steps replayed with the renderer
+    on), render=every (MageBench: every engine step) and render=none play the same game, and the
+    model is shown the same pixels with seen as with every."""
+    runs = {}
+    for render in ("none", "seen", "every"):
+        frames = []
+        episodes = football.online_episodes(["R5_P_2"], 1, seed=4)
+        football.run_online(replaying(PLAN, frames), episodes, football.OnlineSettings(max_turns=len(PLAN), render=render), 1)
+        runs[render] = (episodes[0].record(), frames)
+    (none, _), (seen, seen_frames), (every, every_frames) = runs["none"], runs["seen"], runs["every"]
+    assert [t["played"] for t in none["log"]] == [t["played"] for t in seen["log"]] == [t["played"] for t in every["log"]]
+    assert seen["steps"] > 2 * seen["frames"] and seen["frames"] == len(seen_frames) == len(every_frames) > 4
+    for a, b in zip(seen_frames, every_frames):
+        assert a.size == (1280, 720) and np.array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.slow
+def test_eval_online_on_the_tiny_model_batched_as_one_at_a_time(engine, tmp_path):
+    """`eval.py` Online, two scenarios end to end on the tiny model (its answers are never in the
+    format: every turn a parse error, counted): playing both episodes at once (two workers, one
+    generate a turn) gives what playing them one at a time does, answer for answer."""
+    common = [*TINY_DEFAULTS, "eval.benchmarks=[football]", "eval.max_items=2", "eval.football.repeats=1",
+              "eval.football.max_turns=3", "eval.football.max_tokens=12"]  # fmt: skip
+    batched = evaluation.run_eval(compose_cfg([*common, "eval.football.workers=2"]), str(tmp_path / "batched"))["football"]
+    alone = evaluation.run_eval(compose_cfg([*common, "eval.football.workers=1"]), str(tmp_path / "alone"))["football"]
+    untimed = lambda results: {k: v for k, v in results.items() if k not in ("wall_s", "frames_per_s")}  # noqa: E731
+    assert untimed(batched) == untimed(alone)
+    assert batched["n"] == 2 and batched["parse_errors"] == 3 and batched["score"] == 0 and "region=R1" in batched
+    records = {
+        run: [json.loads(line) for line in open(tmp_path / run / "football" / "episodes.jsonl")] for run in ("batched", "alone")
+    }
+    assert [r["scenario"] for r in records["batched"]] == list(football.MINI[:2])
+    assert [[t["answer"] for t in r["log"]] for r in records["batched"]] == [
+        [t["answer"] for t in r["log"]] for r in records["alone"]
+    ]
+    answers = [t["answer"] for r in records["batched"] for t in r["log"]]
+    assert len(set(answers)) > 3 and all(r["frames"] == 1 for r in records["batched"])  # sampled; the first frame shown
+    assert all(t["error"] and t["steps"] == 0 for r in records["batched"] for t in r["log"])
