@@ -170,14 +170,21 @@ _GAME: list = []  # the env of this process's episode (gfootball renders one env
 
 
 def reset(s: Scenario, seed: int):
-    """A fresh env of `s` with the engine seeded `seed`, the last one closed; returns (env, the start
-    state). gfootball keeps its engines for the next env: after the first (seconds), one takes ~25 ms."""
+    """A fresh env of `s` with the engine seeded `seed`, as MageBench's env makes one, the last one
+    closed; returns (env, the start state, the start frame). The start frame is rendered as
+    MageBench's env renders it, with env.render("rgb_array") (whose red and blue gfootball 2.10.2
+    swaps), and the renderer is left on. It matters beyond the picture: render() moves the game onto
+    gfootball's rendering engine (get_state, another engine, set_state), and the game played after
+    that differs from an unrendered start's (2 of 4 random Online episodes measured). gfootball keeps
+    its engines for the next env: after the first (seconds), an env takes ~25 ms and the render
+    0.3-0.7 s (software OpenGL, off-screen where there is no display)."""
     from gfootball.env import config, football_env
 
     close_games()
     env = football_env.FootballEnv(config.Config(game_values(s, seed)))  # the constructor resets
     _GAME.append(env)
-    return env, env.observation()[0]
+    first = env.render("rgb_array")
+    return env, env.observation()[0], first
 
 
 @atexit.register  # before interpreter shutdown, when gfootball's own __del__ fails
@@ -410,7 +417,9 @@ class Game:
 
 def play(s: Scenario, plan: List[str], seed: int = 0) -> Episode:
     """Play `plan` from `s` with MageBench's rules (`Game`), until the plan or the episode ends."""
-    game = Game(*reset(s, seed), s, plan=plan)
+    env, state, _ = reset(s, seed)
+    env._env.disable_render()  # (gfootball's FootballEnvCore; play never looks)
+    game = Game(env, state, s, plan=plan)
     for action in plan:
         if game.done:
             break
@@ -492,8 +501,7 @@ def model_size(width: int, height: int, min_pixels: int, max_pixels: int) -> Tup
 def start_frame(s: Scenario, seed: int = 0, pixels: Tuple[int, int] = QWEN_PIXELS) -> Image.Image:
     """The start of `s` as gfootball renders it (1280x720), resized to what the model sees, so the
     processor keeps it as it is."""
-    env, _ = reset(s, seed)
-    env.render("rgb_array")
+    env, _, _ = reset(s, seed)
     image = Image.fromarray(env.observation()[0]["frame"])  # RGB (render() returns it channel-swapped)
     return image.resize(model_size(*image.size, *pixels), Image.Resampling.LANCZOS)
 
@@ -829,12 +837,13 @@ class FramedGame(Game):
 
 
 def start_game(s: Scenario, seed: int, render: str) -> Tuple[FramedGame, Optional[Image.Image]]:
-    """A game of `s` and its first frame (None when render="none") as MageBench's env makes them: a
-    fresh env, its first frame from env.render("rgb_array"), which in gfootball 2.10.2 returns the
-    colour channels swapped (later frames, the observations', are not)."""
-    env, state = reset(s, seed)
-    first = augment(Image.fromarray(env.render("rgb_array"))) if render != "none" else None
-    return FramedGame(env, state, s, render), first
+    """A game of `s` (`reset`) and the first frame the model sees, red and blue swapped as MageBench's
+    (later frames, the observations', are not), augmented; None when render="none" (the start is
+    rendered all the same: `reset` says why)."""
+    env, state, first = reset(s, seed)
+    if render == "none":
+        env._env.disable_render()
+    return FramedGame(env, state, s, render), None if render == "none" else augment(Image.fromarray(first))
 
 
 def worker_main(fd: int) -> None:

@@ -58,7 +58,7 @@ def test_table_holds_magebenchs_108_scenarios_and_round_trips():
 @pytest.mark.parametrize("name", ["R1_P_4", "R9_T_2"])
 def test_scenarios_are_placed_as_written(engine, name):
     s = football.scenario(name)
-    _, start = football.reset(s, seed=1)
+    _, start, _ = football.reset(s, seed=1)
     assert np.allclose(start["ball"][:2], s.ball, atol=0.02)
     for team, players in (("left_team", s.left), ("right_team", s.right)):
         assert np.allclose(start[team], [(x, y) for _, x, y in players], atol=0.02), team
