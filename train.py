@@ -579,6 +579,13 @@ def setup(cfg: DictConfig, run_dir: str) -> RunState:
     run_dir = shared_run_dir(run_dir)
     if r.prompts_per_step % world:
         raise ConfigError(f"rollout.prompts_per_step={r.prompts_per_step} must divide among {world} ranks")
+    online = "football" in cfg.eval.benchmarks and cfg.eval.football.setting == "online" and cfg.eval.every > 0
+    if online and world > 1 and r.engine == "hf" and t.zero_stage == 3:  # refused now, not after hours at the first eval
+        raise ConfigError(
+            "eval.every with Football Online on several ranks under rollout.engine=hf and trainer.zero_stage=3: its "
+            "decode gathers weights in lockstep with every rank, and each rank's episodes take different numbers of "
+            "turns. Use rollout.engine=vllm (each rank samples alone), or evaluate Football after training with eval.py"
+        )
     if t.packing and uses_varlen_kernels(device) and str(cfg.model.dtype) == "float32":
         raise ConfigError(
             "model.dtype=float32 with packed attention on a GPU: its FlashAttention varlen kernels take fp16 / bf16 only. "
