@@ -248,7 +248,9 @@ def test_vllm_applies_the_frequency_penalty_as_the_hf_engine(vllm_and_model, tok
     out = engine.with_sampling(**penalised).generate(prompts, 1, seeds=per_prompt(0, prompts))
     hf = HFEngine(model, tokenizer, rcfg(**penalised)).generate(prompts, 1, seeds=per_prompt(0, prompts))
     assert out.completion_ids == hf.completion_ids
-    plain = HFEngine(model, tokenizer, rcfg(**penalised | {"frequency_penalty": 0.0})).generate(prompts, 1, seeds=per_prompt(0, prompts))
+    plain = HFEngine(model, tokenizer, rcfg(**penalised | {"frequency_penalty": 0.0})).generate(
+        prompts, 1, seeds=per_prompt(0, prompts)
+    )
     assert plain.completion_ids != hf.completion_ids  # the tiny model repeats itself: the penalty shows
 
 
