@@ -200,7 +200,9 @@ class RolloutConfig:
     tensor_parallel_size: int = 1  # vllm: GPUs per engine; only 1 (validate says why): one engine per rank
     enable_sleep: bool = True  # vllm: free its memory while training, wake it to sample
     enable_prefix_caching: bool = True  # vllm: a group's G samples share the prompt's KV cache
-    frequency_penalty: float = 0.0  # each logit minus this x the times its token is already in the completion (as vLLM)
+    # each logit minus this x the times its token is already in the completion (as vLLM); evaluation sets it
+    # (eval.football); in training the sampler's log-probs would include it, the trainer's not
+    frequency_penalty: float = 0.0
     sync_bucket_mb: int = 512  # vllm: weights are pushed in buckets of about this many MB
 
 

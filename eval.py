@@ -395,6 +395,7 @@ def evaluate(name: str, items: List[Item], predictions: List[str], out_dir: str,
     if name == "football":  # a plan is played, not graded: per-scenario records go to football/scores.jsonl
         metrics, records = football.evaluate([i.row for i in items], predictions, os.path.join(out_dir, name))
         correct, results = [r["end"] == "goal" for r in records], metrics
+        scoring = "Global setting (ours, not MageBench's): each plan played, MageBench's shaped score / 100"
     elif name == "sokoban":
         metrics = sokoban_metrics([i.row for i in items], predictions, os.path.join(out_dir, name))
         correct = [sokoban.replay(i.row["level"], m)[1] if (m := answer_moves(p)) else False for i, p in zip(items, predictions)]
@@ -517,6 +518,13 @@ def football_policy(engine, tokenizer, image_processor, f, seed: int):
         samples = [Sample(messages=c, answer="", where=f"football {e.scenario.name} repeat {e.repeat} turn {len(e.turns)}")
                    for e, c in zip(episodes, chats)]  # fmt: skip
         prompts = [encode_prompt(s, tokenizer, image_processor) for s in samples]
+        longest = max(len(p.input_ids) for p in prompts)
+        if longest + f.max_tokens > getattr(engine, "max_model_len", float("inf")):  # vLLM would refuse the prompt
+            raise ConfigError(
+                f"a Football turn's chat has {longest} tokens: with eval.football.max_tokens={f.max_tokens} it exceeds "
+                f"vLLM's max_model_len={engine.max_model_len} (data.max_prompt_len + rollout.max_new_tokens); raise "
+                "data.max_prompt_len (ten messages of history: five answers and a 1280x720 frame, ~1,200 tokens on the 3B)"
+            )
         return sampler.generate(prompts, 1, seeds=[football.turn_seed(seed, e) for e in episodes]).texts
 
     return policy

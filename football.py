@@ -5,16 +5,21 @@ engine: the ball and up to 22 players with roles, our team (left, yellow) attack
 against the engine's AI at difficulty 0.0; an episode ends on a goal, when the ball goes out of
 play, when the other team wins it, or after 400 steps. The positions are data here
 (`football_scenarios.txt`, our format) and become gfootball scenarios at run time (`build_scenario`).
-In the Global setting, which matches what MGT-Sokoban trains, the model sees one image of the start
-and answers with the whole plan, a list of gfootball's action names (`ACTIONS`); `play` executes it
-with MageBench's rules and `ShapedScore` scores it from the game state as MageBench does.
+`Game` plays actions one at a time with MageBench's rules and `ShapedScore` scores the game state as
+MageBench does. In MageBench's Online setting (the only one it has for Football; eval.py's default)
+the model sees a frame and answers one action a turn (`play_online`, every live episode's turn in one
+generate, the games in worker processes). In our Global setting, which matches what MGT-Sokoban
+trains, it sees the start once and answers a whole plan of gfootball's action names (`play`).
 
     python football.py list                                                   # the 108 scenarios
     python football.py show R1_P_1 --png start.png                            # positions, start frame
     echo "action_right, action_right, action_shot" | python football.py play R9_P_4 --gif replay.gif
-    python football.py build --out data/eval/football                         # eval.py's benchmark rows
+    python football.py online --policy random                                 # an Online baseline
+    python football.py build --out data/eval/football                         # Global rows for eval.py
 
-gfootball renders with OpenGL: run under a display, e.g. `xvfb-run -a python football.py show ...`.
+gfootball renders with OpenGL. Every game starts with a rendered frame (`reset`), off-screen where
+there is no display; frames a model sees render on a display, as MageBench's did (`Pitches` starts
+Xvfb where there is none; for `show --png` and `build`, use `xvfb-run -a`).
 """
 
 import argparse
@@ -633,19 +638,30 @@ def evaluate(rows: List[dict], completions: List[str], out_dir: Optional[str] = 
                 os.makedirs(os.path.join(out_dir, "football_replays"), exist_ok=True)
                 save_replay_gif(episode, os.path.join(out_dir, "football_replays", f"{s.name}.gif"))
         records.append(record)
+    metrics = score_metrics(records) | {"malformed": sum(r["plan"] is None for r in records) / max(1, len(records))}
+    if out_dir is not None:
+        write_records(os.path.join(out_dir, "scores.jsonl"), records)
+    return metrics, records
+
+
+def score_metrics(records: List[dict]) -> dict:
+    """`score`, the mean shaped score over records (MageBench's reported number); `accuracy` = score
+    / 100, and `region=R1`, `kind=P`, ... the same by scenario family, as fractions like eval.py's
+    tables; `goals`, a rate."""
     n = max(1, len(records))
     mean = sum(r["score"] for r in records) / n
-    metrics = {"accuracy": mean / 100, "score": mean, "goals": sum(r["end"] == "goal" for r in records) / n,
-               "malformed": sum(r["plan"] is None for r in records) / n}  # fmt: skip
+    metrics = {"accuracy": mean / 100, "score": mean, "goals": sum(r["end"] == "goal" for r in records) / n}
     for key in ("region", "kind"):
         for value in sorted({r[key] for r in records}):
             scores = [r["score"] for r in records if r[key] == value]
             metrics[f"{key}={value}"] = sum(scores) / len(scores) / 100
-    if out_dir is not None:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "scores.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-    return metrics, records
+    return metrics
+
+
+def write_records(path: str, records: List[dict]) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -717,8 +733,11 @@ def trim_memory(memory: List[dict], max_messages: int, max_images: int) -> List[
         if images > max_images:
             break
         keep_from = k
-    strip = lambda m: {**m, "content": [c for c in m["content"] if c["type"] != "image"]}  # noqa: E731
-    return [m if k >= keep_from else strip(m) for k, m in enumerate(memory)]
+    return [m if k >= keep_from else without_images(m) for k, m in enumerate(memory)]
+
+
+def without_images(message: dict) -> dict:
+    return {**message, "content": [c for c in message["content"] if c["type"] != "image"]}
 
 
 def merge_roles(messages: List[dict]) -> List[dict]:
@@ -778,7 +797,7 @@ class OnlineEpisode:
             self.memory.append({"role": "user", "content": [text(REGENERATE)]})
         return action
 
-    def played(self, outcome: dict, frame: Optional[Image.Image]) -> None:
+    def outcome(self, outcome: dict, frame: Optional[Image.Image]) -> None:
         """The worker's outcome of this turn's action; the next scene unless the episode ended."""
         turn = self.turns[-1]
         turn.update(steps=len(outcome["played"]), played=outcome["played"], reward=outcome["score"] - self.result["score"],
@@ -880,17 +899,20 @@ class Pitches:
         import subprocess
         from multiprocessing.connection import Connection
 
-        self.xvfb, env = None, dict(os.environ)
-        if render != "none" and not env.get("DISPLAY"):
-            self.xvfb, env["DISPLAY"] = virtual_display()
-        here = os.path.dirname(os.path.abspath(__file__))
-        self.conns, self.procs = [], []
-        for _ in range(n):
-            mine, theirs = socket.socketpair()
-            code = f"import sys; sys.path.insert(0, {here!r}); import football; football.worker_main({theirs.fileno()})"
-            self.procs.append(subprocess.Popen([sys.executable, "-c", code], pass_fds=(theirs.fileno(),), env=env))
-            theirs.close()
-            self.conns.append(Connection(mine.detach()))
+        self.xvfb, self.conns, self.procs, env = None, [], [], dict(os.environ)
+        try:
+            if render != "none" and not env.get("DISPLAY"):  # frames a model sees render on a display, as MageBench's
+                self.xvfb, env["DISPLAY"] = virtual_display()
+            here = os.path.dirname(os.path.abspath(__file__))
+            for _ in range(n):
+                mine, theirs = socket.socketpair()
+                code = f"import sys; sys.path.insert(0, {here!r}); import football; football.worker_main({theirs.fileno()})"
+                self.procs.append(subprocess.Popen([sys.executable, "-c", code], pass_fds=(theirs.fileno(),), env=env))
+                theirs.close()
+                self.conns.append(Connection(mine.detach()))
+        except BaseException:
+            self.close()
+            raise
 
     def send(self, k: int, *command) -> None:
         self.conns[k].send(command)
@@ -901,25 +923,28 @@ class Pitches:
                 raise RuntimeError(f"football worker {k} gave no answer in 600 s")
             status, value = self.conns[k].recv()
         except (EOFError, ConnectionError):
-            raise RuntimeError(f"football worker {k} died (exit code {self.procs[k].wait(10)})") from None
+            raise RuntimeError(f"football worker {k} died (exit code {self.procs[k].poll()})") from None
         if status != "ok":
             raise RuntimeError(f"football worker {k} failed: {value}")
         return value
 
     def close(self) -> None:
-        for conn, proc in zip(self.conns, self.procs):
+        """Stop the workers (asked, then killed after 10 s) and the virtual display."""
+        for conn in self.conns:
             try:
                 conn.send(None)
             except OSError:  # already gone
                 pass
+        for proc in self.procs + ([self.xvfb] if self.xvfb is not None else []):
+            if proc is self.xvfb:
+                proc.terminate()
             try:
                 proc.wait(10)
-            except Exception:  # noqa: BLE001  (a worker that will not stop is killed)
+            except Exception:  # noqa: BLE001  (one that will not stop is killed)
                 proc.kill()
+                proc.wait()
+        for conn in self.conns:
             conn.close()
-        if self.xvfb is not None:
-            self.xvfb.terminate()
-            self.xvfb.wait(10)
 
 
 def virtual_display():
@@ -963,7 +988,7 @@ def play_online(policy, episodes: List[OnlineEpisode], pitches: Pitches, setting
     one's worker takes the next episode."""
     queue, live = list(episodes), {}  # live: worker -> episode
     while queue or live:
-        started = [k for k in range(len(pitches.conns)) if k not in live and queue]
+        started = [k for k in range(len(pitches.conns)) if k not in live][: len(queue)]
         for k in started:
             live[k] = queue.pop(0)
             pitches.send(k, "start", format_scenario(live[k].scenario), live[k].seed, settings.render)
@@ -979,7 +1004,7 @@ def play_online(policy, episodes: List[OnlineEpisode], pitches: Pitches, setting
                 moving.append(k)
         for k in moving:
             outcome = pitches.receive(k)
-            live[k].played(outcome, seen(outcome["frame"], settings))
+            live[k].outcome(outcome, seen(outcome["frame"], settings))
         for k in workers:
             if live[k].done or len(live[k].turns) >= settings.max_turns:
                 if log is not None:
@@ -1021,19 +1046,10 @@ def run_online(policy, episodes: List[OnlineEpisode], settings: OnlineSettings, 
 
 
 def online_metrics(records: List[dict]) -> dict:
-    """`score`, the mean over episodes of each one's summed shaped reward (MageBench's number);
-    `accuracy` = score / 100 and `region=R1`, `kind=P`, ... the same by scenario family, as
-    fractions like eval.py's tables; `goals` (a rate), and per episode `parse_errors`, `turns` and
-    engine `steps`."""
+    """score_metrics, and per episode `parse_errors`, `turns` and engine `steps`."""
     n = max(1, len(records))
-    mean = lambda key: sum(r[key] for r in records) / n  # noqa: E731
-    metrics = {"accuracy": mean("score") / 100, "score": mean("score"), "goals": sum(r["end"] == "goal" for r in records) / n,
-               "parse_errors": mean("parse_errors"), "turns": mean("turns"), "steps": mean("steps"), "episodes": len(records)}  # fmt: skip
-    for key in ("region", "kind"):
-        for value in sorted({r[key] for r in records}):
-            scores = [r["score"] for r in records if r[key] == value]
-            metrics[f"{key}={value}"] = sum(scores) / len(scores) / 100
-    return metrics
+    per_episode = {key: sum(r[key] for r in records) / n for key in ("parse_errors", "turns", "steps")}
+    return score_metrics(records) | per_episode | {"episodes": len(records)}
 
 
 def answer_with(action: str) -> str:
@@ -1052,12 +1068,6 @@ BASELINES = {
 def scripted(answer):
     """A policy (play_online's) answering each episode with answer(episode)."""
     return lambda episodes, chats: [answer(e) for e in episodes]
-
-
-def write_records(path: str, records: List[dict]) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -347,7 +347,7 @@ class VLLMEngine:
         from vllm import LLM
         from vllm.platforms import current_platform
 
-        self.tokenizer, self.cfg = tokenizer, rcfg
+        self.tokenizer, self.cfg, self.max_model_len = tokenizer, rcfg, max_model_len
         self.stop_ids = tokenizer.convert_tokens_to_ids(STOP_TOKENS)
         self.banned_ids = tokenizer.convert_tokens_to_ids(VISION_TOKENS)
         self.image_pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")

@@ -105,7 +105,7 @@ def render_cost(args) -> None:
     games, walls = {}, {}
     for render, workers in runs:
         episodes, wall = online("random", names, 1, args.seed, render, workers)
-        games[render, workers] = [[t["played"] for t in e.turns] for e in episodes]
+        games[render, workers] = [[(t["played"], t["score"]) for t in e.turns] for e in episodes]
         walls[render, workers] = wall
         frames, steps = sum(e.frames for e in episodes), sum(e.result["steps"] for e in episodes)
         print(

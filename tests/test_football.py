@@ -1,8 +1,10 @@
 """Football (MageBench's scenarios on gfootball): the scenario table, the plan reader, the shaped score
-against hand-computed states, scripted plans with known outcomes on the real engine, the CLI and
-eval.py's `football` benchmark. Only rendering start frames needs a display: that test runs
-`football.py build` under xvfb-run when there is none. The tests that need gfootball (the `engine`
-fixture) skip where it is missing, saying how to install it, and fail under `.ci/run`."""
+against hand-computed states, scripted plans with known outcomes on the real engine, the CLI,
+MageBench's Online setting (its parser, memory, pixels; rendering only the frames the model sees;
+batched turns) and eval.py's `football` benchmark in both settings. Frames a model sees render on a
+display: Xvfb where there is none (`football.py build` under xvfb-run, the Online workers start
+their own). The tests that need gfootball (the `engine` fixture) skip where it is missing, saying how
+to install it, and fail under `.ci/run`."""
 
 import json
 import os
@@ -219,6 +221,7 @@ def test_eval_scores_a_predictions_file_like_playing_it(data_dir, tmp_path):
     results = evaluation.run_eval(cfg, str(tmp_path / "out"))["football"]
     expected = football.play(football.scenario("R1_P_1"), ["action_right", "action_short_pass"], rows[0]["seed"]).score.total
     assert results["score"] == pytest.approx(expected / 2) and results["malformed"] == 0.5 and results["n"] == 2
+    assert results["scoring"].startswith("Global setting (ours, not MageBench's)")
     assert results["region=R1"] == pytest.approx(expected / 100) and results["region=R9"] == 0.0
     assert os.path.getsize(tmp_path / "out" / "football" / "football_replays" / "R1_P_1.gif") > 0
     scores = [json.loads(line) for line in open(tmp_path / "out" / "football" / "scores.jsonl")]
@@ -282,7 +285,7 @@ def test_online_memory_keeps_ten_messages_and_only_the_newest_image():
     for k in range(6):
         episode.messages(10, 1)
         assert episode.answered(football.answer_with("action_right")) == "action_right"
-        episode.played(
+        episode.outcome(
             {"played": ["action_right"], "score": 0.0, "terms": {}, "passes": 0, "done": False, "end": ""}, frame((k, 0, 0))
         )
     episode.messages(10, 1)
@@ -368,6 +371,40 @@ PLAN = ["action_right", "action_right", "action_right", "action_top_right", "act
         "action_sprint", "action_right", "action_shot"]  # fmt: skip
 
 
+class Stands:
+    """Pitches without gfootball, for the turn loop alone: every action is one step scoring 1, and
+    an episode ends on its `length`-th action."""
+
+    def __init__(self, n: int, length: int):
+        self.conns, self.length, self.games = [None] * n, length, {}
+
+    def send(self, k, *command):
+        self.games[k] = 0 if command[0] == "start" else self.games[k] + 1
+
+    def receive(self, k):
+        if self.games[k] == 0:
+            return None
+        done = self.games[k] == self.length
+        return {
+            "played": ["action_right"],
+            "score": float(self.games[k]),
+            "terms": {},
+            "passes": 0,
+            "done": done,
+            "end": "goal",
+            "frame": None,
+        }
+
+
+def test_online_turn_loop_refills_workers_as_episodes_end():
+    """Five episodes of equal length on four workers: four end on the same turn with one left to
+    start (it crashed so, popping an empty queue); every episode plays all its turns, once."""
+    episodes = football.online_episodes(["R5_P_2"], 5, seed=0)
+    settings = football.OnlineSettings(max_turns=10, render="none")
+    football.play_online(football.scripted(football.BASELINES["shoot"]), episodes, Stands(4, 3), settings)
+    assert [(len(e.turns), e.result["score"], e.end) for e in episodes] == [(3, 3.0, "goal")] * 5
+
+
 def test_online_scripted_model_plays_what_play_plays(engine):
     """Replaying a plan turn by turn, two episodes at once, plays football.play's game, step for step
     (the first answer of one episode badly formatted: a turn lost, the game unmoved)."""
@@ -398,7 +435,8 @@ def test_online_renders_only_the_frames_the_model_sees_with_every_steps_pixels(e
         football.run_online(replaying(PLAN, frames), episodes, football.OnlineSettings(max_turns=len(PLAN), render=render), 1)
         runs[render] = (episodes[0].record(), frames)
     (none, _), (seen, seen_frames), (every, every_frames) = runs["none"], runs["seen"], runs["every"]
-    assert [t["played"] for t in none["log"]] == [t["played"] for t in seen["log"]] == [t["played"] for t in every["log"]]
+    game = lambda record: [(t["played"], t["score"]) for t in record["log"]] + [record["terms"], record["passes"]]  # noqa: E731
+    assert game(none) == game(seen) == game(every)
     assert seen["steps"] > 2 * seen["frames"] and seen["frames"] == len(seen_frames) == len(every_frames) > 4
     for a, b in zip(seen_frames, every_frames):
         assert a.size == (1280, 720) and np.array_equal(np.asarray(a), np.asarray(b))

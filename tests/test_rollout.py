@@ -436,7 +436,21 @@ def test_seeded_sampler_is_greedy_at_temperature_zero():
 
 
 def test_seeded_sampler_frequency_penalty_counts_each_rows_own_tokens():
-    """Greedy with penalty 0.75 on logits 2, 1.5, 1, ...: 0 (2 beats 1.5), then 1 (2-.75 < 1.5), then
-    0 (1.25 > .75, 1), then 2 (.5, .75 < 1), then 1 (.5, .75, .25)."""
-    picks = draw([1, 2], 5, temperature=0.0, top_k=0, top_p=1.0, frequency_penalty=0.75)
-    assert picks.tolist() == [[0, 1, 0, 2, 1]] * 2
+    """Greedy with penalty 0.75. Row 0, logits 2, 1.5, 1, ...: 0 (2 beats 1.5), then 1 (2-.75 < 1.5),
+    then 0 (1.25 > .75, 1), then 2 (.5, .75 < 1), then 1 (.5, .75, .25). Row 1, the same logits
+    reversed on the first three (1, 1.5, 2): 2, 1, 2, 0, 1."""
+    sampler = SeededSampler([1, 2], temperature=0.0, top_k=0, top_p=1.0, device="cpu", frequency_penalty=0.75)
+    rows = torch.stack([LOGITS, torch.cat([LOGITS[:3].flip(0), LOGITS[3:]])])
+    picks = torch.stack([sampler(rows.clone()) for _ in range(5)], dim=1)
+    assert picks.tolist() == [[0, 1, 0, 2, 1], [2, 1, 2, 0, 1]]
+
+
+def test_seeded_sampler_frequency_penalty_comes_before_temperature():
+    """As vLLM: the sampler's distribution is softmax((logits - penalty x count) / T)."""
+    sampler = SeededSampler([3], temperature=0.5, top_k=0, top_p=1.0, device="cpu", frequency_penalty=0.75)
+    first = sampler(LOGITS[None].clone())
+    second = sampler(LOGITS[None].clone())
+    counts = torch.zeros_like(LOGITS)
+    counts[first] += 1
+    expected = torch.log_softmax((LOGITS - 0.75 * counts) / 0.5, dim=0)[second]  # (after: LOGITS / 0.5 - 0.75 * counts)
+    torch.testing.assert_close(sampler.logprobs[1], expected)
