@@ -182,7 +182,9 @@ def reset(s: Scenario, seed: int):
     gfootball's rendering engine (get_state, another engine, set_state), and the game played after
     that differs from an unrendered start's (2 of 4 random Online episodes measured). gfootball keeps
     its engines for the next env: after the first (seconds), an env takes ~25 ms and the render
-    0.3-0.7 s (software OpenGL, off-screen where there is no display)."""
+    0.3-0.7 s (software OpenGL, off-screen where there is no display). A process that imports torch
+    must do so before its first render: triton then loads its LLVM beside Mesa's, not after it
+    (a segfault in `llvm::cl::Option::addArgument`)."""
     from gfootball.env import config, football_env
 
     close_games()
@@ -606,9 +608,10 @@ def build(out: str, names: List[str], seed: int = 0, pixels: Tuple[int, int] = Q
         for name in names or list(scenarios):
             s, engine_seed = scenarios[name], scenario_seed(seed, name)
             image = f"images/{name}.png"
-            start_frame(s, engine_seed, pixels).save(os.path.join(out, image))
+            # the messages first: they import torch, whose triton crashes loading its LLVM after the renderer's
             row = {"message": json.dumps(scenario_messages(image)), "answer": NO_GOLD, "question": name,
                    "datasource": f"football_{s.region}_{s.kind}", "setup": format_scenario(s), "seed": engine_seed}  # fmt: skip
+            start_frame(s, engine_seed, pixels).save(os.path.join(out, image))
             f.write(json.dumps(row) + "\n")
     os.replace(os.path.join(out, "test.jsonl.tmp"), os.path.join(out, "test.jsonl"))
     return len(names or scenarios)
