@@ -464,3 +464,39 @@ def test_eval_online_on_the_tiny_model_batched_as_one_at_a_time(engine, tmp_path
     answers = [t["answer"] for r in records["batched"] for t in r["log"]]
     assert len(set(answers)) > 3 and all(r["frames"] == 1 for r in records["batched"])  # sampled; the first frame shown
     assert all(t["error"] and t["steps"] == 0 for r in records["batched"] for t in r["log"])
+
+
+TWO_RANK_ONLINE = """
+import sys
+import dist
+import eval as evaluation
+from conftest import compose_cfg
+from rollout import release_process_groups
+
+rank, _, _ = dist.init_distributed("cpu")
+results = evaluation.run_eval(compose_cfg(sys.argv[1:]), "two_ranks")
+assert (results["football"]["n"] == 3) if rank == 0 else results == {}, results
+print("ok", rank)
+release_process_groups()
+"""
+
+
+@pytest.mark.slow
+def test_eval_online_on_two_ranks_plays_what_one_process_plays(engine, tmp_path):
+    """Under two ranks (train.py's eval.every) each plays every second episode with its own workers,
+    and rank 0 gathers them: the records one process writes, in the same order."""
+    overrides = [*TINY_DEFAULTS, "eval.benchmarks=[football]", "eval.max_items=3", "eval.football.repeats=1",
+                 "eval.football.max_turns=2", "eval.football.max_tokens=8", "eval.football.workers=1"]  # fmt: skip
+    evaluation.run_eval(compose_cfg(overrides), str(tmp_path / "one"))
+    (tmp_path / "script.py").write_text(TWO_RANK_ONLINE)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "script.py", *overrides]
+    out = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and sorted(line for line in out.stdout.splitlines() if line.startswith("ok")) == [
+        "ok 0",
+        "ok 1",
+    ], out.stderr[-3000:]
+    records = [
+        [json.loads(line) for line in open(tmp_path / run / "football" / "episodes.jsonl")] for run in ("one", "two_ranks")
+    ]
+    assert [r["scenario"] for r in records[1]] == list(football.MINI[:3]) and records[0] == records[1]
