@@ -268,6 +268,20 @@ def gather(obj) -> list:
     return out
 
 
+def rank_and_world() -> Tuple[int, int]:
+    """(this rank, the number of ranks); (0, 1) in a single process."""
+    return (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed() else (0, 1)
+
+
+def gathered_in_order(mine: list, total: int) -> list:
+    """Every rank's `mine`, the results of its share of `total` items (items rank, rank + world, ...),
+    on every rank in the items' order."""
+    out, world = [None] * total, rank_and_world()[1]
+    for r, shard in enumerate(gather(mine)):
+        out[r::world] = shard
+    return out
+
+
 def in_step(micro: List[List[int]]) -> List[Tuple[List[int], bool]]:
     """(indices, real) micro-batches, padded with zero-weight repeats of the first one so that every
     rank runs as many forward/backward passes as the busiest: ZeRO's gathers and reductions are

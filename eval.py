@@ -45,7 +45,7 @@ import config  # noqa: F401  (registers the schema with Hydra's ConfigStore)
 import football
 import sokoban
 from config import ConfigError, reject_unknown_keys
-from dist import distributed, gather, main_rank, rank0_value
+from dist import gathered_in_order, main_rank, rank0_value, rank_and_world
 from data import LMM_R1_SYSTEM_PROMPT, BadRow, Sample, parse_row, read_rows, user_message
 from rewards import (
     choice_letter,
@@ -464,7 +464,7 @@ def greedy_completions(engine, tokenizer, image_processor, items: List[Item], ma
     a prompt's completion does not depend on the prompts beside it, so the list is one process's."""
     from data import encode_prompt
 
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed() else (0, 1)
+    rank, world = rank_and_world()
     greedy = engine.with_sampling(temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens, logprobs=False)
     mine = items[rank::world]
     # every rank generates as many prompts (a short shard repeats an item, its completion dropped): the
@@ -473,10 +473,7 @@ def greedy_completions(engine, tokenizer, image_processor, items: List[Item], ma
     samples = [Sample(messages=i.messages, answer=str(i.row["answer"]), where=i.id) for i in padded]
     prompts = [encode_prompt(s, tokenizer, image_processor) for s in samples]
     texts = greedy.generate(prompts, 1, seeds=[0] * len(prompts)).texts[: len(mine)] if prompts else []
-    completions = [""] * len(items)
-    for r, shard in enumerate(gather(texts)):  # rank r's are items r, r + world, ...
-        completions[r::world] = shard
-    return completions
+    return gathered_in_order(texts, len(items))
 
 
 def football_online(cfg, engine, out_dir: str) -> Optional[dict]:
@@ -484,21 +481,18 @@ def football_online(cfg, engine, out_dir: str) -> Optional[dict]:
     scenarios) x repeats episodes, each rank playing every world-th with its own workers; rank 0
     writes football/episodes.jsonl (every turn logged) and results.json and returns the results."""
     f = cfg.eval.football
-    names = list(football.MINI if f.subset == "mini" else football.read_scenarios())
+    names = football.subset_names(str(f.subset))
     names = names[: cfg.eval.max_items] if cfg.eval.max_items > 0 else names
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed() else (0, 1)
-    episodes = football.online_episodes(names, f.repeats, cfg.eval.seed)[rank::world]
+    rank, world = rank_and_world()
+    episodes = football.online_episodes(names, f.repeats, cfg.eval.seed)
+    mine = episodes[rank::world]
     settings = football.OnlineSettings(f.max_turns, 2 * f.max_memory, f.max_images, f.resolution, str(f.render))
-    wall = football.run_online(football_policy(*engine, f, cfg.eval.seed), episodes, settings, f.workers)
-    records = sorted(
-        (r for shard in gather([e.record() for e in episodes]) for r in shard),
-        key=lambda r: (names.index(r["scenario"]), r["repeat"]),
-    )
+    wall = football.run_online(football_policy(*engine, f, cfg.eval.seed), mine, settings, f.workers)
+    records = gathered_in_order([e.record() for e in mine], len(episodes))
     if not main_rank():
         return None
-    frames = sum(r["frames"] for r in records)
     results = {"benchmark": "football", "n": len(records), "scoring": "MageBench Online (shaped score / 100)",
-               **football.online_metrics(records), "wall_s": wall, "frames": frames, "frames_per_s": frames / wall}  # fmt: skip
+               **football.online_metrics(records, wall)}  # fmt: skip
     football.write_records(os.path.join(out_dir, "football", "episodes.jsonl"), records)
     with open(os.path.join(out_dir, "football", "results.json"), "w") as out:
         json.dump(results, out, indent=2)

@@ -774,7 +774,7 @@ class OnlineEpisode:
     frames: int = 0  # frames the model was shown
     done: bool = False
     end: str = "turns used up"  # or, once the game ends, as Episode.end
-    result: dict = field(default_factory=lambda: {"score": 0.0, "terms": dict.fromkeys(TERMS, 0.0), "passes": 0, "steps": 0})
+    result: dict = field(default_factory=lambda: {"score": 0.0, "terms": dict.fromkeys(TERMS, 0.0), "passes": 0})
 
     def messages(self, max_messages: int, max_images: int) -> List[dict]:
         """The chat for the next turn (the history trimmed as MageBench trims it, for good)."""
@@ -805,7 +805,7 @@ class OnlineEpisode:
         turn = self.turns[-1]
         turn.update(steps=len(outcome["played"]), played=outcome["played"], reward=outcome["score"] - self.result["score"],
                     score=outcome["score"])  # fmt: skip
-        self.result = {k: outcome[k] for k in ("score", "terms", "passes")} | {"steps": self.result["steps"] + turn["steps"]}
+        self.result = {k: outcome[k] for k in ("score", "terms", "passes")}
         self.done = outcome["done"]
         if self.done:
             self.end = outcome["end"]
@@ -815,7 +815,8 @@ class OnlineEpisode:
     def record(self) -> dict:
         s = self.scenario
         return {"scenario": s.name, "region": s.region, "kind": s.kind, "repeat": self.repeat, "seed": self.seed,
-                **self.result, "end": self.end, "turns": len(self.turns), "parse_errors": self.parse_errors, "frames": self.frames, "log": self.turns}  # fmt: skip
+                **self.result, "steps": sum(t["steps"] for t in self.turns), "end": self.end, "turns": len(self.turns),
+                "parse_errors": self.parse_errors, "frames": self.frames, "log": self.turns}  # fmt: skip
 
 
 # ---- the game side: one gfootball env per worker process, rendering only the frames the model sees ----
@@ -984,7 +985,7 @@ class OnlineSettings:
     render: str = "seen"  # seen | every | none (`FramedGame`); none where the policy does not look
 
 
-def play_online(policy, episodes: List[OnlineEpisode], pitches: Pitches, settings: OnlineSettings, log=None) -> None:
+def play_online(policy, episodes: List[OnlineEpisode], pitches: Pitches, settings: OnlineSettings) -> None:
     """Play `episodes` to their end, as many at once as there are workers: each turn, every live
     episode's chat goes to `policy` in one call (policy(episodes, chats) -> answers), then every
     valid action is played in the workers in parallel. Episodes finish independently; a finished
@@ -1010,13 +1011,16 @@ def play_online(policy, episodes: List[OnlineEpisode], pitches: Pitches, setting
             live[k].outcome(outcome, seen(outcome["frame"], settings))
         for k in workers:
             if live[k].done or len(live[k].turns) >= settings.max_turns:
-                if log is not None:
-                    log(live[k])
                 del live[k]
 
 
 def seen(frame: Optional[Image.Image], settings: OnlineSettings) -> Optional[Image.Image]:
     return None if frame is None else fit(frame, settings.resolution)
+
+
+def subset_names(subset: str) -> List[str]:
+    """The scenarios of a subset: "mini" (MageBench's Football_mini.json) or "all" (the 108)."""
+    return list(MINI if subset == "mini" else read_scenarios())
 
 
 def online_episodes(names: List[str], repeats: int, seed: int) -> List[OnlineEpisode]:
@@ -1034,7 +1038,7 @@ def turn_seed(seed: int, episode: OnlineEpisode) -> int:
     return zlib.crc32(f"{seed}:{episode.scenario.name}:{episode.repeat}:{len(episode.turns)}".encode())
 
 
-def run_online(policy, episodes: List[OnlineEpisode], settings: OnlineSettings, workers: int, log=None) -> float:
+def run_online(policy, episodes: List[OnlineEpisode], settings: OnlineSettings, workers: int) -> float:
     """Play `episodes` (play_online) with `workers` worker processes; returns the wall time in s."""
     import time
 
@@ -1042,17 +1046,20 @@ def run_online(policy, episodes: List[OnlineEpisode], settings: OnlineSettings, 
     if episodes:
         pitches = Pitches(min(workers, len(episodes)), settings.render)
         try:
-            play_online(policy, episodes, pitches, settings, log)
+            play_online(policy, episodes, pitches, settings)
         finally:
             pitches.close()
     return time.perf_counter() - start
 
 
-def online_metrics(records: List[dict]) -> dict:
-    """score_metrics, and per episode `parse_errors`, `turns` and engine `steps`."""
+def online_metrics(records: List[dict], wall_s: float) -> dict:
+    """score_metrics; per episode `parse_errors`, `turns` and engine `steps`; the `wall_s` the episodes
+    took, the `frames` the model was shown and `frames_per_s`."""
     n = max(1, len(records))
     per_episode = {key: sum(r[key] for r in records) / n for key in ("parse_errors", "turns", "steps")}
-    return score_metrics(records) | per_episode | {"episodes": len(records)}
+    frames = sum(r["frames"] for r in records)
+    timing = {"wall_s": wall_s, "frames": frames, "frames_per_s": frames / wall_s if wall_s > 0 else 0.0}
+    return score_metrics(records) | per_episode | {"episodes": len(records)} | timing
 
 
 def answer_with(action: str) -> str:
@@ -1153,18 +1160,11 @@ def run_command(args) -> int:
         if args.gif:
             print(f"wrote {args.gif} ({save_replay_gif(episode, args.gif)} frames)")
     elif args.command == "online":
-        episodes = online_episodes(
-            args.names or list(MINI if args.subset == "mini" else read_scenarios()), args.repeats, args.seed
-        )
+        episodes = online_episodes(args.names or subset_names(args.subset), args.repeats, args.seed)
         settings = OnlineSettings(max_turns=args.max_turns, render=args.render)
         wall = run_online(scripted(BASELINES[args.policy]), episodes, settings, args.workers)
         records = [e.record() for e in episodes]
-        frames = sum(r["frames"] for r in records)
-        print(
-            json.dumps(
-                online_metrics(records) | {"wall_s": round(wall, 1), "frames": frames, "frames_per_s": round(frames / wall, 2)}
-            )
-        )
+        print(json.dumps(online_metrics(records, wall)))
         if args.out:
             write_records(args.out, records)
     else:

@@ -90,7 +90,7 @@ def online_baselines(args) -> None:
     print("|---|---|---|---|---|---|---|---|---|" + "---|" * len(regions) + "---|")
     for policy in football.BASELINES:
         episodes, wall = online(policy, football.MINI, args.repeats, args.seed, "none", args.workers)
-        m = football.online_metrics([e.record() for e in episodes])
+        m = football.online_metrics([e.record() for e in episodes], wall)
         cells = [f"{100 * m[f'kind={k}']:.2f}" for k in "PRT"] + [f"{100 * m[f'region={r}']:.1f}" for r in regions]
         print(f"| {policy} | **{m['score']:.2f}** | {100 * m['goals']:.1f}% | {m['parse_errors']:.0f} | {m['turns']:.1f} | "
               f"{m['steps']:.1f} | " + " | ".join(cells) + f" | {wall:.0f} |", flush=True)  # fmt: skip
@@ -107,11 +107,9 @@ def render_cost(args) -> None:
         episodes, wall = online("random", names, 1, args.seed, render, workers)
         games[render, workers] = [[(t["played"], t["score"]) for t in e.turns] for e in episodes]
         walls[render, workers] = wall
-        frames, steps = sum(e.frames for e in episodes), sum(e.result["steps"] for e in episodes)
-        print(
-            f"| {render} | {workers} | {wall:.1f} | {wall / len(names):.1f} | {frames} | {frames / wall:.2f} | {steps} |",
-            flush=True,
-        )
+        m = football.online_metrics([e.record() for e in episodes], wall)
+        print(f"| {render} | {workers} | {wall:.1f} | {wall / len(names):.1f} | {m['frames']} | {m['frames_per_s']:.2f} | "
+              f"{m['steps'] * len(names):.0f} |", flush=True)  # fmt: skip
     assert all(g == games["none", 1] for g in games.values()), "a rendered game differs from the unrendered one"
     print(f"the same games in every run; every / seen, 1 worker: {walls['every', 1] / walls['seen', 1]:.2f}x; "
           f"seen, 1 / {args.workers} workers: {walls['seen', 1] / walls['seen', args.workers]:.2f}x")  # fmt: skip
