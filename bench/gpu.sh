@@ -39,7 +39,7 @@ if [ $DRY = 1 ]; then  # CPU stand-ins: the same commands, small
     PREFIX=(--model small --groups 4 --repeats 1)
 else
     DEV=cuda SCALE=(--model 3b --samples 64 --min-len 512 --max-len 4096 --micro 4 --repeats 2)
-    PREFIX=(--model 3b --groups 8 --prompts 2)
+    PREFIX=(--model 3b --groups 4,8,16 --prompts 2 --repeats 3)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 fi
 TINY=(debug=tiny_random trainer.device=$DEV model.dtype=bfloat16 log.wandb=disabled log.progress=false trainer.logp_chunk_size=16)

@@ -1,20 +1,22 @@
 """Each prompt once per group (trainer.share_prompts) vs once per sample, side by side in one process.
 
-    python bench/prefix.py --device cuda --dtype bfloat16 --groups 4,8,16 --prompts 2   # GPU (bench/gpu.sh)
+    python bench/prefix.py --device cuda --dtype bfloat16 --groups 4,8,16 --prompts 2 --repeats 3   # GPU (bench/gpu.sh)
     python bench/prefix.py --model small                     # CPU: both shapes, G = 8, fp32
 
 The model is Qwen2.5-VL-3B's published config cut to 2 text and 2 vision layers (one of them full
 attention), random weights, as in tests/test_real_size.py; the vision tower trains (LMM-R1's
-recipes do). On a 2-core CPU one pass of it at these shapes takes minutes (lm_head over 151,936
-words on every completion token, the same in both layouts): `--model small` is bench/packing.py's
+recipes do). On a 2-core CPU one pass of it at these shapes takes 0.5-4 minutes (lm_head over
+151,936 words on every completion token, the same in both layouts), a shape at G=8 16-22 minutes
+with --repeats 1, 22 GiB resident at its peak (mgt_geo): `--model small` is bench/packing.py's
 small Qwen2.5-VL (256 wide, 4 layers, a 4,096-word vocabulary) on the same shapes. Shapes, each with G samples per prompt:
 - mgt_geo: an 896x896 image (1,024 image tokens) plus 60 text tokens, completions of median 400
   tokens (log-normal, capped at 2,048);
 - fre_text: a 150-token text prompt, completions of median 1,000 tokens (the same spread).
 For each: the tokens the language model processes, the time of a no-grad log-prob pass (old
 log-probs, reference) and of the update's forward and backward, both layouts in
-trainer.max_tokens_per_micro micro-batches, and the ratio of their forward FLOPs; each layout's
-update in tokens/s and, on a GPU (or given --peak-tflops), its MFU.
+trainer.max_tokens_per_micro micro-batches, the two layouts timed alternately (A B A B: the median
+of each and of the pairs' ratios, their spread with --repeats > 1), and the ratio of their forward
+FLOPs; each layout's update in tokens/s and, on a GPU (or given --peak-tflops), its MFU.
 """
 
 import argparse
@@ -107,19 +109,31 @@ def one_pass(model, items, t, device, grad: bool) -> int:
     return tokens
 
 
-def timed(repeats: int, model, items, t, device, grad: bool) -> float:
-    """The median time of `repeats` one_pass calls, after one warm-up."""
-    one_pass(model, items, t, device, grad)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+def timed(repeats: int, model, items, layouts, device, grad: bool) -> list:
+    """Per layout, the median time of `repeats` one_pass calls and each repeat's time, the layouts
+    alternated (A B A B) after one warm-up each, so that a drift of the machine falls on both."""
+    for t in layouts:
         one_pass(model, items, t, device, grad)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times = [[] for _ in layouts]
+    for _ in range(repeats):
+        for t, spent in zip(layouts, times):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            one_pass(model, items, t, device, grad)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            spent.append(time.perf_counter() - t0)
+    return times
+
+
+def speedup(times) -> str:
+    """Per sample -> shared: median seconds and the median of the pairs' ratios (each repeat's two
+    passes ran back to back)."""
+    before, after = times
+    ratios = sorted(b / a for b, a in zip(before, after))
+    spread = f", pairs {ratios[0]:.2f}-{ratios[-1]:.2f}x" if len(ratios) > 1 else ""
+    return f"{statistics.median(before):.2f} -> {statistics.median(after):.2f} s ({statistics.median(ratios):.2f}x{spread})"
 
 
 def rates(tokens: int, seconds: float, flops: float, peak_tflops: float) -> str:
@@ -158,19 +172,17 @@ def main():
     for shape in args.shapes.split(","):
         for G in map(int, args.groups.split(",")):
             items = rollout_groups(model.config, shape, args.prompts, G)
-            row = {}
-            for share in (False, True):
-                t = SimpleNamespace(packing=True, max_tokens_per_micro=args.micro, share_prompts=share)
-                tokens = one_pass(model, items, t, device, grad=False)
-                logp_s = timed(args.repeats, model, items, t, device, grad=False)
-                update_s = timed(args.repeats, model, items, t, device, grad=True)
-                row[share] = (tokens, logp_s, update_s, forward_flops(model, items, share))
-            (t0, l0, u0, f0), (t1, l1, u1, f1) = row[False], row[True]
+            layouts = [SimpleNamespace(packing=True, max_tokens_per_micro=args.micro, share_prompts=s) for s in (False, True)]
+            t0, t1 = (one_pass(model, items, t, device, grad=False) for t in layouts)
+            f0, f1 = (forward_flops(model, items, share) for share in (False, True))
+            logp = timed(args.repeats, model, items, layouts, device, grad=False)
+            update = timed(args.repeats, model, items, layouts, device, grad=True)
             print(
                 f"{shape:>8} G={G:<2}: tokens {t0} -> {t1} ({t0 / t1:.2f}x fewer), FLOPs {f0 / f1:.2f}x fewer; "
-                f"log-prob pass {l0:.2f} -> {l1:.2f} s ({l0 / l1:.2f}x); update fwd+bwd {u0:.2f} -> {u1:.2f} s ({u0 / u1:.2f}x)",
+                f"log-prob pass {speedup(logp)}; update fwd+bwd {speedup(update)}",
                 flush=True,
             )
+            u0, u1 = (statistics.median(x) for x in update)
             print(
                 f"{'':>14}update: per sample {rates(t0, u0, f0, args.peak_tflops)}; shared {rates(t1, u1, f1, args.peak_tflops)}"
             )
