@@ -236,3 +236,17 @@ def released_layout(tmp_path):
         tmp_path / "data" / "mathv_geo_message.jsonl", [lmm_r1_row("data/mathv_geo/mathv_geo_img/b.png", answer="$3$")]
     )
     return tmp_path, [vermulti, geo]
+
+
+def run_on_two_ranks(tmp_path, code: str, args=(), timeout: int = 300) -> None:
+    """`code` as a script under torchrun with two ranks (tests/ importable, `args` its argv); each rank
+    marks its end by creating the file ok_RANK. A file, not a stdout line: the ranks and their child
+    processes (Football's game workers) share that pipe, and a CI run once found no "ok 1" line there
+    with both ranks exiting 0."""
+    script = tmp_path / "two_ranks.py"
+    script.write_text(code)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]), "DS_ACCELERATOR": "cpu"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *args]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert sorted(p.name for p in tmp_path.glob("ok_*")) == ["ok_0", "ok_1"], out.stdout[-2000:] + out.stderr[-2000:]

@@ -17,7 +17,7 @@ from PIL import Image
 
 import eval as evaluation
 import football
-from conftest import ROOT, TINY_DEFAULTS, compose_cfg, need
+from conftest import ROOT, TINY_DEFAULTS, compose_cfg, need, run_on_two_ranks
 from football import Scenario
 
 # Hand-made set-ups: the other team's keeper far from its goal (field x = -1 is our goal) leaves it empty.
@@ -476,8 +476,8 @@ from rollout import release_process_groups
 rank, _, _ = dist.init_distributed("cpu")
 results = evaluation.run_eval(compose_cfg(sys.argv[1:]), "two_ranks")
 assert (results["football"]["n"] == 3) if rank == 0 else results == {}, results
-open(f"ok_{rank}", "w").close()  # a file, not stdout: the ranks and their game workers share that pipe,
-release_process_groups()          # and a CI run once found no "ok 1" line there with both ranks exiting 0
+open(f"ok_{rank}", "w").close()  # see run_on_two_ranks
+release_process_groups()
 """
 
 
@@ -488,12 +488,7 @@ def test_eval_online_on_two_ranks_plays_what_one_process_plays(engine, tmp_path)
     overrides = [*TINY_DEFAULTS, "eval.benchmarks=[football]", "eval.max_items=3", "eval.football.repeats=1",
                  "eval.football.max_turns=2", "eval.football.max_tokens=8", "eval.football.workers=1"]  # fmt: skip
     evaluation.run_eval(compose_cfg(overrides), str(tmp_path / "one"))
-    (tmp_path / "script.py").write_text(TWO_RANK_ONLINE)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "script.py", *overrides]
-    out = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    ranks_done = sorted(p.name for p in tmp_path.glob("ok_*"))
-    assert out.returncode == 0 and ranks_done == ["ok_0", "ok_1"], out.stdout[-2000:] + out.stderr[-3000:]
+    run_on_two_ranks(tmp_path, TWO_RANK_ONLINE, overrides, timeout=600)
     records = [
         [json.loads(line) for line in open(tmp_path / run / "football" / "episodes.jsonl")] for run in ("one", "two_ranks")
     ]
