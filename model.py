@@ -560,16 +560,24 @@ def kernel_dtype(query, value) -> torch.dtype:
 def torch_varlen_causal(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale) -> torch.Tensor:
     """torch's varlen_attn, causal, q (S, H, D) and k / v (S_k, H_kv, D) -> (S, H, D). It runs
     torch's FlashAttention-2 kernel (its cuDNN path is off in 2.13), whose causal mask is aligned to
-    the bottom right where a segment has more keys than queries. Its signature moved: torch 2.10
-    takes `is_causal=`, 2.13 a causal window (-1, 0) and `enable_gqa`; without `enable_gqa` the
-    key/value heads are repeated for the query heads."""
-    causal = {"is_causal": True} if "is_causal" in VARLEN_PARAMS else {"window_size": (-1, 0)}
+    the bottom right where a segment has more keys than queries. Its signature moved (read from each
+    release's wheel): 2.10 takes `is_causal=` and no `scale` (its kernel scales by 1 / sqrt(D));
+    2.11 a causal window (-1, 0), which it tests with `==` against a tuple (a list would silently
+    mean non-causal), and `scale`; 2.12 and 2.13 add `enable_gqa`. Without it the key/value heads
+    are repeated for the query heads, as its docs ask for keys of H heads."""
+    kwargs = {"is_causal": True} if "is_causal" in VARLEN_PARAMS else {"window_size": (-1, 0)}
+    if "scale" in VARLEN_PARAMS:
+        kwargs["scale"] = scale
+    elif scale is not None and abs(scale * q.shape[-1] ** 0.5 - 1) > 1e-6:
+        raise ValueError(
+            f"this torch's varlen_attn takes no scale and uses 1/sqrt({q.shape[-1]}), not {scale}: use torch >= 2.11"
+        )
     if k.shape[1] != q.shape[1]:
         if "enable_gqa" in VARLEN_PARAMS:
-            causal["enable_gqa"] = True
+            kwargs["enable_gqa"] = True
         else:
             k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
-    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, **causal)
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
 
 
 def blockwise_attention(query, key, value, spans: List[int], plans, scale) -> torch.Tensor:

@@ -238,14 +238,14 @@ def test_shared_positions_continue_each_completion_after_its_prompt(tiny_model, 
 
 def flash_attn_varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, dropout, scale, causal):
     """flash-attn's `flash_attn_varlen_func` contract, the obvious way: q (S, H, D), k / v (S_k,
-    H_kv, D); each query segment (cu_q) attends to its keys (cu_k), causal aligned to the bottom
-    right (a query sees every key up to its own position counted from the end) -> (S, H, D)."""
-    assert causal and dropout == 0.0 and max_q == int((cu_q[1:] - cu_q[:-1]).max()) and max_k == int((cu_k[1:] - cu_k[:-1]).max())
+    H_kv, D); each query segment (cu_q) attends to its keys (cu_k), with `causal` aligned to the
+    bottom right (a query sees every key up to its own position counted from the end) -> (S, H, D)."""
+    assert dropout == 0.0 and max_q == int((cu_q[1:] - cu_q[:-1]).max()) and max_k == int((cu_k[1:] - cu_k[:-1]).max())
     if not (q.dtype == k.dtype == v.dtype and q.dtype in (torch.float16, torch.bfloat16)):  # flash-attn's own checks
         raise RuntimeError(f"FlashAttention only supports fp16 and bf16, q, k and v alike: {q.dtype}, {k.dtype}, {v.dtype}")
     out = []
     for (qs, qe), (ks, ke) in zip(zip(cu_q.tolist(), cu_q[1:].tolist()), zip(cu_k.tolist(), cu_k[1:].tolist())):
-        mask = torch.ones(qe - qs, ke - ks, dtype=torch.bool).tril(diagonal=(ke - ks) - (qe - qs))
+        mask = torch.ones(qe - qs, ke - ks, dtype=torch.bool).tril(diagonal=(ke - ks) - (qe - qs) if causal else ke - ks)
         qq, kk, vv = (x.transpose(0, 1)[None] for x in (q[qs:qe], k[ks:ke], v[ks:ke]))
         out.append(F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale, enable_gqa=True)[0].transpose(0, 1))
     return torch.cat(out)
@@ -275,6 +275,62 @@ def test_the_gpu_kernels_inputs_give_the_cpu_paths_attention(monkeypatch, dtype,
     for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
         assert a.dtype == dtype
         torch.testing.assert_close(a.float(), b.float(), atol=5 * tol, rtol=0)
+
+
+def torch_varlen_contract(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, gqa):
+    """torch's varlen_attn as its docs state it: keys of the queries' head count unless `gqa`."""
+    if k.shape[1] != q.shape[1] and not gqa:
+        raise RuntimeError(f"varlen_attn without enable_gqa takes keys of {q.shape[1]} heads, not {k.shape[1]}")
+    return flash_attn_varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, scale, causal)
+
+
+def torch_2_10_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+    return torch_varlen_contract(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal, None, False)
+
+
+def torch_2_11_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                           window_size=(-1, -1)):  # fmt: skip
+    causal = window_size == (-1, 0)  # as 2.11 and later decide it: a list [-1, 0] is not causal
+    return torch_varlen_contract(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, causal, scale, False)
+
+
+def torch_2_13_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                           window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):  # fmt: skip
+    causal = window_size == (-1, 0)
+    return torch_varlen_contract(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, causal, scale, enable_gqa)
+
+
+@pytest.mark.parametrize("release", [torch_2_10_varlen_attn, torch_2_11_varlen_attn, torch_2_13_varlen_attn])
+def test_torch_varlen_kernel_is_called_as_each_release_takes_it(monkeypatch, release, cpu_plan):
+    """Without flash-attn the GPU path calls torch's varlen_attn, whose signature moved in every
+    release (the stand-ins' signatures are those of the 2.10, 2.11 and 2.13 wheels): causal is
+    `is_causal` or the window (-1, 0), 2.10 takes no scale, only 2.12+ take GQA keys. Shared
+    prompts, GQA, bf16: each gives the CPU path's attention and gradients; a scale 2.10 cannot
+    apply is refused, one the others take is applied."""
+    import inspect
+
+    import model
+    from model import attention_segments, varlen_kernel_attention
+
+    monkeypatch.setattr(model, "flash_attn_varlen_func", None)
+    monkeypatch.setattr(model, "varlen_attn", release)
+    monkeypatch.setattr(model, "VARLEN_PARAMS", inspect.signature(release).parameters)
+    segments = attention_segments([(0, 6, [3, 1, 5]), (15, 7, [4]), (26, 3, [2, 6])])
+    p = segments["prefix"]
+    q, k, v, _ = qkv([37], heads=4, kv_heads=2, device="cpu", dtype=torch.bfloat16)
+    for scale in (None, 0.3):
+        if scale and release is torch_2_10_varlen_attn:
+            with pytest.raises(ValueError, match="takes no scale"):
+                varlen_kernel_attention(q, k, v, segments["cu_seqlens"], segments["max_seqlen"], p, scale, 0.0)
+            continue
+        out = varlen_kernel_attention(q, k, v, segments["cu_seqlens"], segments["max_seqlen"], p, scale, 0.0)
+        ref = blockwise_attention(q, k, v, p["spans"], p["plans"], scale)
+        torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=0)
+        grad = torch.randn_like(ref)
+        for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+            torch.testing.assert_close(a.float(), b.float(), atol=1e-1, rtol=0)
+    head_dim_scale = q.shape[-1] ** -0.5  # what transformers passes for Qwen: 2.10's own scale, so accepted
+    varlen_kernel_attention(q, k, v, segments["cu_seqlens"], segments["max_seqlen"], p, head_dim_scale, 0.0)
 
 
 def test_fp32_weights_under_bf16_autocast_reach_the_gpu_kernel_in_one_half_dtype(monkeypatch, tokenizer, tiny_cfg, groups):
