@@ -101,19 +101,33 @@ STOP_GRACE_S = 600  # (torch's elastic agent would give 30 s: too short to finis
 
 def start_ranks(n: int, argv: List[str]) -> None:
     """`python argv...` as `n` local ranks through torch's elastic launcher, as `torchrun --standalone
-    --nproc_per_node n` starts them (a free rendezvous port, no restarts, one OMP thread each unless
-    set); returns when all have ended, raises its ChildFailedError if one failed. A signal to this
-    process goes on to the ranks, SLURM's and submitit's SIGUSR1/2 as well as SIGTERM, and they get
-    STOP_GRACE_S to save at the end of their step (checkpoint.StopSignals) before they are killed."""
-    import uuid
-
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    --nproc_per_node n` starts them (`launch_config`); returns when all have ended, raises its
+    ChildFailedError if one failed."""
+    from torch.distributed.launcher.api import elastic_launch
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default for several processes
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
-                          rdzv_endpoint="localhost:0", max_restarts=0, shutdown_timeout=STOP_GRACE_S,
-                          signals_to_handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2")  # fmt: skip
-    elastic_launch(config, sys.executable)(*argv)
+    elastic_launch(launch_config(n), sys.executable)(*argv)
+
+
+def launch_config(n: int):
+    """torch's LaunchConfig for `n` local ranks: a free rendezvous port, no restarts. A signal to
+    this process goes on to the ranks, SLURM's and submitit's SIGUSR1/2 as well as SIGTERM, and they
+    get STOP_GRACE_S to save at the end of their step (checkpoint.StopSignals) before they are
+    killed: `shutdown_timeout` came in torch 2.13; 2.10 and 2.11 (read from their wheels) kill
+    after a fixed 30 s, which is said once here rather than failing the launch."""
+    import uuid
+
+    from torch.distributed.launcher.api import LaunchConfig
+
+    grace = {"shutdown_timeout": STOP_GRACE_S}
+    if "shutdown_timeout" not in LaunchConfig.__dataclass_fields__:
+        grace = {}
+        print(
+            f"[dist] torch {torch.__version__} gives ranks 30 s to save after a stop signal, not {STOP_GRACE_S} s (torch >= 2.13)"
+        )
+    return LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
+                        rdzv_endpoint="localhost:0", max_restarts=0,
+                        signals_to_handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2", **grace)  # fmt: skip
 
 
 def set_cpu_threads(wanted: int) -> None:

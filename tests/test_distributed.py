@@ -280,6 +280,25 @@ def test_ranks_to_start_follows_the_launcher(monkeypatch, env, devices, expected
         assert ranks_to_start(devices, "cpu") == expected
 
 
+def test_launch_config_gives_ranks_the_grace_where_torch_takes_it(monkeypatch, capsys):
+    """torch 2.13's LaunchConfig takes shutdown_timeout, so the ranks get STOP_GRACE_S to save after
+    a signal; 2.10's and 2.11's have no such field (read from their wheels): the launch goes on with
+    their fixed 30 s and says so, instead of a TypeError on every run that starts its own ranks."""
+    import dataclasses
+
+    import torch.distributed.launcher.api as launcher
+    from dist import STOP_GRACE_S, launch_config
+
+    config = launch_config(2)
+    assert (config.nproc_per_node, config.max_restarts, config.shutdown_timeout) == (2, 0, STOP_GRACE_S)
+    assert "SIGUSR1" in config.signals_to_handle and capsys.readouterr().out == ""
+    fields = [(f.name, f.type, f) for f in dataclasses.fields(launcher.LaunchConfig) if f.name != "shutdown_timeout"]
+    monkeypatch.setattr(launcher, "LaunchConfig", dataclasses.make_dataclass("LaunchConfig", fields))  # 2.11's
+    config = launch_config(2)
+    assert (config.nproc_per_node, config.rdzv_endpoint) == (2, "localhost:0") and "SIGUSR2" in config.signals_to_handle
+    assert "30 s to save" in capsys.readouterr().out
+
+
 SHARDED_EVAL = """
 import torch
 import dist
