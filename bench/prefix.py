@@ -109,11 +109,11 @@ def one_pass(model, items, t, device, grad: bool) -> int:
     return tokens
 
 
-def timed(repeats: int, model, items, layouts, device, grad: bool) -> list:
-    """Per layout, the median time of `repeats` one_pass calls and each repeat's time, the layouts
-    alternated (A B A B) after one warm-up each, so that a drift of the machine falls on both."""
-    for t in layouts:
-        one_pass(model, items, t, device, grad)
+def timed(repeats: int, model, items, layouts, device, grad: bool) -> tuple:
+    """Per layout, the tokens one_pass processes and each of `repeats` one_pass times, the layouts
+    alternated (A B A B) after one warm-up each (which counts the tokens), so that a drift of the
+    machine falls on both."""
+    tokens = [one_pass(model, items, t, device, grad) for t in layouts]
     times = [[] for _ in layouts]
     for _ in range(repeats):
         for t, spent in zip(layouts, times):
@@ -124,7 +124,7 @@ def timed(repeats: int, model, items, layouts, device, grad: bool) -> list:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             spent.append(time.perf_counter() - t0)
-    return times
+    return tokens, times
 
 
 def speedup(times) -> str:
@@ -173,10 +173,9 @@ def main():
         for G in map(int, args.groups.split(",")):
             items = rollout_groups(model.config, shape, args.prompts, G)
             layouts = [SimpleNamespace(packing=True, max_tokens_per_micro=args.micro, share_prompts=s) for s in (False, True)]
-            t0, t1 = (one_pass(model, items, t, device, grad=False) for t in layouts)
             f0, f1 = (forward_flops(model, items, share) for share in (False, True))
-            logp = timed(args.repeats, model, items, layouts, device, grad=False)
-            update = timed(args.repeats, model, items, layouts, device, grad=True)
+            (t0, t1), logp = timed(args.repeats, model, items, layouts, device, grad=False)
+            _, update = timed(args.repeats, model, items, layouts, device, grad=True)
             print(
                 f"{shape:>8} G={G:<2}: tokens {t0} -> {t1} ({t0 / t1:.2f}x fewer), FLOPs {f0 / f1:.2f}x fewer; "
                 f"log-prob pass {speedup(logp)}; update fwd+bwd {speedup(update)}",
