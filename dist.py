@@ -113,7 +113,7 @@ def launch_config(n: int):
     """torch's LaunchConfig for `n` local ranks: a free rendezvous port, no restarts. A signal to
     this process goes on to the ranks, SLURM's and submitit's SIGUSR1/2 as well as SIGTERM, and they
     get STOP_GRACE_S to save at the end of their step (checkpoint.StopSignals) before they are
-    killed: `shutdown_timeout` came in torch 2.13; 2.10 and 2.11 (read from their wheels) kill
+    killed: `shutdown_timeout` came in torch 2.12; 2.10 and 2.11 (read from their wheels) kill
     after a fixed 30 s, which is said once here rather than failing the launch."""
     import uuid
 
@@ -123,7 +123,7 @@ def launch_config(n: int):
     if "shutdown_timeout" not in LaunchConfig.__dataclass_fields__:
         grace = {}
         print(
-            f"[dist] torch {torch.__version__} gives ranks 30 s to save after a stop signal, not {STOP_GRACE_S} s (torch >= 2.13)"
+            f"[dist] torch {torch.__version__} gives ranks 30 s to save after a stop signal, not {STOP_GRACE_S} s (torch >= 2.12)"
         )
     return LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
                         rdzv_endpoint="localhost:0", max_restarts=0,

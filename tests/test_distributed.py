@@ -281,7 +281,7 @@ def test_ranks_to_start_follows_the_launcher(monkeypatch, env, devices, expected
 
 
 def test_launch_config_gives_ranks_the_grace_where_torch_takes_it(monkeypatch, capsys):
-    """torch 2.13's LaunchConfig takes shutdown_timeout, so the ranks get STOP_GRACE_S to save after
+    """torch 2.12's and 2.13's LaunchConfig take shutdown_timeout, so the ranks get STOP_GRACE_S to save after
     a signal; 2.10's and 2.11's have no such field (read from their wheels): the launch goes on with
     their fixed 30 s and says so, instead of a TypeError on every run that starts its own ranks."""
     import dataclasses
