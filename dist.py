@@ -399,8 +399,11 @@ def step_optimizer(engines: Dict[str, object], name: str, params, optimizer, sch
     if name not in engines:
         sync_gradients(params)
         return optimizer_step(params, optimizer, schedule, grad_clip)
-    engines[name].step()
-    norm = engines[name].get_global_grad_norm()
+    engine = engines[name]
+    engine.step()
+    if not engine.was_step_applied():  # DeepSpeed skips a non-finite step's schedule too (engine.step
+        schedule.step()  # advances it only for an applied step); ours stays tied to the step count
+    norm = engine.get_global_grad_norm()
     return float(norm) if norm is not None else 0.0
 
 

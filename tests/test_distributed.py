@@ -256,6 +256,51 @@ print(len(plain))
     assert int(run_script(code).split()[-1]) > 5  # (DeepSpeed prints a line of its own before)
 
 
+NAN_STEP = """
+import sys, torch
+from omegaconf import OmegaConf
+import dist
+from conftest import TINY_DEFAULTS, compose_cfg
+
+trainer = compose_cfg(TINY_DEFAULTS).trainer
+dist.init_distributed("cpu", always=True)
+x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+for stage, bf16 in ((0, False), (2, False), (2, True), (3, False), (3, True)):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
+    t = OmegaConf.merge(trainer, {"zero_stage": stage, "offload": "none"})
+    engines = {"policy": dist.deepspeed_engine(model, optimizer, schedule, t, bf16)} if stage else {}
+    def weights():
+        with dist.gathered_weights(model):
+            return [p.detach().float().clone() for p in model.parameters()]
+
+    norms, moved = [], []
+    for step in range(4):
+        before = weights()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(x).float().pow(2).mean() * (float("nan") if step == 1 else 1.0)
+        dist.backward(engines, "policy", loss, boundary=True)
+        norms.append(dist.step_optimizer(engines, "policy", list(model.parameters()), optimizer, schedule, 1.0))
+        moved.append(any(not torch.equal(a, b) for a, b in zip(before, weights())))
+    finite = all(torch.isfinite(w).all() for w in weights())
+    print(stage, bf16, [n == n and n < float("inf") for n in norms], moved, finite, schedule.last_epoch, round(schedule.get_last_lr()[0], 6))
+"""
+
+
+def test_a_non_finite_update_is_skipped_and_the_schedule_goes_on_under_deepspeed_too():
+    """A NaN loss at the second of four steps: no update (weights unchanged and finite), the norm
+    reported non-finite, and the LR schedule advanced anyway, tied to the step count, with plain
+    PyTorch and under ZeRO-2/3, fp32 and bf16. DeepSpeed skips an overflowed step's schedule
+    (0.19.8's engine steps it only where `was_step_applied`), so a run under DeepSpeed fell one LR
+    step behind the same run without it per skipped update."""
+    rows = [line.split(" ", 2) for line in run_script(NAN_STEP).splitlines() if line[:1].isdigit()]
+    assert len(rows) == 5
+    for stage, bf16, rest in rows:
+        assert rest == "[True, False, True, True] [True, False, True, True] True 4 0.02", (stage, bf16, rest)
+
+
 @pytest.mark.parametrize(
     "env, devices, expected",
     [
