@@ -347,6 +347,10 @@ def deepspeed_engine(model, optimizer, schedule, t, bf16: bool):
         "gradient_clipping": t.grad_clip if optimizer is not None else 0.0,
         "zero_optimization": zero,
         "bf16": {"enabled": bf16},
+        # DeepSpeed's bf16 weights give bf16 gradients, which it would also sum over a mini-batch's
+        # micro-batches in bf16 (its default: the model's dtype), where a micro-batch's gradient
+        # below 1/256 of the running sum is lost; without DeepSpeed they sum in fp32, so here too
+        "data_types": {"grad_accum_dtype": "fp32"},
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,  # our AdamW also with offload: the same numbers as without
         "steps_per_print": 1 << 30,
@@ -390,6 +394,10 @@ def backward(engines: Dict[str, object], name: str, loss: torch.Tensor, boundary
     # engine: ZeRO counts micro-batches by it (0.19.8's stage 3 adds a micro-batch's gradients to the
     # last ones only from the second count on; without it each micro-batch's replaced the last's)
     engine.optimizer.clear_backward_seen_flag()
+    # and the backward prologue a hook from that forward runs: ZeRO-1 with bf16 (BF16_Optimizer)
+    # clears the bf16 gradients it has already added to its fp32 sum (without it, each micro-batch
+    # added all the ones before it again); ZeRO-2's is empty, ZeRO-3's only for NVMe offload
+    engine.optimizer.backward_prologue()
     engine.set_gradient_accumulation_boundary(boundary)
     engine.backward(loss * world)
 

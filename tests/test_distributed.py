@@ -301,6 +301,43 @@ def test_a_non_finite_update_is_skipped_and_the_schedule_goes_on_under_deepspeed
         assert rest == "[True, False, True, True] [True, False, True, True] True 4 0.02", (stage, bf16, rest)
 
 
+SMALL_GRADIENTS = """
+import torch
+from omegaconf import OmegaConf
+import dist
+from conftest import TINY_DEFAULTS, compose_cfg
+
+trainer = compose_cfg(TINY_DEFAULTS).trainer
+dist.init_distributed("cpu", always=True)
+layouts = [(0, "none"), (1, "none"), (2, "none"), (2, "optimizer"), (3, "none"), (3, "all")]
+for (stage, offload), bf16 in [(layout, bf16) for layout in layouts for bf16 in (False, True)]:
+    model = torch.nn.Linear(1, 1, bias=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    t = OmegaConf.merge(trainer, {"zero_stage": stage, "offload": offload, "grad_clip": 1.0})
+    engines = {"policy": dist.deepspeed_engine(model, optimizer, schedule, t, bf16)} if stage else {}
+    grads = [1.0] + [1 / 512] * 64  # one mini-batch's micro-batches: summed, 1.125
+    for i, g in enumerate(grads):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(torch.ones(1, 1)).float().sum() * g
+        dist.backward(engines, "policy", loss, boundary=i == len(grads) - 1)
+    print("norm", stage, offload, bf16, dist.step_optimizer(engines, "policy", list(model.parameters()), optimizer, schedule, 1.0))
+"""
+
+
+def test_deepspeed_sums_a_mini_batchs_gradients_in_fp32_as_plain_pytorch_does():
+    """A weight's gradient over 65 micro-batches, 1 then 64 of 1/512 (each exact in bf16): 1.125 in
+    fp32. Under DeepSpeed with bf16 the weights, so each micro-batch's gradient, are bf16; summed in
+    bf16 (DeepSpeed's default) every 1/512 is lost under the spacing at 1.0, 1/128 (ZeRO-1/2/3 read
+    1.0). ZeRO-1 with bf16 then runs BF16_Optimizer, whose backward prologue (run by a hook that
+    DeepSpeedEngine.forward sets, which our forwards bypass) must clear what it has summed, or each
+    micro-batch adds all before it again (it read 65.0). Every layout, offload included, fp32 and bf16."""
+    rows = [line.split()[1:] for line in run_script(SMALL_GRADIENTS).splitlines() if line.startswith("norm ")]
+    assert len(rows) == 12
+    for stage, offload, bf16, norm in rows:
+        assert float(norm) == 1.125, (stage, offload, bf16, norm)
+
+
 @pytest.mark.parametrize(
     "env, devices, expected",
     [
