@@ -157,7 +157,7 @@ class TrainerConfig:
     grad_clip: float = 1.0  # max global grad norm (0 = no clipping)
     zero_stage: int = 0  # 0: plain PyTorch (data parallel by gradient all-reduce) | 1, 2, 3: DeepSpeed ZeRO
     memory_check: bool = True  # on GPUs: stop at start-up a run whose memory plan exceeds a GPU's free memory
-    offload: str = "none"  # DeepSpeed: none | optimizer (states to CPU) | all (ZeRO-3: parameters too)
+    offload: str = "none"  # DeepSpeed: none | optimizer (states to CPU; ZeRO-2/3) | all (ZeRO-3: parameters too)
     episodes: int = 1  # passes over the prompt set (when max_steps <= 0)
     max_steps: int = -1  # RL steps (rollout + update); <= 0 means derived from episodes
     mini_batch_size: int = 256  # samples (completions) per optimizer step
@@ -407,8 +407,12 @@ def validate(cfg: Any) -> None:
         )
     if t.zero_stage not in (0, 1, 2, 3) or t.offload not in ("none", "optimizer", "all"):
         errors.append(f"trainer.zero_stage={t.zero_stage} must be 0-3 and trainer.offload={t.offload} none|optimizer|all")
-    elif t.offload != "none" and t.zero_stage == 0 or t.offload == "all" and t.zero_stage != 3:
-        errors.append(f"trainer.offload={t.offload} needs DeepSpeed (zero_stage >= 1; 'all' needs zero_stage=3)")
+    elif t.offload != "none" and t.zero_stage < 2 or t.offload == "all" and t.zero_stage != 3:
+        # (ZeRO-1 keeps whole gradients: with offload, their whole fp32 sums stay on the GPU, which
+        # ZeRO-2 shards at no cost, so one layout fewer for the memory plan to count)
+        errors.append(
+            f"trainer.offload={t.offload} needs trainer.zero_stage=2 or 3 ('all': 3); ZeRO-2 shards what ZeRO-1 keeps whole"
+        )
     if cfg.eval.max_new_tokens < 1:
         errors.append(f"eval.max_new_tokens={cfg.eval.max_new_tokens} must be >= 1")
     f = cfg.eval.football

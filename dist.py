@@ -349,7 +349,9 @@ def deepspeed_engine(model, optimizer, schedule, t, bf16: bool):
         "bf16": {"enabled": bf16},
         # DeepSpeed's bf16 weights give bf16 gradients, which it would also sum over a mini-batch's
         # micro-batches in bf16 (its default: the model's dtype), where a micro-batch's gradient
-        # below 1/256 of the running sum is lost; without DeepSpeed they sum in fp32, so here too
+        # below 1/256 of the running sum is lost; without DeepSpeed they sum in fp32, so here too.
+        # (The reduce across ranks stays in bf16, DeepSpeed's communication_data_type: fp32 would
+        # double the gradient traffic. ZeRO-1 then keeps whole fp32 gradients: model_state_bytes.)
         "data_types": {"grad_accum_dtype": "fp32"},
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,  # our AdamW also with offload: the same numbers as without
@@ -394,9 +396,9 @@ def backward(engines: Dict[str, object], name: str, loss: torch.Tensor, boundary
     # engine: ZeRO counts micro-batches by it (0.19.8's stage 3 adds a micro-batch's gradients to the
     # last ones only from the second count on; without it each micro-batch's replaced the last's)
     engine.optimizer.clear_backward_seen_flag()
-    # and the backward prologue a hook from that forward runs: ZeRO-1 with bf16 (BF16_Optimizer)
-    # clears the bf16 gradients it has already added to its fp32 sum (without it, each micro-batch
-    # added all the ones before it again); ZeRO-2's is empty, ZeRO-3's only for NVMe offload
+    # and the backward prologue a hook from that forward runs: ZeRO-1 with bf16 and no offload
+    # (BF16_Optimizer) clears the bf16 gradients it has already added to its fp32 sum (without it,
+    # each micro-batch added all the ones before it again); else it is empty but for NVMe offload
     engine.optimizer.backward_prologue()
     engine.set_gradient_accumulation_boundary(boundary)
     engine.backward(loss * world)
@@ -407,12 +409,23 @@ def step_optimizer(engines: Dict[str, object], name: str, params, optimizer, sch
     if name not in engines:
         sync_gradients(params)
         return optimizer_step(params, optimizer, schedule, grad_clip)
-    engine = engines[name]
+    engine, skipped = engines[name], engines[name].skipped_steps
     engine.step()
-    if not engine.was_step_applied():  # DeepSpeed skips a non-finite step's schedule too (engine.step
-        schedule.step()  # advances it only for an applied step); ours stays tied to the step count
+    if engine.skipped_steps > skipped:  # a non-finite step, skipped
+        schedule.step()  # DeepSpeed steps the schedule only for an applied step; ours goes on
+        drop_offloaded_gradient_sums(engine.optimizer)
     norm = engine.get_global_grad_norm()
     return float(norm) if norm is not None else 0.0
+
+
+def drop_offloaded_gradient_sums(optimizer) -> None:
+    """After a skipped step, what DeepSpeed 0.19.8's ZeRO-1/2 overflow branch does without offload
+    but not with it (stage_1_and_2.py, step): drop the mini-batch's fp32 gradient sums. With offload
+    and fp32 sums they are a buffer the next mini-batch adds to, so its NaN stayed and every later
+    update was skipped too."""
+    if getattr(optimizer, "cpu_offload", False) and isinstance(getattr(optimizer, "averaged_gradients", None), dict):
+        for group in optimizer.averaged_gradients:
+            optimizer.averaged_gradients[group] = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,9 +444,12 @@ def model_state_bytes(model, trainable, zero_stage: int, gpus: int, offload: str
     them (N parameters, n of them trainable):
     - zero 0 (plain PyTorch): fp32 weights (the master copy), fp32 gradients and Adam's two moments,
       all whole: 4N + 12n;
-    - zero 1 and 2: bf16 weights whole, 16-bit gradients, fp32 gradients, master weights and moments
-      in shards: 2N + 18n / GPUs (estimate_zero2_model_states_mem_needs; ZeRO-1, which has no
-      estimator, is counted so too); offload=optimizer: 2N;
+    - zero 1: bf16 weights whole; gradients are not sharded, bf16 and their fp32 sums
+      (`deepspeed_engine`: BF16_Optimizer's flat buffer) both whole; fp32 master weights and moments
+      in shards: 2N + 6n + 12n / GPUs (no estimator: read from DeepSpeed 0.19.8's BF16_Optimizer;
+      config.validate refuses offload with ZeRO-1);
+    - zero 2: bf16 weights whole, 16-bit gradients, fp32 gradients, master weights and moments in
+      shards: 2N + 18n / GPUs (estimate_zero2_model_states_mem_needs); offload=optimizer: 2N;
     - zero 3: every parameter's bf16 shard (2N / GPUs) and the trainable ones' fp32 gradients, master
       weights and moments in shards (16n / GPUs), plus the largest layer gathered whole (4 bytes a
       parameter: weights and gradient) (estimate_zero3_model_states_mem_needs: its 18 bytes a
@@ -444,7 +460,9 @@ def model_state_bytes(model, trainable, zero_stage: int, gpus: int, offload: str
     if zero_stage == 0:
         return {"params": 4 * N, "states": 12 * n, "gathered": 0}
     on_gpu = offload == "none"
-    if zero_stage < 3:
+    if zero_stage == 1:
+        return {"params": 2 * N, "states": 6 * n + 12 * n // gpus, "gathered": 0}
+    if zero_stage == 2:
         return {"params": 2 * N, "states": 18 * n // gpus if on_gpu else 0, "gathered": 0}
     return {
         "params": 2 * N // gpus if offload != "all" else 0,

@@ -90,6 +90,8 @@ def test_keys_added_with_a_plus_fail_naming_the_nearest_and_extension_points_tak
         (["trainer.devices=0"], "trainer.devices=0: expected auto or a number"),
         (["trainer.devices=all"], "trainer.devices=all: expected auto or a number"),
         (["eval.max_new_tokens=0"], "eval.max_new_tokens=0 must be >= 1"),
+        (["trainer.zero_stage=1", "trainer.offload=optimizer"], "offload=optimizer needs trainer.zero_stage=2 or 3"),
+        (["trainer.zero_stage=2", "trainer.offload=all"], r"offload=all needs trainer.zero_stage=2 or 3 \('all': 3\)"),
     ],
 )
 def test_cross_key_rules_are_checked_at_start_up(overrides, message):

@@ -265,12 +265,13 @@ from conftest import TINY_DEFAULTS, compose_cfg
 trainer = compose_cfg(TINY_DEFAULTS).trainer
 dist.init_distributed("cpu", always=True)
 x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
-for stage, bf16 in ((0, False), (2, False), (2, True), (3, False), (3, True)):
+layouts = [(0, "none"), (1, "none"), (2, "none"), (2, "optimizer"), (3, "none"), (3, "all")]  # (config refuses ZeRO-1 offload)
+for (stage, offload), bf16 in [(layout, bf16) for layout in layouts for bf16 in (False, True)]:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
-    t = OmegaConf.merge(trainer, {"zero_stage": stage, "offload": "none"})
+    t = OmegaConf.merge(trainer, {"zero_stage": stage, "offload": offload})
     engines = {"policy": dist.deepspeed_engine(model, optimizer, schedule, t, bf16)} if stage else {}
     def weights():
         with dist.gathered_weights(model):
@@ -285,20 +286,21 @@ for stage, bf16 in ((0, False), (2, False), (2, True), (3, False), (3, True)):
         norms.append(dist.step_optimizer(engines, "policy", list(model.parameters()), optimizer, schedule, 1.0))
         moved.append(any(not torch.equal(a, b) for a, b in zip(before, weights())))
     finite = all(torch.isfinite(w).all() for w in weights())
-    print(stage, bf16, [n == n and n < float("inf") for n in norms], moved, finite, schedule.last_epoch, round(schedule.get_last_lr()[0], 6))
+    print(stage, offload, bf16, [n == n and n < float("inf") for n in norms], moved, finite, schedule.last_epoch, round(schedule.get_last_lr()[0], 6))
 """
 
 
 def test_a_non_finite_update_is_skipped_and_the_schedule_goes_on_under_deepspeed_too():
     """A NaN loss at the second of four steps: no update (weights unchanged and finite), the norm
     reported non-finite, and the LR schedule advanced anyway, tied to the step count, with plain
-    PyTorch and under ZeRO-2/3, fp32 and bf16. DeepSpeed skips an overflowed step's schedule
-    (0.19.8's engine steps it only where `was_step_applied`), so a run under DeepSpeed fell one LR
-    step behind the same run without it per skipped update."""
-    rows = [line.split(" ", 2) for line in run_script(NAN_STEP).splitlines() if line[:1].isdigit()]
-    assert len(rows) == 5
-    for stage, bf16, rest in rows:
-        assert rest == "[True, False, True, True] [True, False, True, True] True 4 0.02", (stage, bf16, rest)
+    PyTorch and under every ZeRO layout (offload included), fp32 and bf16. DeepSpeed skips an overflowed step's schedule
+    (0.19.8's engine steps it only for an applied step), so a run under DeepSpeed fell one LR step
+    behind the same run without it per skipped update; and ZeRO-2 with offload and fp32 gradient
+    sums kept the NaN in those sums, skipping every later update (dist.drop_offloaded_gradient_sums)."""
+    rows = [line.split(" ", 3) for line in run_script(NAN_STEP).splitlines() if line[:1].isdigit()]
+    assert len(rows) == 12
+    for stage, offload, bf16, rest in rows:
+        assert rest == "[True, False, True, True] [True, False, True, True] True 4 0.02", (stage, offload, bf16, rest)
 
 
 SMALL_GRADIENTS = """
@@ -309,7 +311,7 @@ from conftest import TINY_DEFAULTS, compose_cfg
 
 trainer = compose_cfg(TINY_DEFAULTS).trainer
 dist.init_distributed("cpu", always=True)
-layouts = [(0, "none"), (1, "none"), (2, "none"), (2, "optimizer"), (3, "none"), (3, "all")]
+layouts = [(0, "none"), (1, "none"), (2, "none"), (2, "optimizer"), (3, "none"), (3, "all")]  # (config refuses ZeRO-1 offload)
 for (stage, offload), bf16 in [(layout, bf16) for layout in layouts for bf16 in (False, True)]:
     model = torch.nn.Linear(1, 1, bias=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
@@ -419,6 +421,46 @@ def test_evaluation_on_two_ranks_shares_out_the_items_and_gathers_every_completi
     1 repeats one to generate as many), and each gets all five completions in the items' order,
     those one engine gives generating them all."""
     run_on_two_ranks(tmp_path, SHARDED_EVAL)
+
+
+ZERO1_STATES = """
+import torch
+from omegaconf import OmegaConf
+import dist
+from conftest import TINY_DEFAULTS, compose_cfg
+
+rank, world, _ = dist.init_distributed("cpu")
+model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+t = OmegaConf.merge(compose_cfg(TINY_DEFAULTS).trainer, {"zero_stage": 1, "offload": "none"})
+engine = dist.deepspeed_engine(model, optimizer, schedule, t, bf16=True)
+with torch.autocast("cpu", dtype=torch.bfloat16):
+    loss = model(torch.randn(4, 64)).float().pow(2).mean()
+dist.backward({"policy": engine}, "policy", loss, boundary=True)
+size = lambda tensors: sum(x.numel() * x.element_size() for x in tensors)
+params = list(model.parameters())
+bf16_grads = size(p.grad for p in params if p.grad is not None)  # whole, until the step
+fp32_grads = size(engine.optimizer.fp32_groups_gradients_flat)
+dist.step_optimizer({"policy": engine}, "policy", params, optimizer, schedule, 1.0)
+master = size(engine.optimizer.fp32_groups_flat_partition)
+moments = size(v for state in engine.optimizer.optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.dim())
+n = sum(p.numel() for p in params)
+plan = dist.model_state_bytes(model, params, 1, world, "none")
+assert size(params) == plan["params"] == 2 * n, (size(params), plan)
+measured = bf16_grads + fp32_grads + master + moments
+assert (bf16_grads, fp32_grads) == (2 * n, 4 * n), (bf16_grads, fp32_grads, n)  # whole on each rank
+assert abs(measured - plan["states"]) <= 64, (bf16_grads, fp32_grads, master, moments, plan)
+open(f"ok_{rank}", "w").close()  # see run_on_two_ranks
+"""
+
+
+def test_zero1_plan_counts_the_bf16_optimizers_whole_gradients(tmp_path):
+    """With bf16 and fp32 gradient sums, ZeRO-1 runs DeepSpeed's BF16_Optimizer, which keeps every
+    gradient whole on each rank, bf16 and fp32, and shards only the fp32 master weights and Adam's
+    moments: model_state_bytes' 2N + 6n + 12n / GPUs, read off the live optimizer on two ranks
+    (the plan counted ZeRO-1 as ZeRO-2 before, whose gradients are sharded)."""
+    run_on_two_ranks(tmp_path, ZERO1_STATES)
 
 
 ZERO3_DECODE = """

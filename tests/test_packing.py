@@ -290,7 +290,7 @@ def torch_2_10_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, 
 
 def torch_2_11_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
                            window_size=(-1, -1)):  # fmt: skip
-    causal = window_size == (-1, 0)  # as 2.11 and later decide it: a list [-1, 0] is not causal
+    causal = window_size == (-1, 0)  # as 2.11 and later set their kernel's is_causal (a list: False)
     return torch_varlen_contract(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, causal, scale, False)
 
 
