@@ -188,19 +188,23 @@ def test_trainer_devices_starts_the_ranks_as_torchrun_does(tmp_path):
 
 
 @pytest.mark.slow
-def test_deepspeed_run_resumes_from_its_sharded_checkpoint(tmp_path):
-    """A 2-rank ZeRO-2 run continued from its step-1 checkpoint (as a requeued job would) ends
-    with the same weights as the run that went straight through. The straight run's dir comes from
+@pytest.mark.parametrize(
+    "zero", [["trainer.zero_stage=2"], ["trainer.zero_stage=1", "model.dtype=bfloat16"]], ids=["zero2", "zero1-bf16"]
+)
+def test_deepspeed_run_resumes_from_its_sharded_checkpoint(tmp_path, zero):
+    """A 2-rank ZeRO run continued from its step-1 checkpoint (as a requeued job would) ends
+    with the same weights as the run that went straight through: ZeRO-2, and ZeRO-1 on bf16 weights
+    (DeepSpeed's BF16_Optimizer, with its own shards). The straight run's dir comes from
     Hydra's `${now:...}`, resolved by each rank itself, to the microsecond here so that the ranks'
     always differ: both ranks write into rank 0's, and no other dir is left."""
     import shutil
 
-    layout = ["trainer.zero_stage=2", "trainer.save_every=1"]
+    layout = [*zero, "trainer.save_every=1"]
     launch(str(tmp_path / "straight" / "${now:%H-%M-%S-%f}"), layout, 2)
     (straight_dir,) = (tmp_path / "straight").glob("*-*-*-*")  # (outputs/ beside it: the latest link)
     straight = metrics_of(straight_dir)
     step_1 = straight_dir / "checkpoints" / "step_1"
-    shards = sorted(f.name.split("_mp_rank")[0] for f in (step_1 / "policy").rglob("*optim_states.pt"))
+    shards = sorted(f.name.split("_mp_rank")[0].removeprefix("bf16_") for f in (step_1 / "policy").rglob("*optim_states.pt"))
     assert shards == ["zero_pp_rank_0", "zero_pp_rank_1"]  # DeepSpeed's own shards, both ranks': optimizer partitions
     os.makedirs(tmp_path / "resumed" / "checkpoints")
     shutil.copytree(step_1, tmp_path / "resumed" / "checkpoints" / "step_1")
