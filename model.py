@@ -563,8 +563,9 @@ def torch_varlen_causal(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale) -> t
     the bottom right where a segment has more keys than queries. Its signature moved (read from each
     release's wheel): 2.10 takes `is_causal=` and no `scale` (its kernel scales by 1 / sqrt(D));
     2.11 a causal window (-1, 0), and `scale`: it sets its kernel's `is_causal` from
-    `window_size == (-1, 0)`, true for a tuple only, so a tuple is passed; 2.12 and 2.13 add `enable_gqa`. Without it the key/value heads
-    are repeated for the query heads, as its docs ask for keys of H heads."""
+    `window_size == (-1, 0)`, true for a tuple only, so a tuple is passed; 2.12 and 2.13 add
+    `enable_gqa`. Without it the key/value heads are repeated for the query heads, as its docs ask
+    for keys of H heads."""
     kwargs = {"is_causal": True} if "is_causal" in VARLEN_PARAMS else {"window_size": (-1, 0)}
     if "scale" in VARLEN_PARAMS:
         kwargs["scale"] = scale

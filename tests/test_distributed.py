@@ -260,68 +260,73 @@ print(len(plain))
     assert int(run_script(code).split()[-1]) > 5  # (DeepSpeed prints a line of its own before)
 
 
-NAN_STEP = """
-import sys, torch
+ENGINE_SCRIPT = """
+import torch
 from omegaconf import OmegaConf
 import dist
 from conftest import TINY_DEFAULTS, compose_cfg
 
-trainer = compose_cfg(TINY_DEFAULTS).trainer
+TRAINER = compose_cfg(TINY_DEFAULTS).trainer
+ZERO_LAYOUTS = [(0, "none"), (1, "none"), (2, "none"), (2, "optimizer"), (3, "none"), (3, "all")]  # (config refuses ZeRO-1 offload)
+LAYOUTS = [(stage, offload, bf16) for stage, offload in ZERO_LAYOUTS for bf16 in (False, True)]
+
+def trained(model, stage, offload, bf16, lr_lambda):
+    # model's AdamW (lr 0.1) and LR schedule, and {"policy": its DeepSpeed engine} (stage 0: none)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    t = OmegaConf.merge(TRAINER, {"zero_stage": stage, "offload": offload})
+    return optimizer, schedule, {"policy": dist.deepspeed_engine(model, optimizer, schedule, t, bf16)} if stage else {}
+"""
+
+NAN_STEP = (
+    ENGINE_SCRIPT
+    + """
 dist.init_distributed("cpu", always=True)
 x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
-layouts = [(0, "none"), (1, "none"), (2, "none"), (2, "optimizer"), (3, "none"), (3, "all")]  # (config refuses ZeRO-1 offload)
-for (stage, offload), bf16 in [(layout, bf16) for layout in layouts for bf16 in (False, True)]:
+
+def weights(model):
+    with dist.gathered_weights(model):
+        return [p.detach().float().clone() for p in model.parameters()]
+
+for stage, offload, bf16 in LAYOUTS:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
-    t = OmegaConf.merge(trainer, {"zero_stage": stage, "offload": offload})
-    engines = {"policy": dist.deepspeed_engine(model, optimizer, schedule, t, bf16)} if stage else {}
-    def weights():
-        with dist.gathered_weights(model):
-            return [p.detach().float().clone() for p in model.parameters()]
-
+    optimizer, schedule, engines = trained(model, stage, offload, bf16, lambda s: 1.0 / (1 + s))
     norms, moved = [], []
     for step in range(4):
-        before = weights()
+        before = weights(model)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = model(x).float().pow(2).mean() * (float("nan") if step == 1 else 1.0)
         dist.backward(engines, "policy", loss, boundary=True)
         norms.append(dist.step_optimizer(engines, "policy", list(model.parameters()), optimizer, schedule, 1.0))
-        moved.append(any(not torch.equal(a, b) for a, b in zip(before, weights())))
-    finite = all(torch.isfinite(w).all() for w in weights())
+        moved.append(any(not torch.equal(a, b) for a, b in zip(before, weights(model))))
+    finite = all(torch.isfinite(w).all() for w in weights(model))
     print(stage, offload, bf16, [n == n and n < float("inf") for n in norms], moved, finite, schedule.last_epoch, round(schedule.get_last_lr()[0], 6))
 """
+)
 
 
 def test_a_non_finite_update_is_skipped_and_the_schedule_goes_on_under_deepspeed_too():
     """A NaN loss at the second of four steps: no update (weights unchanged and finite), the norm
     reported non-finite, and the LR schedule advanced anyway, tied to the step count, with plain
-    PyTorch and under every ZeRO layout (offload included), fp32 and bf16. DeepSpeed skips an overflowed step's schedule
-    (0.19.8's engine steps it only for an applied step), so a run under DeepSpeed fell one LR step
-    behind the same run without it per skipped update; and ZeRO-2 with offload and fp32 gradient
-    sums kept the NaN in those sums, skipping every later update (dist.drop_offloaded_gradient_sums)."""
+    PyTorch and under every ZeRO layout (offload included), fp32 and bf16. DeepSpeed skips an
+    overflowed step's schedule (0.19.8's engine steps it only for an applied step), so a run under
+    DeepSpeed fell one LR step behind the same run without it per skipped update; and ZeRO-2 with
+    offload and fp32 gradient sums kept the NaN in those sums, skipping every later update
+    (dist.drop_offloaded_gradient_sums)."""
     rows = [line.split(" ", 3) for line in run_script(NAN_STEP).splitlines() if line[:1].isdigit()]
     assert len(rows) == 12
     for stage, offload, bf16, rest in rows:
         assert rest == "[True, False, True, True] [True, False, True, True] True 4 0.02", (stage, offload, bf16, rest)
 
 
-SMALL_GRADIENTS = """
-import torch
-from omegaconf import OmegaConf
-import dist
-from conftest import TINY_DEFAULTS, compose_cfg
-
-trainer = compose_cfg(TINY_DEFAULTS).trainer
+SMALL_GRADIENTS = (
+    ENGINE_SCRIPT
+    + """
 dist.init_distributed("cpu", always=True)
-layouts = [(0, "none"), (1, "none"), (2, "none"), (2, "optimizer"), (3, "none"), (3, "all")]  # (config refuses ZeRO-1 offload)
-for (stage, offload), bf16 in [(layout, bf16) for layout in layouts for bf16 in (False, True)]:
+for stage, offload, bf16 in LAYOUTS:
     model = torch.nn.Linear(1, 1, bias=False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    t = OmegaConf.merge(trainer, {"zero_stage": stage, "offload": offload, "grad_clip": 1.0})
-    engines = {"policy": dist.deepspeed_engine(model, optimizer, schedule, t, bf16)} if stage else {}
+    optimizer, schedule, engines = trained(model, stage, offload, bf16, lambda s: 1.0)
     grads = [1.0] + [1 / 512] * 64  # one mini-batch's micro-batches: summed, 1.125
     for i, g in enumerate(grads):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -329,6 +334,7 @@ for (stage, offload), bf16 in [(layout, bf16) for layout in layouts for bf16 in 
         dist.backward(engines, "policy", loss, boundary=i == len(grads) - 1)
     print("norm", stage, offload, bf16, dist.step_optimizer(engines, "policy", list(model.parameters()), optimizer, schedule, 1.0))
 """
+)
 
 
 def test_deepspeed_sums_a_mini_batchs_gradients_in_fp32_as_plain_pytorch_does():
@@ -369,9 +375,10 @@ def test_ranks_to_start_follows_the_launcher(monkeypatch, env, devices, expected
 
 
 def test_launch_config_gives_ranks_the_grace_where_torch_takes_it(monkeypatch, capsys):
-    """torch 2.12's and 2.13's LaunchConfig take shutdown_timeout, so the ranks get STOP_GRACE_S to save after
-    a signal; 2.10's and 2.11's have no such field (read from their wheels): the launch goes on with
-    their fixed 30 s and says so, instead of a TypeError on every run that starts its own ranks."""
+    """torch 2.12's and 2.13's LaunchConfig take shutdown_timeout, so the ranks get STOP_GRACE_S to
+    save after a signal; 2.10's and 2.11's have no such field (read from their wheels): the launch
+    goes on with their fixed 30 s and says so, instead of a TypeError on every run that starts its
+    own ranks."""
     import dataclasses
 
     import torch.distributed.launcher.api as launcher
@@ -427,26 +434,21 @@ def test_evaluation_on_two_ranks_shares_out_the_items_and_gathers_every_completi
     run_on_two_ranks(tmp_path, SHARDED_EVAL)
 
 
-ZERO1_STATES = """
-import torch
-from omegaconf import OmegaConf
-import dist
-from conftest import TINY_DEFAULTS, compose_cfg
-
+ZERO1_STATES = (
+    ENGINE_SCRIPT
+    + """
 rank, world, _ = dist.init_distributed("cpu")
 model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
-optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-t = OmegaConf.merge(compose_cfg(TINY_DEFAULTS).trainer, {"zero_stage": 1, "offload": "none"})
-engine = dist.deepspeed_engine(model, optimizer, schedule, t, bf16=True)
+optimizer, schedule, engines = trained(model, 1, "none", True, lambda s: 1.0)
+engine = engines["policy"]
 with torch.autocast("cpu", dtype=torch.bfloat16):
     loss = model(torch.randn(4, 64)).float().pow(2).mean()
-dist.backward({"policy": engine}, "policy", loss, boundary=True)
+dist.backward(engines, "policy", loss, boundary=True)
 size = lambda tensors: sum(x.numel() * x.element_size() for x in tensors)
 params = list(model.parameters())
 bf16_grads = size(p.grad for p in params if p.grad is not None)  # whole, until the step
 fp32_grads = size(engine.optimizer.fp32_groups_gradients_flat)
-dist.step_optimizer({"policy": engine}, "policy", params, optimizer, schedule, 1.0)
+dist.step_optimizer(engines, "policy", params, optimizer, schedule, 1.0)
 master = size(engine.optimizer.fp32_groups_flat_partition)
 moments = size(v for state in engine.optimizer.optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.dim())
 n = sum(p.numel() for p in params)
@@ -457,6 +459,7 @@ assert (bf16_grads, fp32_grads) == (2 * n, 4 * n), (bf16_grads, fp32_grads, n)  
 assert abs(measured - plan["states"]) <= 64, (bf16_grads, fp32_grads, master, moments, plan)
 open(f"ok_{rank}", "w").close()  # see run_on_two_ranks
 """
+)
 
 
 def test_zero1_plan_counts_the_bf16_optimizers_whole_gradients(tmp_path):
