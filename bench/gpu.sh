@@ -59,7 +59,10 @@ dist.barrier()
 print(backend, dist.all_max(3), dist.all_sum(torch.ones(2)).tolist(), dist.any_rank(True), dist.gather(1))"
 # 3. the tests marked gpu (they skip, saying why, on a CPU)
 step gpu-tests 180 $PY -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_packing.py tests/test_rollout.py
-# 4. two steps of train.py on the device (HF engine; fp32 master weights, bf16 autocast: the tiny
+# 4. each prompt once per group vs once per sample (issue 31), the 3B cut to 2+2 layers (bench/prefix.py),
+#    early, so that the budget reaches it
+step prefix 200 $PY bench/prefix.py --device $DEV --dtype bfloat16 "${PREFIX[@]}"
+# 5. two steps of train.py on the device (HF engine; fp32 master weights, bf16 autocast: the tiny
 #    preset's own float32 is refused with packed attention on a GPU; 16-token log-prob chunks), a
 #    checkpoint each step; then a resume to step 3 from it; then eval.py on the result
 step train 300 $PY train.py "${TINY[@]}" trainer.max_steps=2 trainer.save_every=1 hydra.run.dir="$OUT/train"
@@ -69,21 +72,19 @@ import json; steps = [json.loads(l)['step'] for l in open('$OUT/train/metrics.js
 print(steps); assert steps == [1, 2, 3], steps"
 step eval 300 $PY eval.py "${TINY[@]}" model.path="$OUT/train/checkpoints/final" "eval.benchmarks=[sokoban]" \
     eval.max_items=16 eval.max_new_tokens=48 eval.data_dir="$OUT/eval_data" hydra.run.dir="$OUT/eval"
-# 5. ZeRO-3 on the one device, where DeepSpeed imports (its wheel carried in .whl/)
+# 6. ZeRO-3 on the one device, where DeepSpeed imports (its wheel carried in .whl/)
 if $PY -c "import deepspeed" 2>/dev/null; then
     step zero3 300 $PY train.py "${TINY[@]}" trainer.zero_stage=3 trainer.max_steps=2 hydra.run.dir="$OUT/zero3"
 else
     echo "=== zero3: skipped, deepspeed does not import here (bench/gpu_wheels.sh carries it)"
 fi
-# 6. the attention kernels alone: torch varlen, split views, slices, padded (bench/attention.py)
+# 7. the attention kernels alone: torch varlen, split views, slices, padded (bench/attention.py)
 step attention 120 $PY bench/attention.py --device $DEV --repeats 3
-# 7. one packed policy update of random-init Qwen2.5-VL-3B (on CPU a small model): padded vs packed,
+# 8. one packed policy update of random-init Qwen2.5-VL-3B (on CPU a small model): padded vs packed,
 #    tokens/s, MFU against the bf16 peak measured here, peak memory; bf16 weights, then fp32 master
 #    weights under bf16 autocast (what training runs: q and k leave the rotary embedding in fp32)
 step packing-bf16 300 $PY bench/packing.py --device $DEV --dtype bfloat16 "${SCALE[@]}"
 step packing-fp32-master 300 $PY bench/packing.py --device $DEV --dtype float32 "${SCALE[@]}"
-# 8. each prompt once per group vs once per sample (issue 31), the 3B cut to 2+2 layers (bench/prefix.py)
-step prefix 200 $PY bench/prefix.py --device $DEV --dtype bfloat16 "${PREFIX[@]}"
 
 echo "=== done: ${#FAILED[@]} failed or skipped${FAILED:+: ${FAILED[*]}}; log in $OUT/log"
 exec >&- 2>&-

@@ -547,3 +547,41 @@ def test_torch_varlen_kernel_is_per_sequence_attention_on_cuda(tokenizer, items,
                 torch.testing.assert_close(
                     logp[i, : len(c)].float().cpu(), reference_logps(model, p, c, 1.0).float().cpu(), atol=5e-2, rtol=0
                 )
+
+
+@pytest.mark.gpu
+def test_shared_prompt_kernel_path_is_per_sample_attention_with_its_gradients_on_cuda():
+    """CUDA: a shared prompt's layout through the varlen kernel (completion queries over keys
+    gathered as the prompt's then their own, separate key cu_seqlens, causal aligned to the bottom
+    right) gives each token the output of causal attention over its own prompt + completion, and the
+    prompt's queries, keys and values the gradients of every completion that read them: against SDPA
+    in fp32 over per-sample copies. Two groups (one with a 1-token completion), a plain sequence, GQA."""
+    from model import attention_segments, uses_varlen_kernels, varlen_kernel_attention
+
+    if not torch.cuda.is_available() or not uses_varlen_kernels("cuda"):
+        pytest.skip("needs a CUDA GPU and a varlen kernel (flash-attn, or torch >= 2.10)")
+    blocks, S = [], 0  # (row start, prompt_len, completion_lens)
+    for P, completion_lens in ((50, [30, 1, 70]), (20, [15]), (33, [64, 9])):
+        blocks.append((S, P, completion_lens))
+        S += P + sum(completion_lens)
+    q, k, v, _ = qkv([S], heads=4, kv_heads=2, device="cuda", dtype=torch.bfloat16)
+    seg = attention_segments(blocks, None)
+    prefix = seg["prefix"] | {x: seg["prefix"][x].cuda() for x in ("kv_index", "cu_seqlens_k")}
+    out = varlen_kernel_attention(q, k, v, seg["cu_seqlens"].cuda(), seg["max_seqlen"], prefix, 32**-0.5, 0.0)
+    copies, lens, take = [], [], []  # each sample's prompt + completion columns; which copy gives each output
+    for start, P, completion_lens in blocks:
+        offset = start + P
+        for j, T in enumerate(completion_lens):
+            base = len(copies)
+            take += list(range(base, base + P)) if j == 0 else []  # the prompt's outputs: its first copy's
+            take += list(range(base + P, base + P + T))
+            copies += list(range(start, start + P)) + list(range(offset, offset + T))
+            lens.append(P + T)
+            offset += T
+    idx, take = torch.tensor(copies, device="cuda"), torch.tensor(take, device="cuda")
+    cu = torch.tensor([0] + lens).cumsum(0, dtype=torch.int32)
+    ref = per_sequence_attention(*(x.float()[:, :, idx] for x in (q, k, v)), cu)[:, take]  # (1, S, H, D) fp32
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=0)
+    grad = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad.bfloat16()), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(a.float(), b.float(), atol=5e-2, rtol=0)
