@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The device check (issues 18, 30, 31): what only a GPU can show, in one run of about 10 minutes on one
-# H200 (torch 2.11 and transformers 5.17 there; vllm, flash-attn and deepspeed not). Prepared on CPU,
-# not yet run on a GPU: no GPU has been lent to the sessions that wrote it.
+# The device check (issues 18, 30, 31): what only a GPU can show, in one run of about 9 minutes on one
+# H200 (torch 2.11 and transformers 5.17 there; vllm, flash-attn and deepspeed not). First run there on
+# 2026-12-04, every step passing (bench/RESULTS.md, "The device check"); steps 1-7 took about 250 s, each
+# 3B packing update at one repeat about 140 s.
 #   bench/gpu.sh             on the device: run it from the repository root, OUT set by the device tool
 #   bench/gpu.sh --dry-run   the same steps on the CPU at small sizes (.ci/run runs it, so it cannot rot)
 # Packages the device lacks travel as wheels in .whl/, made here by bench/gpu_wheels.sh.
@@ -38,7 +39,7 @@ if [ $DRY = 1 ]; then  # CPU stand-ins: the same commands, small
     DEV=cpu SCALE=(--model small --samples 8 --min-len 32 --max-len 256 --micro 4 --repeats 1)
     PREFIX=(--model small --groups 4 --repeats 1)
 else
-    DEV=cuda SCALE=(--model 3b --samples 64 --min-len 512 --max-len 4096 --micro 4 --repeats 2)
+    DEV=cuda SCALE=(--model 3b --samples 64 --min-len 512 --max-len 4096 --micro 4 --repeats 1)
     PREFIX=(--model 3b --groups 4,8,16 --prompts 2 --repeats 3)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 fi
@@ -72,11 +73,13 @@ import json; steps = [json.loads(l)['step'] for l in open('$OUT/train/metrics.js
 print(steps); assert steps == [1, 2, 3], steps"
 step eval 300 $PY eval.py "${TINY[@]}" model.path="$OUT/train/checkpoints/final" "eval.benchmarks=[sokoban]" \
     eval.max_items=16 eval.max_new_tokens=48 eval.data_dir="$OUT/eval_data" hydra.run.dir="$OUT/eval"
-# 6. ZeRO-3 on the one device, where DeepSpeed imports (its wheel carried in .whl/)
+# 6. ZeRO 1, 2 and 3 on the one device beside the plain path, where DeepSpeed imports (its wheel carried
+#    in .whl/): a step each, at once, with an entropy bonus for a gradient; entropy and gradient norm
+#    agree (bench/zero_stages.py)
 if $PY -c "import deepspeed" 2>/dev/null; then
-    step zero3 300 $PY train.py "${TINY[@]}" trainer.zero_stage=3 trainer.max_steps=2 hydra.run.dir="$OUT/zero3"
+    step zero-stages 300 $PY bench/zero_stages.py "$OUT/zero" "${TINY[@]}"
 else
-    echo "=== zero3: skipped, deepspeed does not import here (bench/gpu_wheels.sh carries it)"
+    echo "=== zero-stages: skipped, deepspeed does not import here (bench/gpu_wheels.sh carries it)"
 fi
 # 7. the attention kernels alone: torch varlen, split views, slices, padded (bench/attention.py)
 step attention 120 $PY bench/attention.py --device $DEV --repeats 3
