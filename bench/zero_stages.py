@@ -5,12 +5,15 @@
 Runs train.py once per trainer.zero_stage in 0 1 2 3, all at once (each its own process and port),
 with an entropy bonus so that the step has a gradient whatever the rewards (a random model's are all
 0) and no KL: the plain path's fp32 policy and bf16 reference differ, so its KL rewards would give it
-a gradient that DeepSpeed's bf16 policy, equal to its reference, does not have. Stage 0 is the plain path
+a gradient that DeepSpeed's bf16 policy, equal to its reference, does not have. Micro-batches of
+320 tokens: the tiny preset's ~260-token prompt with two of its completions each, so the step sums
+several micro-batches' gradients, which is where ZeRO's accumulation can go wrong. Stage 0 is the plain path
 (fp32 master weights under bf16 autocast); 1, 2 and 3 are DeepSpeed's optimizers on bf16 weights
 (BF16_Optimizer, ZeRO-2, ZeRO-3), with our fp32 gradient sums and backward prologue. The first
 step's entropy (the forward) and gradient norm (the backward, before clipping) must agree with
-stage 0's within `TOLERANCE`: double-counted micro-batches, gradients lost to bf16 sums or a
-zero gradient are off by far more than bf16's rounding.
+stage 0's within `TOLERANCE`: double-counted or dropped micro-batches, or a zero gradient, are off
+by far more than bf16's rounding (without dist.backward's backward prologue ZeRO-1 reads 5.4x). The
+small losses of bf16 gradient sums are tests/test_distributed.py's to catch.
 """
 
 import json
@@ -18,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-TOLERANCE = 0.05  # relative; bf16 weights against fp32 masters under autocast differ by ~1%
+TOLERANCE = 0.05  # relative; measured 0.03% (CPU) and 0.05% (H200) apart, bf16 weights vs fp32 masters
 STAGES = (0, 1, 2, 3)
 
 
@@ -28,7 +31,7 @@ def main(out: Path, overrides: list) -> int:
         run = out / f"zero{z}"
         run.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "train.py", *overrides, f"trainer.zero_stage={z}", "trainer.max_steps=1",
-               "algo.entropy_coef=0.01", "algo.kl_coef=0", f"hydra.run.dir={run}"]  # fmt: skip
+               "algo.entropy_coef=0.01", "algo.kl_coef=0", "trainer.max_tokens_per_micro=320", f"hydra.run.dir={run}"]  # fmt: skip
         procs[z] = subprocess.Popen(cmd, stdout=open(run / "stdout.log", "w"), stderr=subprocess.STDOUT)
     rcs = {z: p.wait() for z, p in procs.items()}
     rows = {}
@@ -37,12 +40,13 @@ def main(out: Path, overrides: list) -> int:
             print(f"ZeRO {z}: train.py exited {rcs[z]}; the end of {out}/zero{z}/stdout.log:")
             print("".join(open(out / f"zero{z}" / "stdout.log").readlines()[-15:]))
             continue
-        rows[z] = json.loads(open(out / f"zero{z}" / "metrics.jsonl").readline())
-        m = rows[z]
+        m = json.loads(open(out / f"zero{z}" / "metrics.jsonl").readline())
+        m.setdefault("loss/grad_norm", float("nan"))  # absent when the update was not finite (skipped)
+        rows[z] = m
         print(
             f"ZeRO {z}: grad_norm {m['loss/grad_norm']:.6g}  entropy {m['loss/entropy']:.6g}  update {m['perf/update_s']:.2f} s"
         )
-    if len(rows) < len(STAGES) or 0 not in rows:
+    if len(rows) < len(STAGES):
         return 1
     bad = [
         f"ZeRO {z} {key} {rows[z][key]:.6g} vs {rows[0][key]:.6g}"
@@ -50,8 +54,8 @@ def main(out: Path, overrides: list) -> int:
         for key in ("loss/grad_norm", "loss/entropy")
         if not abs(rows[z][key] - rows[0][key]) <= TOLERANCE * abs(rows[0][key])
     ]
-    if rows[0]["loss/grad_norm"] <= 0:
-        bad.append("the plain path's gradient norm is 0: the check compares nothing")
+    if not rows[0]["loss/grad_norm"] > 0:
+        bad.append("the plain path's gradient norm is not positive: the check compares nothing")
     print("\n".join(bad) or f"every stage within {TOLERANCE:.0%} of the plain path")
     return 1 if bad else 0
 
