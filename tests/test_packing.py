@@ -533,9 +533,9 @@ def test_torch_varlen_kernel_is_per_sequence_attention_on_cuda(tokenizer, items,
     out = torch_varlen_causal(*(x[0].transpose(0, 1) for x in (q, k, v)), cu, cu, max(lengths), max(lengths), None)[None]
     ref = per_sequence_attention(q, k, v, cu)
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=0)
-    grad = torch.randn_like(ref)
+    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1)).to(ref)  # the same whatever ran before
     for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
-        torch.testing.assert_close(a.float(), b.float(), atol=5e-2, rtol=0)
+        torch.testing.assert_close(a.float(), b.float(), atol=5e-2, rtol=1.6e-2)  # bf16: about two of its steps
     if flash_attn_varlen_func is not None:
         return  # the model would run flash-attn's kernel instead
     model = build_tiny_model(tokenizer, tiny_cfg.model.tiny, seed=0).eval().cuda()
@@ -582,6 +582,6 @@ def test_shared_prompt_kernel_path_is_per_sample_attention_with_its_gradients_on
     cu = torch.tensor([0] + lens).cumsum(0, dtype=torch.int32)
     ref = per_sequence_attention(*(x.float()[:, :, idx] for x in (q, k, v)), cu)[:, take]  # (1, S, H, D) fp32
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=0)
-    grad = torch.randn_like(ref)
+    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1)).to(ref)  # the same whatever ran before
     for a, b in zip(torch.autograd.grad(out, (q, k, v), grad.bfloat16()), torch.autograd.grad(ref, (q, k, v), grad)):
-        torch.testing.assert_close(a.float(), b.float(), atol=5e-2, rtol=0)
+        torch.testing.assert_close(a.float(), b.float(), atol=5e-2, rtol=1.6e-2)  # bf16: about two of its steps
