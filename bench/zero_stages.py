@@ -28,11 +28,11 @@ STAGES = (0, 1, 2, 3)
 
 
 def main(out: Path, overrides: list) -> int:
+    runs = {z: out / f"zero{z}" for z in STAGES}
     procs = {}
     launcher = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
     env = {k: v for k, v in os.environ.items() if k not in launcher}  # each its own one-rank group
-    for z in STAGES:
-        run = out / f"zero{z}"
+    for z, run in runs.items():
         shutil.rmtree(run, ignore_errors=True)  # a run dir with a checkpoint would resume it: nothing trained
         run.mkdir(parents=True)
         cmd = [sys.executable, "train.py", *overrides, f"trainer.zero_stage={z}", "trainer.max_steps=1",
@@ -41,12 +41,12 @@ def main(out: Path, overrides: list) -> int:
             procs[z] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     rcs = {z: p.wait() for z, p in procs.items()}
     rows = {}
-    for z in STAGES:
+    for z, run in runs.items():
         if rcs[z]:
-            print(f"ZeRO {z}: train.py exited {rcs[z]}; the end of {out}/zero{z}/stdout.log:")
-            print("".join((out / f"zero{z}" / "stdout.log").read_text().splitlines(keepends=True)[-15:]))
+            print(f"ZeRO {z}: train.py exited {rcs[z]}; the end of {run}/stdout.log:")
+            print("".join((run / "stdout.log").read_text().splitlines(keepends=True)[-15:]))
             continue
-        m = json.loads((out / f"zero{z}" / "metrics.jsonl").read_text().splitlines()[0])
+        m = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
         m.setdefault("loss/grad_norm", float("nan"))  # absent when the update was not finite (skipped)
         rows[z] = m
         print(
